@@ -1,0 +1,87 @@
+# mlnb: two commands on a fresh machine.
+#   make demo   set up .venv (pinned dependencies) and run the main job on the embedded default
+#   make test   set up .venv and run every check, in the order CI runs them
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PIPQUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mlnb-installed
+PG_BINARIES := $(wildcard /usr/lib/postgresql/*/bin/initdb)
+
+.PHONY: setup demo test check-export check-clean lint nbtest pytest system-deps bench clean
+
+setup: $(STAMP)
+
+# torch first and exactly 2.13.0: the CPU wheel lies on this machine's disk, and any looser
+# spec (asked for by pytorch-lightning installed first) pulls a multi-GB CUDA build.
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==26.3 setuptools==84.2.1 wheel==0.48.0 $(PIPQUIET)
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(PIPQUIET)
+	$(BIN)/python -m pip install --quiet -e ".[dev]" $(PIPQUIET)
+	@# The kernel papermill runs is this venv's own Python, registered inside the venv (never in ~).
+	$(BIN)/python -m ipykernel install --sys-prefix --name mlnb --display-name "Python (mlnb .venv)" >/dev/null
+	@touch $(STAMP)
+
+# The main job on the embedded default: a tracked training run into build/demo/.mlnb/mlnb.db.
+demo: setup
+	@mkdir -p build/demo
+	cd build/demo && ../../$(BIN)/python ../../templates/examples/track_sgd.py
+	cd build/demo && ../../$(BIN)/mlnb runs list
+	@echo; echo "Store: build/demo/.mlnb/mlnb.db  (try: cd build/demo && ../../$(BIN)/mlnb runs show sgd-breast-cancer)"
+
+test: setup system-deps
+	@$(MAKE) --no-print-directory check-export
+	@$(MAKE) --no-print-directory check-clean
+	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory nbtest
+	@$(MAKE) --no-print-directory pytest
+
+# The package must be exactly what nbdev_export writes from the notebooks.
+check-export: setup
+	@before=$$(find mlnb -type f -name '*.py' | sort | xargs sha256sum | sha256sum); \
+	$(BIN)/nbdev_export; \
+	after=$$(find mlnb -type f -name '*.py' | sort | xargs sha256sum | sha256sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "FAIL: nbdev_export changed mlnb/: the package was out of step with nbs/."; \
+	  echo "      It has now been re-exported; review 'git diff -- mlnb' and commit it."; exit 1; \
+	fi; echo "ok: mlnb/ matches nbs/"
+
+# Notebooks are committed clean: no execution counts, no churning metadata.
+check-clean: setup
+	@before=$$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha256sum | sha256sum); \
+	$(BIN)/nbdev_clean; \
+	after=$$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha256sum | sha256sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "FAIL: some notebooks were not clean (nbdev_clean changed them; review and commit)."; exit 1; \
+	fi; echo "ok: notebooks are clean"
+
+lint: setup
+	$(BIN)/ruff check mlnb
+
+nbtest: setup
+	$(BIN)/nbdev_test --n_workers 2
+
+# pytest's exit code 5 means it collected nothing: a missing suite is a failure, not a pass.
+pytest: setup
+	@$(BIN)/python -m pytest tests/ -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "FAIL: pytest collected no tests from tests/"; exit 1; fi; exit $$rc
+
+# Servers the whole-system tests start on 127.0.0.1 come from Debian's packages.
+system-deps:
+	@if [ -z "$(PG_BINARIES)" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's postgresql (the store tests start a throwaway cluster)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  elif command -v sudo >/dev/null; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "warning: no PostgreSQL binaries and no root: the PostgreSQL store tests will be skipped"; fi; \
+	fi
+
+bench: setup
+	$(BIN)/python bench/tracking.py
+
+clean:
+	rm -rf $(VENV) _docs .pytest_cache build
