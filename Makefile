@@ -80,8 +80,15 @@ system-deps:
 	  else echo "warning: no PostgreSQL binaries and no root: the PostgreSQL store tests will be skipped"; fi; \
 	fi
 
-bench: setup
-	$(BIN)/python bench/tracking.py
+# Benchmarks compare mlnb with the tools users would otherwise use; those live in their own venv.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed:
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet mlflow==3.17.2 $(PIPQUIET)
+	@touch $@
+
+bench: setup $(BENCH_VENV)/.installed
+	$(BIN)/python bench/tracking.py --mlflow-python $(BENCH_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) _docs .pytest_cache build

@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_init.ipynb #882923fe
+# %% ../nbs/99_init.ipynb #dea90aba
 import importlib
+import importlib.util
 
 _LAZY = {
     "start_run": "mlnb.tracking", "active_run": "mlnb.tracking", "end_run": "mlnb.tracking",
@@ -15,6 +16,7 @@ _LAZY = {
     "log_params": "mlnb.tracking", "log_artifact": "mlnb.tracking", "log_model": "mlnb.tracking",
     "load_model": "mlnb.tracking", "output": "mlnb.tracking", "set_tag": "mlnb.tracking",
     "set_tags": "mlnb.tracking", "read_output": "mlnb.tracking", "Run": "mlnb.tracking",
+    "runs_frame": "mlnb.tracking",
     "open_store": "mlnb.store", "Store": "mlnb.store",
     "seed_everything": "mlnb.environment",
     "MlnbError": "mlnb.errors",
@@ -23,6 +25,8 @@ _LAZY = {
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"mlnb.{name}") is not None:
+            return importlib.import_module(f"mlnb.{name}")  # a submodule: mlnb.store, mlnb.tracking, ...
         raise AttributeError(f"module 'mlnb' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -57,7 +57,7 @@ def render_runs(records: list, nested: bool = True) -> str:
             add(r, 0)
     return format_table(headers, rows)
 
-# %% ../nbs/91_cli_runs.ipynb #608d5b24
+# %% ../nbs/91_cli_runs.ipynb #646ccc5d
 @click.group()
 def runs() -> None:
     """Find, inspect and compare runs.
@@ -91,27 +91,22 @@ def list_runs(status, kind, where, sort, limit, as_json, store_url) -> None:
     from mlnb.store import open_store
     store = open_store(store_url)
     filtering = bool(where or sort or status or kind)
-    records = store.list_runs(status=status, kind=kind)
-    if where:
-        predicate = compile_where(where, available_fields(records))
-        records = [r for r in records if predicate(r)]
-    if sort:
-        field, descending = parse_sort(sort, available_fields(records))
-        records = sort_records(records, field, descending)
-    if limit:
-        if filtering:
-            records = records[:limit]
-        else:  # keep whole pipelines: limit the top-level runs, keep their children
-            top = [r for r in records if r.parent_id is None][:limit]
-            keep = {r.id for r in top}
-            grow = True
-            while grow:
-                grow = False
-                for r in records:
-                    if r.parent_id in keep and r.id not in keep:
-                        keep.add(r.id)
-                        grow = True
-            records = [r for r in records if r.id in keep]
+    if filtering:
+        records = store.list_runs(status=status, kind=kind)
+        if where:
+            predicate = compile_where(where, available_fields(records))
+            records = [r for r in records if predicate(r)]
+        if sort:
+            field, descending = parse_sort(sort, available_fields(records))
+            records = sort_records(records, field, descending)
+        records = records[:limit] if limit else records
+    else:  # the newest top-level runs, each with its steps or trials (and theirs)
+        records = store.list_runs(top_level=True, limit=limit or None)
+        frontier = [r.id for r in records]
+        while frontier:
+            children = store.list_runs(parent_ids=frontier)
+            records += children
+            frontier = [c.id for c in children]
     if as_json:
         echo_json([_summary(r) for r in records])
         return

@@ -128,7 +128,7 @@ def _format_validation_error(path: Path, text: str, err) -> str:
             lines.append(f"{where}: {dotted}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
 
-# %% ../nbs/02_config.ipynb #82fbbcb6
+# %% ../nbs/02_config.ipynb #bcc8f694
 @dataclass
 class Project:
     "A project folder: its root, its parsed `mlnb.yaml`, and where its state lives."
@@ -177,13 +177,28 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
         raise ConfigError(_format_validation_error(path, text, e)) from None
     return config, raw
 
+_PROJECTS: dict[Path, tuple[tuple, Project]] = {}
+
 def find_project(start: str | Path | None = None) -> Project | None:
     "Returns the project whose `mlnb.yaml` is in `start` (default: cwd) or the nearest folder above, else None."
     here = Path(start or os.getcwd()).resolve()
     for folder in (here, *here.parents):
-        if (folder / PROJECT_FILE).is_file():
-            config, raw = load_config(folder / PROJECT_FILE)
-            return Project(root=folder, config=config, raw=raw)
+        path = folder / PROJECT_FILE
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        if not path.is_file():
+            continue
+        # Parsed once per version of the file: a training loop starting many runs re-reads nothing.
+        stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+        cached = _PROJECTS.get(path)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        config, raw = load_config(path)
+        project = Project(root=folder, config=config, raw=raw)
+        _PROJECTS[path] = (stamp, project)
+        return project
     return None
 
 def require_project(start: str | Path | None = None) -> Project:

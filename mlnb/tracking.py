@@ -28,7 +28,7 @@ from .store import Store, open_store
 # %% auto #0
 __all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'MIRRORS', 'Run', 'read_output', 'start_run', 'active_run', 'log_metric', 'log_metrics',
            'log_param', 'log_params', 'log_artifact', 'log_model', 'output', 'set_tags', 'set_tag', 'end_run',
-           'load_model']
+           'load_model', 'runs_frame']
 
 # %% ../nbs/06_tracking.ipynb #513365a8
 FLUSH_SIZE = 5_000          # wake the flusher when a buffer holds this many points
@@ -101,7 +101,7 @@ def _background() -> _Background:
             _install_exit_hooks()
         return _BACKGROUND
 
-# %% ../nbs/06_tracking.ipynb #61a98934
+# %% ../nbs/06_tracking.ipynb #87eb2e9b
 class Run:
     "One tracked execution; create it with `start_run` (or `Run.attach` inside a pipeline step)."
 
@@ -262,11 +262,17 @@ class Run:
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
         try:
-            self.flush()
-        finally:
-            if self.owned:
+            if self.owned:  # the last points and the status go in one transaction
                 env_id = self.store.environment_id(capture_environment())
-                self.store.end_run(self.id, status, error=error, environment_id=env_id)
+                with self._flush_lock:
+                    with self._lock:
+                        batch, self._buffer = self._buffer, []
+                    self.store.end_run(self.id, status, error=error, environment_id=env_id, metrics=batch)
+                for sink in list(self._sinks):
+                    self._to_sink(sink, "on_metrics", batch)
+            else:
+                self.flush()
+        finally:
             for sink in list(self._sinks):
                 self._to_sink(sink, "on_end", status)
 
@@ -457,6 +463,21 @@ def load_model(run: str, name: str = "model", store: str | Store | None = None) 
     raise ArtifactError(f"Run {record.id[:8]} has no model {name!r} (artifacts: {names}). "
                         "Log one with mlnb.log_model(model).")
 
+# %% ../nbs/06_tracking.ipynb #123814ad
+def runs_frame(store: str | Store | None = None, *, kind: str | None = None, status: str | None = None,
+               where: str | None = None, limit: int | None = None):
+    "Returns a pandas DataFrame of runs (newest first) with params.* and metrics.* (last value) columns."
+    import pandas as pd
+    store = store if isinstance(store, Store) else open_store(store)
+    if not where:
+        return pd.DataFrame(store.frame_columns(kind=kind, status=status, limit=limit))
+    from mlnb.query import available_fields, compile_where
+    records = store.list_runs(kind=kind, status=status)
+    predicate = compile_where(where, available_fields(records))
+    ids = [r.id for r in records if predicate(r)][: limit or None]
+    frame = pd.DataFrame(store.frame_columns(kind=kind, status=status))
+    return frame[frame["id"].isin(set(ids))].reset_index(drop=True)
+
 # %% ../nbs/06_tracking.ipynb #7cf1bfa3
 _HOOKS_INSTALLED = False
 
@@ -512,12 +533,14 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-# %% ../nbs/06_tracking.ipynb #6dbe9b30
+# %% ../nbs/06_tracking.ipynb #d6073ced
 MIRRORS: dict[str, str] = {"wandb": "mlnb.wandb_mirror:WandbMirror"}
 
-def _make_sinks(run: Run, params: Mapping[str, Any], project=None) -> list:
+_UNKNOWN = object()
+
+def _make_sinks(run: Run, params: Mapping[str, Any], project: Any = _UNKNOWN) -> list:
     "Returns the mirrors the project asks for, started for `run`."
-    if project is None:
+    if project is _UNKNOWN:
         from mlnb.config import find_project
         try:
             project = find_project()

@@ -91,7 +91,10 @@ def test_sigkill_mid_run_reads_crashed_and_keeps_flushed_points(tmp_path):
 def test_signals_end_runs_killed_with_everything_flushed(tmp_path, how, expected):
     url = f"sqlite:///{tmp_path}/.mlnb/mlnb.db"
     script = _script(tmp_path, """
-        import time, mlnb
+        import signal, time, mlnb
+        # A terminal delivers Ctrl-C as SIGINT; a parent started in the background may have left
+        # SIGINT ignored, so put Python's own handler back, as an interactive session has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with mlnb.start_run("stoppable") as run:
             for step in range(300):
                 run.log_metric("loss", float(step))
