@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_init.ipynb #dea90aba
+# %% ../nbs/99_init.ipynb #f71cc19e
 import importlib
 import importlib.util
 
@@ -16,7 +16,7 @@ _LAZY = {
     "log_params": "mlnb.tracking", "log_artifact": "mlnb.tracking", "log_model": "mlnb.tracking",
     "load_model": "mlnb.tracking", "output": "mlnb.tracking", "set_tag": "mlnb.tracking",
     "set_tags": "mlnb.tracking", "read_output": "mlnb.tracking", "Run": "mlnb.tracking",
-    "runs_frame": "mlnb.tracking",
+    "runs_frame": "mlnb.tracking", "upstream": "mlnb.tracking", "run_pipeline": "mlnb.runner",
     "open_store": "mlnb.store", "Store": "mlnb.store",
     "seed_everything": "mlnb.environment",
     "MlnbError": "mlnb.errors",

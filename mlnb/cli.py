@@ -79,9 +79,14 @@ class LazyGroup(click.Group):
             raise UserError(f"internal error: {type(e).__name__}: {e}. Re-run with --debug for the traceback "
                             "and report it.") from e
 
-# %% ../nbs/90_cli.ipynb #4f445891
+# %% ../nbs/90_cli.ipynb #ea0afb51
 COMMANDS = {
     "runs": "mlnb.cli_runs:runs",
+    "init": "mlnb.cli_pipeline:init_command",
+    "run": "mlnb.cli_pipeline:run_command",
+    "params": "mlnb.cli_pipeline:params_command",
+    "lineage": "mlnb.cli_pipeline:lineage_command",
+    "report": "mlnb.cli_pipeline:report_command",
 }
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +98,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Examples:
+      mlnb init demo && cd demo && mlnb run
       mlnb runs list --where "metrics.val_auc > 0.9" --sort -metrics.val_auc
       mlnb runs show 3f2a9c
     """

@@ -13,8 +13,8 @@ from typing import Any, Literal
 from .errors import ConfigError, ProjectNotFound, did_you_mean
 
 # %% auto #0
-__all__ = ['PROJECT_FILE', 'STATE_DIR', 'Project', 'load_config', 'find_project', 'require_project', 'default_store_url',
-           'resolve_store_url', 'resolve_artifact_root']
+__all__ = ['PROJECT_FILE', 'STATE_DIR', 'Project', 'Validated', 'load_config', 'find_project', 'require_project',
+           'default_store_url', 'resolve_store_url', 'resolve_artifact_root']
 
 # %% ../nbs/02_config.ipynb #2b81a332
 PROJECT_FILE = "mlnb.yaml"
@@ -128,7 +128,7 @@ def _format_validation_error(path: Path, text: str, err) -> str:
             lines.append(f"{where}: {dotted}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
 
-# %% ../nbs/02_config.ipynb #bcc8f694
+# %% ../nbs/02_config.ipynb #9346d09a
 @dataclass
 class Project:
     "A project folder: its root, its parsed `mlnb.yaml`, and where its state lives."
@@ -148,10 +148,44 @@ class Project:
     def name(self) -> str:
         return (self.config.name if self.config is not None and self.config.name else self.root.name)
 
+class Validated:
+    """A validated project file read back from the validation cache: the same attributes as the
+    pydantic models (`config.pipeline["train"].params`), without building them."""
+
+    def __init__(self, data: dict):
+        for key, value in data.items():
+            setattr(self, key, _validated(value))
+
+    def __repr__(self) -> str:
+        return f"Validated({vars(self)!r})"
+
+def _validated(value: Any) -> Any:
+    if isinstance(value, dict) and value.get("__model__"):
+        return Validated({k: v for k, v in value.items() if k != "__model__"})
+    if isinstance(value, dict):
+        return {k: _validated(v) for k, v in value.items()}
+    return value
+
+def _dump(model: Any) -> Any:
+    "Returns a pydantic model as JSON-able data, nested models marked so `Validated` rebuilds them."
+    from pydantic import BaseModel
+    if isinstance(model, BaseModel):
+        return {"__model__": True, **{k: _dump(getattr(model, k)) for k in type(model).model_fields}}
+    if isinstance(model, dict):
+        return {k: _dump(v) for k, v in model.items()}
+    if isinstance(model, list):
+        return [_dump(v) for v in model]
+    return model
+
+# %% ../nbs/02_config.ipynb #a74c75b7
+def _cache_file(path: Path) -> Path:
+    return path.parent / STATE_DIR / "config-cache.json"
+
 def load_config(path: str | Path) -> tuple[Any, dict]:
     "Returns (validated ProjectConfig, raw dict) for the project file at `path`."
+    import json
+
     import yaml
-    from pydantic import ValidationError
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -159,6 +193,15 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
         raise ConfigError(f"{path}: no such project file. Create it with 'mlnb init' or cd into a project.") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the project file ({e.strerror}).") from None
+    from mlnb.hashing import hash_bytes
+    digest = hash_bytes(text.encode())
+    cache = _cache_file(path)
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("sha256") == digest:
+            return _validated(cached["config"]), cached["raw"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -171,10 +214,18 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:1: the project file must be a mapping of keys (store:, pipeline:, ...), "
                           f"not a {type(raw).__name__}.")
+    from pydantic import ValidationError
     try:
         config = _models()["ProjectConfig"].model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(path, text, e)) from None
+    try:
+        if cache.parent.is_dir():
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"sha256": digest, "config": _dump(config), "raw": raw}, default=str))
+            tmp.replace(cache)
+    except (OSError, TypeError, ValueError):
+        pass  # a cache that cannot be written only costs the next command 0.13 s
     return config, raw
 
 _PROJECTS: dict[Path, tuple[tuple, Project]] = {}

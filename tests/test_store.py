@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 
 import mlnb
-from mlnb import store as store_mod
+from mlnb import database, schema
 from mlnb.errors import RunNotFound, SchemaError, StoreError
 from mlnb.store import Store
 
@@ -23,9 +22,9 @@ def store(store_url) -> Store:
 
 
 def test_open_migrates_once_and_reopens(store, store_url):
-    assert store.schema_version == store_mod.SCHEMA_VERSION
+    assert store.schema_version == database.SCHEMA_VERSION
     again = Store(store_url).open()
-    assert again.schema_version == store_mod.SCHEMA_VERSION
+    assert again.schema_version == database.SCHEMA_VERSION
     assert again.count_runs() == 0
     again.close()
 
@@ -67,7 +66,7 @@ def test_end_run_only_once_and_rejects_bad_status(store):
 
 def test_stale_heartbeat_reads_crashed_everywhere(store):
     run_id = store.create_run(name="gone", heartbeat_interval=0.1)
-    store.write(lambda c: c.execute(store_mod.runs_table.update().values(heartbeat=time.time() - 30)))
+    store.write(lambda tx: tx.execute("UPDATE mlnb_runs SET heartbeat = ?", (time.time() - 30,)))
     assert store.get_run(run_id).status == "crashed"
     assert [r.id for r in store.list_runs(status="crashed")] == [run_id]
     assert store.mark_crashed() == [run_id]
@@ -87,13 +86,13 @@ def test_listing_more_runs_than_one_query_can_bind(store):
     # 950 runs crosses the 900-id chunk the readers use for SQLite's bound-parameter limit.
     exp = store.experiment_id("bulk")
 
-    def many(conn):
+    def many(tx):
         now = time.time()
-        rows = [dict(id=f"{i:032x}", experiment_id=exp, name=f"r{i}", kind="run", status="finished",
-                     start_time=now + i, heartbeat=now, heartbeat_interval=10.0) for i in range(950)]
-        conn.execute(store_mod.runs_table.insert(), rows)
-        conn.execute(store_mod.params_table.insert(), [dict(run_id=r["id"], key="i", value=str(n))
-                                                       for n, r in enumerate(rows)])
+        rows = [(f"{i:032x}", exp, f"r{i}", "run", "finished", now + i, now, 10.0) for i in range(950)]
+        tx.executemany("INSERT INTO mlnb_runs (id, experiment_id, name, kind, status, start_time, heartbeat, "
+                       "heartbeat_interval) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        tx.executemany("INSERT INTO mlnb_params (run_id, key, value) VALUES (?, ?, ?)",
+                       [(r[0], "i", str(n)) for n, r in enumerate(rows)])
     store.write(many)
     records = store.list_runs()
     assert len(records) == 950
@@ -139,18 +138,46 @@ def test_newer_schema_is_refused_and_left_untouched(store, store_url):
     assert store.get_meta("schema_version") == "999"
 
 
+def test_a_version_1_store_is_migrated_to_the_current_schema(store_url, monkeypatch):
+    with monkeypatch.context() as m:  # a store as mlnb wrote it before lineage existed
+        m.setattr(database, "SCHEMA_VERSION", 1)
+        old = Store(store_url).open()
+        assert old.schema_version == 1
+        run_id = old.create_run(name="before", params={"k": 1})
+        with pytest.raises(Exception):
+            old.read(lambda tx: tx.columns("mlnb_run_files"))
+        old.close()
+    upgraded = Store(store_url).open()
+    assert upgraded.schema_version == database.SCHEMA_VERSION
+    assert upgraded.get_run(run_id).params == {"k": 1}
+    upgraded.add_run_files(run_id, [{"role": "input", "path": "d.csv", "sha256": "0" * 64, "size": 1}])
+    assert upgraded.get_run(run_id).files[0]["path"] == "d.csv"
+    upgraded.close()
+
+
 def test_a_later_migration_upgrades_an_existing_store_in_place(store_url, monkeypatch):
     old = Store(store_url).open()
     run_id = old.create_run(name="before", params={"k": 1})
     old.close()
+    next_version = database.SCHEMA_VERSION + 1
 
-    def migration_2(conn):
-        conn.execute(sa.text("ALTER TABLE mlnb_runs ADD COLUMN note TEXT"))
-    monkeypatch.setitem(store_mod.MIGRATIONS, 2, migration_2)
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    def add_note_column(tx):
+        tx.execute("ALTER TABLE mlnb_runs ADD COLUMN note TEXT")
+    monkeypatch.setitem(schema.MIGRATIONS, next_version, add_note_column)
+    monkeypatch.setattr(database, "SCHEMA_VERSION", next_version)
     upgraded = Store(store_url).open()
-    assert upgraded.schema_version == 2
+    assert upgraded.schema_version == next_version
     assert upgraded.get_run(run_id).params == {"k": 1}
-    columns = upgraded.read(lambda c: [col["name"] for col in sa.inspect(c).get_columns("mlnb_runs")])
-    assert "note" in columns
+    assert "note" in upgraded.read(lambda tx: tx.columns("mlnb_runs"))
     upgraded.close()
+
+
+def test_sqlalchemy_is_not_imported_to_use_an_existing_sqlite_store(tmp_path):
+    import subprocess
+    import sys
+    url = f"sqlite:///{tmp_path}/s.db"
+    Store(url).open().close()  # created (and migrated) here, with SQLAlchemy writing the DDL
+    code = ("import sys, mlnb; run = mlnb.start_run('x', store=%r); run.log_metric('a', 1); run.end(); "
+            "print('sqlalchemy' in sys.modules)" % url)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
