@@ -25,12 +25,15 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/python -m ipykernel install --sys-prefix --name mlnb --display-name "Python (mlnb .venv)" >/dev/null
 	@touch $(STAMP)
 
-# The main job on the embedded default: a tracked training run into build/demo/.mlnb/mlnb.db.
+# The main job on the embedded default: the template project (ingest -> validate -> features ->
+# train -> evaluate -> report on scikit-learn's breast cancer data), run in build/demo with its
+# SQLite store. Run it twice: the second run restores every step from the cache.
 demo: setup
-	@mkdir -p build/demo
-	cd build/demo && ../../$(BIN)/python ../../templates/examples/track_sgd.py
-	cd build/demo && ../../$(BIN)/mlnb runs list
-	@echo; echo "Store: build/demo/.mlnb/mlnb.db  (try: cd build/demo && ../../$(BIN)/mlnb runs show sgd-breast-cancer)"
+	@test -f build/demo/mlnb.yaml || $(BIN)/mlnb init build/demo
+	cd build/demo && ../../$(BIN)/mlnb run
+	@echo; cd build/demo && ../../$(BIN)/mlnb runs list --limit 1
+	@echo; echo "Reports: build/demo/reports/latest/index.html (one HTML page per step beside it)"
+	@echo "Next: cd build/demo && ../../$(BIN)/mlnb run -p train.model=random_forest"
 
 test: setup system-deps
 	@$(MAKE) --no-print-directory check-export
@@ -82,13 +85,15 @@ system-deps:
 
 # Benchmarks compare mlnb with the tools users would otherwise use; those live in their own venv.
 BENCH_VENV := .venv-bench
-$(BENCH_VENV)/.installed:
+$(BENCH_VENV)/.installed: Makefile
 	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet mlflow==3.17.2 $(PIPQUIET)
+	$(BENCH_VENV)/bin/python -m pip install --quiet mlflow==3.17.2 ploomber==0.23.3 dvc==3.67.1 \
+	  papermill==2.7.0 $(PIPQUIET)
 	@touch $@
 
 bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python bench/tracking.py --mlflow-python $(BENCH_VENV)/bin/python
+	$(BIN)/python bench/pipeline.py --bench-python $(BENCH_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) _docs .pytest_cache build

@@ -15,7 +15,7 @@ from .cli import echo_json, fmt_duration, fmt_time, fmt_value, format_table, jso
 # %% auto #0
 __all__ = ['render_runs', 'runs', 'list_runs', 'show_run', 'render_run', 'compare_runs']
 
-# %% ../nbs/91_cli_runs.ipynb #2fbb18e1
+# %% ../nbs/91_cli_runs.ipynb #5011a17e
 def _summary(record) -> dict[str, Any]:
     "Returns the JSON form of a run in listings."
     return {"id": record.id, "name": record.name, "kind": record.kind, "status": record.status,
@@ -25,11 +25,16 @@ def _summary(record) -> dict[str, Any]:
             "tags": record.tags, "cache_key": record.cache_key, "source_run_id": record.source_run_id}
 
 def _columns(records: list, group: str, limit: int) -> list[str]:
-    "Returns the params (only those that differ) or metrics (most common first) worth a column."
+    "Returns the params that differ between comparable runs, or the most common metrics, worth a column."
     counts = Counter(k for r in records for k in getattr(r, group))
     keys = [k for k, _ in counts.most_common()]
-    if group == "params" and len(records) > 1:
-        keys = [k for k in keys if len({repr(r.params.get(k)) for r in records}) > 1] or keys
+    if group == "params":
+        # Comparable runs share a kind (and, for pipeline steps, a step name: the train steps of several
+        # pipelines); a param that never changes between them is noise in a table.
+        groups: dict[tuple, list] = {}
+        for r in records:
+            groups.setdefault((r.kind, r.name if r.kind == "step" else None), []).append(r)
+        keys = [k for k in keys if any(len({repr(r.params.get(k)) for r in g}) > 1 for g in groups.values())]
     return keys[:limit]
 
 def render_runs(records: list, nested: bool = True) -> str:
@@ -116,7 +121,7 @@ def list_runs(status, kind, where, sort, limit, as_json, store_url) -> None:
         return
     click.echo(render_runs(records, nested=not filtering))
 
-# %% ../nbs/91_cli_runs.ipynb #6f65de58
+# %% ../nbs/91_cli_runs.ipynb #90c8ce60
 @runs.command("show")
 @click.argument("run")
 @json_option
@@ -176,6 +181,10 @@ def render_run(record, store) -> str:
         rows = [[a["name"], _size(a["size"]), a["sha256"][:12], a["media_type"] or "-"] for a in record.artifacts]
         lines += ["", "artifacts"] + ["  " + line for line in
                                       format_table(["name", "size", "sha256", "type"], rows).splitlines()]
+    if record.files:
+        rows = [[f["role"], f["path"], f["sha256"][:12], _size(f["size"])] for f in record.files]
+        lines += ["", "files (lineage)"] + ["  " + line for line in
+                                            format_table(["role", "path", "sha256", "size"], rows).splitlines()]
     env = record.environment
     if env:
         lines += ["", "environment",

@@ -177,7 +177,7 @@ def _dump(model: Any) -> Any:
         return [_dump(v) for v in model]
     return model
 
-# %% ../nbs/02_config.ipynb #a74c75b7
+# %% ../nbs/02_config.ipynb #649bffb8
 def _cache_file(path: Path) -> Path:
     return path.parent / STATE_DIR / "config-cache.json"
 
@@ -208,7 +208,9 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: malformed YAML: {problem}. Fix the file and try again.") from None
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        opened = f" ({context} that starts on line {start.line + 1})" if context and start else ""
+        raise ConfigError(f"{where}: malformed YAML: {problem}{opened}. Fix the file and try again.") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -48,20 +48,18 @@ class Executor:
     def shutdown(self) -> None:
         "Frees the workers."
 
-# %% ../nbs/11_executors.ipynb #d765f9ee
+# %% ../nbs/11_executors.ipynb #49694942
 def quiet_slow_imports() -> None:
     """Skips an optional import that costs 1.3 s: jsonschema's IRI-syntax checker (rfc3987_syntax
     builds a grammar at import). nbformat pulls jsonschema in; no notebook validation needs IRIs."""
     sys.modules.setdefault("rfc3987_syntax", None)
 
-def _worker_init() -> None:
+def _worker_init(prepare: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     quiet_slow_imports()
-    try:
-        import nbconvert  # noqa: F401 - warm the imports every step needs
-        import papermill  # noqa: F401
-    except ImportError:
-        pass
+    if prepare:  # e.g. the step runner's: start a kernel ahead, import papermill
+        module, _, attr = prepare.partition(":")
+        getattr(importlib.import_module(module), attr)()
 
 def _call_interruptibly(fn: Callable, args: tuple) -> Any:
     "Runs fn(*args) with Ctrl-C turned into KeyboardInterrupt, then back to ignored."
@@ -72,20 +70,22 @@ def _call_interruptibly(fn: Callable, args: tuple) -> Any:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 class LocalExecutor(Executor):
-    "A pool of `jobs` spawned worker processes on this machine (default: one per core)."
+    """A pool of `jobs` spawned worker processes on this machine (default: one per core).
+
+    `prepare` ("module:function") runs in each worker when it starts, to warm what tasks need."""
     name = "local"
 
-    def __init__(self, jobs: int | None = None):
+    def __init__(self, jobs: int | None = None, prepare: str | None = None):
         self.jobs = max(1, jobs or os.cpu_count() or 1)
+        self.prepare = prepare
         self._pool: cf.ProcessPoolExecutor | None = None
 
     def start(self) -> LocalExecutor:
-        "Starts the workers now (they warm their imports while the caller goes on)."
+        "Creates the pool; workers are spawned as work arrives, up to `jobs` (a one-step run starts one)."
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init,
+                                                initargs=(self.prepare,),
                                                 mp_context=multiprocessing.get_context("spawn"))
-            for _ in range(self.jobs):  # spawn every worker at once, not one per submit
-                self._pool.submit(int)
         return self
 
     def submit(self, fn: Callable, *args: Any) -> cf.Future:

@@ -62,7 +62,7 @@ class ProjectLock:
             self._file.close()
             self._file = None
 
-# %% ../nbs/14_runner.ipynb #58dc420e
+# %% ../nbs/14_runner.ipynb #5e94a7f9
 MLNB_CACHE_VERSION = "1"  # the major version of what cached results mean
 
 @dataclass
@@ -71,6 +71,7 @@ class StepPlan:
     step: Step
     params: dict[str, Any]                     # resolved, as injected (product/upstream included)
     code_hash: str
+    effective: dict[str, Any] = field(default_factory=dict)  # what the notebook runs with: defaults + given
     inputs: dict[str, tuple[str, int]] = field(default_factory=dict)   # rel path -> (sha256, size)
     cache_key: str | None = None
 
@@ -140,7 +141,7 @@ class PipelineOutcome:
         return {"run_id": self.run_id, "status": self.status, "seconds": self.seconds,
                 "report_dir": str(self.report_dir), "steps": [vars(s) for s in self.steps]}
 
-# %% ../nbs/14_runner.ipynb #a3e95267
+# %% ../nbs/14_runner.ipynb #38ee18d6
 class PipelineRunner:
     "Runs a project's pipeline; `run()` returns a PipelineOutcome."
 
@@ -156,9 +157,10 @@ class PipelineRunner:
 
     # -- planning ---------------------------------------------------------------------------
     def _latest_good_run(self, step: str) -> RunRecord | None:
+        "Returns the newest finished run of a step (for a restored run, the run it restored)."
         for record in self.store.list_runs(kind="step", details=False):
             if record.name == step and record.status in ("finished", "cached"):
-                return self.store.get_run(record.id)
+                return self.store.get_run(record.source_run_id or record.id)
         return None
 
     def _forced(self, name: str) -> bool:
@@ -174,7 +176,10 @@ class PipelineRunner:
                 params["product"] = dict(step.products)
             if "upstream" in declared[name].params:
                 params["upstream"] = {need: dict(pipeline.steps[need].products) for need in step.needs}
-            plans[name] = StepPlan(step=step, params=params, code_hash=code_hash(notebooks[name]))
+            defaults = {k: p.default for k, p in declared[name].params.items()
+                        if p.has_default and p.literal_default and k not in ("product", "upstream")}
+            plans[name] = StepPlan(step=step, params=params, code_hash=code_hash(notebooks[name]),
+                                   effective={**defaults, **resolved[name]})
         return plans
 
     # -- running ----------------------------------------------------------------------------
@@ -193,8 +198,7 @@ class PipelineRunner:
             plans = self._plan(pipeline, selected, params)
             self.hashes = FileHashes(self.project.state_dir / "file-hashes.json")
             self.artifacts = artifacts_for(self.store)
-            flat = {f"{n}.{k}": v for n, p in plans.items() for k, v in p.params.items()
-                    if k not in ("product", "upstream")}
+            flat = {f"{n}.{k}": v for n, p in plans.items() for k, v in p.effective.items()}
             self.pipeline_run = start_run(self.project.name, params=flat, store=self.store, kind="pipeline",
                                           activate=False, tags={"steps": selected})
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -218,7 +222,7 @@ class PipelineRunner:
                 raise InvalidPipeline("Nothing to resume: this project has no pipeline run yet. Run 'mlnb run'.")
             for child in self.store.children(previous[0].id):
                 if child.status in ("finished", "cached") and child.name in pipeline.steps:
-                    reused[child.name] = self.store.get_run(child.id)
+                    reused[child.name] = self.store.get_run(child.source_run_id or child.id)
         outside = {need for name in selected for need in pipeline.upstream_of(name)} - set(selected)
         for name in sorted(outside - set(reused)):
             record = self._latest_good_run(name)
@@ -236,9 +240,8 @@ class PipelineRunner:
         self.running: dict[Any, tuple[str, Any, float]] = {}
         self.executor = None
         interrupted = False
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous in (signal.SIG_DFL, None) and _in_main_thread():
-            signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        # While steps run, SIGTERM means what Ctrl-C means: stop the kernels, record the runs killed.
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if _in_main_thread() else None
         try:
             while True:
                 self._dispatch_ready(pipeline, plans, get_executor)
@@ -253,8 +256,8 @@ class PipelineRunner:
         finally:
             if self.executor is not None:
                 self.executor.shutdown()
-            if _in_main_thread():
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         for name in plans:
             if self.state[name] == "pending":
                 reason = "the run was interrupted" if interrupted else "a step it needs did not finish"
@@ -288,7 +291,7 @@ class PipelineRunner:
         from mlnb.steprun import StepTask, execute_step
         from mlnb.tracking import start_run
         step = plan.step
-        user_params = {k: v for k, v in plan.params.items() if k not in ("product", "upstream")}
+        user_params = plan.effective
         try:
             files = expand_inputs(self.root, step, plan.params)
             plan.inputs = {_rel(self.root, f): self.hashes.hash(f) for f in files}
@@ -319,9 +322,11 @@ class PipelineRunner:
                "MLNB_NOTEBOOK": step.rel(self.root), "MLNB_PROJECT": str(self.root),
                "MLNB_ARTIFACTS": self.artifacts.root,
                "MLNB_UPSTREAM": json.dumps({n: self.results[n].id for n in step.needs})}
+        for path in step.products.values():  # the step only has to write its files, not make their folders
+            (self.root / path).parent.mkdir(parents=True, exist_ok=True)
         task = StepTask(step=name, run_id=run.id, notebook=str(step.notebook),
                         executed=str(self.report_dir / f"{name}.ipynb"), html=str(self.report_dir / f"{name}.html"),
-                        cwd=str(self.root), params=plan.params, env=env)
+                        cwd=str(self.root), params=plan.params, env=env, warm=self.executor_name == "local")
         if self.executor is None:
             self.executor = get_executor(self.executor_name, **self._executor_options())
         handle = self.executor.submit(execute_step, task)
@@ -333,6 +338,7 @@ class PipelineRunner:
         options = dict(self.executor_options)
         if self.executor_name == "local":
             options.setdefault("jobs", self.jobs)
+            options.setdefault("prepare", "mlnb.steprun:prepare_worker")
         return options
 
     def _restore(self, hit: RunRecord, step: Step) -> bool:
@@ -378,8 +384,7 @@ class PipelineRunner:
             result = self.executor.result(handle)
         except Exception as e:  # noqa: BLE001 - a worker that died is a failed step, not a crashed runner
             result = StepResult(status="failed", error=f"the worker running the step failed: {type(e).__name__}: {e}")
-        files = [{"role": "input", "path": path, "sha256": sha, "size": size}
-                 for path, (sha, size) in plan.inputs.items()]
+        files = self._input_files(plan)
         if result.status == "finished":
             missing = [p for p in plan.step.products.values() if not (self.root / p).is_file()]
             if missing:
@@ -407,6 +412,16 @@ class PipelineRunner:
         self.outcomes[name] = StepOutcome(name, result.status, run.id, time.perf_counter() - began, result.html,
                                           result.executed, error)
         self.on_event("finish", name, vars(self.outcomes[name]))
+
+    def _input_files(self, plan: StepPlan) -> list[dict[str, Any]]:
+        "Returns a step's inputs for lineage: its data files and the products of the steps it needs."
+        files = {path: {"role": "input", "path": path, "sha256": sha, "size": size}
+                 for path, (sha, size) in plan.inputs.items()}
+        for need in plan.step.needs:
+            for f in self.results[need].files:
+                if f["role"] == "product":
+                    files.setdefault(f["path"], {**f, "role": "input"})
+        return list(files.values())
 
     def run_artifact(self, run, path: str | Path, name: str) -> dict[str, Any]:
         "Stores a file as an artifact of a step's run and returns its index entry."

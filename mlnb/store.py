@@ -634,7 +634,7 @@ class Store(_StoreWrites):
             return found
         return self.read(fetch, "reading child runs")
 
-# %% ../nbs/05_store.ipynb #31e5c400
+# %% ../nbs/05_store.ipynb #9ac44e63
 def add_run_files(self: Store, run_id: str, files: Sequence[dict[str, Any]]) -> None:
     "Records files a run read (`role='input'`) or wrote (`role='product'`): path, sha256, size."
     if files:
@@ -662,27 +662,35 @@ def find_cached(self: Store, cache_key: str) -> RunRecord | None:
     return self.read(fetch, "looking up the step cache")
 
 def copy_results(self: Store, source_id: str, target_id: str) -> None:
-    "Copies the outputs and the artifact index of one run to another (a cached run shares its source's bytes)."
+    "Copies outputs, artifact index and metric summaries to a restored run (the points stay with the source)."
     def write(tx: Tx) -> None:
         tx.execute("INSERT INTO mlnb_outputs (run_id, name, kind, value, sha256) "
                    "SELECT ?, name, kind, value, sha256 FROM mlnb_outputs WHERE run_id = ?", (target_id, source_id))
         tx.execute("INSERT INTO mlnb_artifacts (run_id, name, sha256, size, uri, media_type, created_at) "
                    "SELECT ?, name, sha256, size, uri, media_type, created_at FROM mlnb_artifacts WHERE run_id = ?",
                    (target_id, source_id))
+        tx.execute("INSERT INTO mlnb_latest_metrics (run_id, key, step, value, timestamp, min_value, max_value, count) "
+                   "SELECT ?, key, step, value, timestamp, min_value, max_value, count FROM mlnb_latest_metrics "
+                   "WHERE run_id = ?", (target_id, source_id))
     self.write(write, "copying cached results")
 
 for _fn in (add_run_files, file_history, find_cached, copy_results):
     setattr(Store, _fn.__name__, _fn)
 
-# %% ../nbs/05_store.ipynb #c92981eb
+# %% ../nbs/05_store.ipynb #4b341423
 _OPEN_STORES: dict[str, Store] = {}
 _OPEN_LOCK = threading.Lock()
+
+_FORK_HOOK: list[bool] = []
 
 def open_store(url: str | None = None) -> Store:
     "Returns the opened store for `url` (default: $MLNB_STORE, the project's `store:`, or .mlnb/mlnb.db)."
     from mlnb.config import resolve_store_url
     resolved = resolve_store_url(url)
     with _OPEN_LOCK:
+        if not _FORK_HOOK:  # registered on first use: importing mlnb changes nothing
+            os.register_at_fork(after_in_child=_forget_stores_after_fork)
+            _FORK_HOOK.append(True)
         store = _OPEN_STORES.get(resolved)
         if store is None or store._db is None:
             store = Store(resolved).open()
@@ -692,5 +700,3 @@ def open_store(url: str | None = None) -> Store:
 def _forget_stores_after_fork() -> None:
     "A forked child opens its own connections (each Database also checks its pid)."
     _OPEN_STORES.clear()
-
-os.register_at_fork(after_in_child=_forget_stores_after_fork)

@@ -26,9 +26,9 @@ from .errors import ArtifactError, MlnbError
 from .store import Store, open_store
 
 # %% auto #0
-__all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'MIRRORS', 'Run', 'read_output', 'start_run', 'active_run', 'log_metric', 'log_metrics',
-           'log_param', 'log_params', 'log_artifact', 'log_model', 'output', 'set_tags', 'set_tag', 'end_run',
-           'load_model', 'Upstream', 'upstream', 'runs_frame']
+__all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'MIRRORS', 'Run', 'read_output', 'start_run', 'active_run', 'flush_all', 'log_metric',
+           'log_metrics', 'log_param', 'log_params', 'log_artifact', 'log_model', 'output', 'set_tags', 'set_tag',
+           'end_run', 'load_model', 'Upstream', 'upstream', 'runs_frame']
 
 # %% ../nbs/08_tracking.ipynb #b2369b98
 FLUSH_SIZE = 5_000          # wake the flusher when a buffer holds this many points
@@ -349,7 +349,7 @@ def read_output(record, name: str, store: Store | None = None) -> Any:
         return np.load(io.BytesIO(data), allow_pickle=False)
     return pickle.loads(data)
 
-# %% ../nbs/08_tracking.ipynb #1ea1baea
+# %% ../nbs/08_tracking.ipynb #cff21462
 def start_run(name: str | None = None, params: Mapping[str, Any] | None = None,
               store: str | Store | None = None, *, kind: str = "run", parent: str | Run | None = None,
               tags: Mapping[str, Any] | None = None, experiment: str | None = None,
@@ -402,6 +402,14 @@ def _current_run() -> Run:
             _ACTIVE.append(run)
             return run
         return start_run(kind="interactive")
+
+def flush_all() -> None:
+    "Writes the buffered metrics of every run this process holds (a pipeline step calls it as it ends)."
+    runs = list(_BACKGROUND.runs.values()) if _BACKGROUND is not None else []
+    with _STATE_LOCK:
+        runs += [r for r in _ACTIVE if r not in runs]
+    for run in runs:
+        run._flush_quietly()
 
 def _record_seed(seed: int) -> None:
     "Records a seed set with `seed_everything` on the active run."
@@ -466,7 +474,7 @@ def load_model(run: str, name: str = "model", store: str | Store | None = None) 
     raise ArtifactError(f"Run {record.id[:8]} has no model {name!r} (artifacts: {names}). "
                         "Log one with mlnb.log_model(model).")
 
-# %% ../nbs/08_tracking.ipynb #dd6694dc
+# %% ../nbs/08_tracking.ipynb #db4f158e
 class Upstream(Mapping):
     "The results of an upstream step's run: outputs by name, plus products, metrics, params."
 
@@ -508,7 +516,7 @@ def upstream(step: str) -> Upstream:
         return Upstream(store.get_run(ids[step]), store, root)
     for record in store.list_runs(kind="step", details=False):
         if record.name == step and record.status in ("finished", "cached"):
-            return Upstream(store.get_run(record.id), store, root)
+            return Upstream(store.get_run(record.source_run_id or record.id), store, root)
     raise MlnbError(f"No finished run of step {step!r} in the store yet. Run it first: mlnb run --until {step}")
 
 # %% ../nbs/08_tracking.ipynb #370a9bb2
@@ -526,7 +534,7 @@ def runs_frame(store: str | Store | None = None, *, kind: str | None = None, sta
     frame = pd.DataFrame(store.frame_columns(kind=kind, status=status))
     return frame[frame["id"].isin(set(ids))].reset_index(drop=True)
 
-# %% ../nbs/08_tracking.ipynb #39bd820c
+# %% ../nbs/08_tracking.ipynb #50f64fbb
 _HOOKS_INSTALLED = False
 
 def _install_exit_hooks() -> None:
@@ -535,6 +543,7 @@ def _install_exit_hooks() -> None:
         return
     _HOOKS_INSTALLED = True
     atexit.register(_at_exit)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
     previous_hook = sys.excepthook
 
     def excepthook(exc_type, exc, tb):
@@ -583,8 +592,6 @@ def _after_fork_in_child() -> None:
         for run in _ACTIVE:
             run._buffer = []
         _ACTIVE.clear()
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # %% ../nbs/08_tracking.ipynb #9e9fb6dc
 MIRRORS: dict[str, str] = {"wandb": "mlnb.wandb_mirror:WandbMirror"}
