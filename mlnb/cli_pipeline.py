@@ -18,7 +18,7 @@ from .errors import MlnbError, ProjectError
 # %% auto #0
 __all__ = ['template_dir', 'init_project', 'init_command', 'run_command', 'params_command', 'lineage_command', 'report_command']
 
-# %% ../nbs/92_cli_pipeline.ipynb #4381abbb
+# %% ../nbs/92_cli_pipeline.ipynb #6c8757ba
 def template_dir() -> Path:
     "Returns the folder of the project template (the repository's, or the installed copy)."
     import mlnb
@@ -30,8 +30,8 @@ def template_dir() -> Path:
     raise MlnbError(f"The mlnb project template is missing (looked in {', '.join(map(str, candidates))}). "
                     "Reinstall mlnb.")
 
-def init_project(path: str | Path, name: str | None = None, force: bool = False) -> Path:
-    "Returns the new project folder at `path`, copied from the template."
+def init_project(path: str | Path, name: str | None = None, force: bool = False, store: str | None = None) -> Path:
+    "Returns the new project folder at `path`, copied from the template (`store`: a store URL to write in mlnb.yaml)."
     target = Path(path).resolve()
     if target.exists() and any(target.iterdir()) and not force:
         raise ProjectError(f"{target} exists and is not empty. Choose a new folder, or pass --force to add "
@@ -43,21 +43,28 @@ def init_project(path: str | Path, name: str | None = None, force: bool = False)
     if (target / "gitignore").exists():
         (target / "gitignore").replace(target / ".gitignore")
     config = target / "mlnb.yaml"
-    config.write_text(config.read_text().replace("{{name}}", name or target.name))
+    text = config.read_text().replace("{{name}}", name or target.name)
+    if store:
+        from mlnb.database import parse_store_url
+        parse_store_url(store)  # refuse a URL mlnb cannot use before writing it down
+        text = text.replace("# store: postgresql+psycopg://user@host:5432/mlnb", f"store: {store}", 1)
+    config.write_text(text)
     return target
 
 @click.command("init")
 @click.argument("path", type=click.Path(file_okay=False))
 @click.option("--name", help="Project name (default: the folder's name).")
 @click.option("--force", is_flag=True, help="Write into a folder that is not empty.")
-def init_command(path, name, force) -> None:
+@click.option("--store", "store_url", metavar="URL", help="The project's store (default: SQLite in .mlnb/).")
+def init_command(path, name, force, store_url) -> None:
     """Create a project from the template: mlnb.yaml, step notebooks, data/.
 
     \b
-    Example:
+    Examples:
       mlnb init churn && cd churn && mlnb run
+      mlnb init churn --store postgresql+psycopg://me@db:5432/mlnb
     """
-    target = init_project(path, name, force)
+    target = init_project(path, name, force, store_url)
     click.echo(f"Created {target}\n\nNext:\n  cd {path}\n  mlnb run                 # ingest -> validate -> features -> "
                "train -> evaluate -> report\n  mlnb runs list\n\nPoint it at your data: edit 'source' and 'target' "
                "under the ingest step in mlnb.yaml.")

@@ -124,6 +124,12 @@ def test_run_records_steps_outputs_lineage_and_reports(small):
         assert Path(step["executed"]).exists()
     index = Path(data["report"]).read_text()
     assert all(f'href="{n}.html"' in index for n in "abcd")
+    Path(data["report"]).unlink()
+    again = run_cli("report", cwd=small)
+    assert again.returncode == 0 and Path(again.stdout.strip()) == Path(data["report"]) and Path(data["report"]).exists()
+    assert (small / "reports" / "latest" / "index.html").exists()
+    shown = run_cli("runs", "show", steps["b"].id, cwd=small).stdout
+    assert "files (lineage)" in shown and "data/rows.json" in shown and "data/total.txt" in shown
 
 
 def test_nothing_changed_is_restored_without_kernels_and_edits_rerun_only_what_depends(small):
@@ -386,6 +392,9 @@ def test_template_project_runs_with_no_edits(tmp_path):
     created = run_cli("init", str(tmp_path / "demo"))
     assert created.returncode == 0, created.stderr
     root = tmp_path / "demo"
+    team = run_cli("init", str(tmp_path / "team"), "--store", "postgresql+psycopg://me@db:5432/mlnb")
+    assert "store: postgresql+psycopg://me@db:5432/mlnb" in (tmp_path / "team" / "mlnb.yaml").read_text(), team.stderr
+    assert run_cli("init", str(tmp_path / "bad"), "--store", "mysql://x").returncode == 1
     assert (root / "mlnb.yaml").exists() and (root / ".gitignore").exists()
     assert run_cli("init", str(root)).returncode == 1  # not over an existing project
     result = mlnb_run(root)
