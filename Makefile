@@ -94,6 +94,7 @@ $(BENCH_VENV)/.installed: Makefile
 bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python bench/tracking.py --mlflow-python $(BENCH_VENV)/bin/python
 	$(BIN)/python bench/pipeline.py --bench-python $(BENCH_VENV)/bin/python
+	$(BIN)/python bench/train_tune.py
 
 clean:
 	rm -rf $(VENV) _docs .pytest_cache build

@@ -79,7 +79,7 @@ class LazyGroup(click.Group):
             raise UserError(f"internal error: {type(e).__name__}: {e}. Re-run with --debug for the traceback "
                             "and report it.") from e
 
-# %% ../nbs/90_cli.ipynb #ea0afb51
+# %% ../nbs/90_cli.ipynb #fa46e952
 COMMANDS = {
     "runs": "mlnb.cli_runs:runs",
     "init": "mlnb.cli_pipeline:init_command",
@@ -87,6 +87,7 @@ COMMANDS = {
     "params": "mlnb.cli_pipeline:params_command",
     "lineage": "mlnb.cli_pipeline:lineage_command",
     "report": "mlnb.cli_pipeline:report_command",
+    "sweep": "mlnb.cli_sweep:sweep",
 }
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -69,7 +69,7 @@ def init_command(path, name, force, store_url) -> None:
                "train -> evaluate -> report\n  mlnb runs list\n\nPoint it at your data: edit 'source' and 'target' "
                "under the ingest step in mlnb.yaml.")
 
-# %% ../nbs/92_cli_pipeline.ipynb #6260678c
+# %% ../nbs/92_cli_pipeline.ipynb #ca6ea47e
 _MARKS = {"finished": "ok", "cached": "cached", "failed": "FAILED", "killed": "killed", "skipped": "skipped"}
 
 class _Progress:
@@ -114,12 +114,15 @@ def _rel(path: str | None, root: Path) -> str:
               help="Ignore the cache: for every step, or for STEP (repeatable).")
 @click.option("--resume", is_flag=True, help="Re-run only the steps that did not finish in the last pipeline run.")
 @click.option("--jobs", "-j", type=int, default=None, help="Steps run at once (default: the number of cores).")
-@click.option("--executor", default="local", show_default=True, help="Where steps run.")
+@click.option("--executor", default="local", show_default=True, help="Where steps run: local or dask.")
+@click.option("--scheduler", metavar="ADDRESS", help="With --executor dask: a scheduler (tcp://host:port); default: "
+              "a local cluster.")
 @click.option("--wait", is_flag=True, help="If another 'mlnb run' holds the project, wait for it instead of failing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
 @store_option
-def run_command(params, only, from_step, until, force, resume, jobs, executor, wait, quiet, as_json, store_url) -> None:
+def run_command(params, only, from_step, until, force, resume, jobs, executor, scheduler, wait, quiet, as_json,
+                store_url) -> None:
     """Run the project's pipeline: each step a papermill-executed notebook, unchanged steps from the cache.
 
     \b
@@ -136,8 +139,13 @@ def run_command(params, only, from_step, until, force, resume, jobs, executor, w
     project = require_project()
     store = open_store(store_url)
     forced: bool | list[str] = True if "*" in force else list(force)
+    from mlnb.executors import EXECUTORS
+    if executor not in EXECUTORS:
+        from mlnb.errors import did_you_mean, one_of
+        raise MlnbError(f"Unknown executor {executor!r}.{did_you_mean(executor, EXECUTORS)} Executors: {one_of(EXECUTORS)}.")
     runner = PipelineRunner(project, store=store, executor=executor, jobs=jobs, force=forced, wait=wait,
-                            on_event=_Progress(quiet or as_json))
+                            on_event=_Progress(quiet or as_json),
+                            executor_options={"scheduler": scheduler} if scheduler else None)
     outcome = runner.run(params=list(params), only=list(only), from_step=from_step, until=until, resume=resume)
     index = write_pipeline_report(store, outcome.run_id, outcome.report_dir)
     if as_json:

@@ -14,7 +14,7 @@ from .errors import ConfigError, ProjectNotFound, did_you_mean
 
 # %% auto #0
 __all__ = ['PROJECT_FILE', 'STATE_DIR', 'Project', 'Validated', 'load_config', 'find_project', 'require_project',
-           'default_store_url', 'resolve_store_url', 'resolve_artifact_root']
+           'default_store_url', 'resolve_store_url', 'resolve_artifact_root', 'update_step_params']
 
 # %% ../nbs/02_config.ipynb #2b81a332
 PROJECT_FILE = "mlnb.yaml"
@@ -306,3 +306,66 @@ def resolve_artifact_root(artifacts: str | None = None, store_url: str | None = 
             root = str((project.root / root).resolve())
         return root
     return None
+
+# %% ../nbs/02_config.ipynb #11351211
+def _scalar(value: Any) -> str:
+    import yaml
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).split("\n...")[0].strip()
+
+def update_step_params(path: str | Path, updates: dict[str, dict[str, Any]]) -> str:
+    "Returns the new text of the project file at `path` with `{step: {param: value}}` set (and writes it)."
+    import yaml
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    root = yaml.compose(text)
+
+    def child(node, key):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == key:
+                    return k, v
+        return None, None
+
+    _, pipeline = child(root, "pipeline")
+    edits: list[tuple[int, int, str]] = []
+    for step, params in updates.items():
+        step_key, step_node = child(pipeline, step)
+        if step_node is None:
+            raise ConfigError(f"{path}: no step {step!r} under pipeline:.")
+        _, params_node = child(step_node, "params")
+        if params_node is None or (isinstance(params_node, yaml.MappingNode) and params_node.flow_style):
+            merged = dict(yaml.safe_load(text)["pipeline"][step].get("params") or {}) if params_node is not None else {}
+            merged.update(params)
+            flow = "{" + ", ".join(f"{k}: {_scalar(v)}" for k, v in merged.items()) + "}"
+            if params_node is not None:
+                edits.append((params_node.start_mark.index, params_node.end_mark.index, flow))
+            elif step_node.flow_style:
+                end = step_node.end_mark.index - 1  # before the closing brace
+                edits.append((end, end, f", params: {flow}"))
+            else:
+                first_key = step_node.value[0][0]
+                indent = " " * first_key.start_mark.column
+                line_end = text.index("\n", step_key.end_mark.index) + 1
+                edits.append((line_end, line_end, f"{indent}params: {flow}\n"))
+            continue
+        for name, value in params.items():
+            value_node = child(params_node, name)[1]
+            if value_node is not None:
+                edits.append((value_node.start_mark.index, value_node.end_mark.index, _scalar(value)))
+            else:
+                last_value = params_node.value[-1][1]
+                indent = " " * params_node.value[0][0].start_mark.column
+                at = last_value.end_mark.index
+                line_end = text.find("\n", at)
+                line_end = len(text) if line_end < 0 else line_end + 1
+                edits.append((line_end, line_end, f"{indent}{name}: {_scalar(value)}\n"))
+    for start, end, replacement in sorted(edits, reverse=True):
+        text = text[:start] + replacement + text[end:]
+    check = path.with_name(f".{path.name}.check")
+    try:
+        check.write_text(text, encoding="utf-8")
+        load_config(check)
+    finally:
+        check.unlink(missing_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return text

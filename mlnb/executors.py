@@ -17,7 +17,7 @@ from typing import Any
 from .errors import MlnbError, did_you_mean, one_of
 
 # %% auto #0
-__all__ = ['EXECUTORS', 'Executor', 'quiet_slow_imports', 'LocalExecutor', 'get_executor']
+__all__ = ['EXECUTORS', 'Executor', 'quiet_slow_imports', 'LocalExecutor', 'DaskExecutor', 'get_executor']
 
 # %% ../nbs/11_executors.ipynb #6f97a03f
 class Executor:
@@ -114,8 +114,73 @@ class LocalExecutor(Executor):
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-# %% ../nbs/11_executors.ipynb #c272a61a
-EXECUTORS: dict[str, str] = {"local": "mlnb.executors:LocalExecutor"}
+# %% ../nbs/11_executors.ipynb #e30d33c9
+class DaskExecutor(Executor):
+    "Runs callables on a Dask cluster: a LocalCluster of `jobs` workers, or the scheduler at `scheduler`."
+    name = "dask"
+
+    def __init__(self, jobs: int | None = None, scheduler: str | None = None, prepare: str | None = None):
+        self.jobs = max(1, jobs or os.cpu_count() or 1)
+        self.scheduler = scheduler
+        self._client = None
+        self._cluster = None
+        self._pending: set = set()
+
+    def start(self) -> DaskExecutor:
+        "Connects to the scheduler, or starts a local cluster."
+        if self._client is None:
+            try:
+                from distributed import Client, LocalCluster
+            except ImportError:
+                from mlnb.errors import missing_dependency
+                raise missing_dependency("distributed", "The Dask executor") from None
+            if self.scheduler:
+                try:
+                    self._client = Client(self.scheduler, timeout=30)
+                except OSError as e:
+                    raise MlnbError(f"Cannot reach the Dask scheduler at {self.scheduler} ({e}). Check the address, "
+                                    "or drop --scheduler to start a local cluster.") from None
+            else:
+                self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
+                                             host="127.0.0.1", dashboard_address=None, silence_logs=40)
+                self._client = Client(self._cluster)
+        return self
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        future = self.start()._client.submit(fn, *args, pure=False)
+        self._pending.add(future)
+        return future
+
+    def as_completed(self, handles: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
+        from distributed import wait
+        handles = list(handles)
+        if not handles:
+            return
+        try:
+            done, _ = wait(handles, timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            return
+        for future in done:
+            self._pending.discard(future)
+            yield future
+
+    def result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def interrupt(self) -> None:
+        if self._client is not None and self._pending:
+            self._client.cancel(list(self._pending), force=True)
+
+    def shutdown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+# %% ../nbs/11_executors.ipynb #be4ec3c6
+EXECUTORS: dict[str, str] = {"local": "mlnb.executors:LocalExecutor", "dask": "mlnb.executors:DaskExecutor"}
 
 def get_executor(name: str = "local", **options: Any) -> Executor:
     "Returns a new executor by name (`local`, ...) built with `options`."

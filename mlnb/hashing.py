@@ -5,10 +5,12 @@
 # %% auto #0
 __all__ = ['CHUNK', 'hash_bytes', 'hash_file', 'canonical_json', 'hash_json', 'FileHashes']
 
-# %% ../nbs/01_hashing.ipynb #ea994274
+# %% ../nbs/01_hashing.ipynb #f3bc57a3
 import hashlib
 import json
 import math
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ def hash_json(value: Any) -> str:
     "Returns the hex sha256 of `value`'s canonical JSON."
     return hash_bytes(canonical_json(value).encode())
 
-# %% ../nbs/01_hashing.ipynb #2e18ddf2
+# %% ../nbs/01_hashing.ipynb #c0e2c263
 class FileHashes:
     "Returns file hashes, re-hashing only files whose size, mtime or inode changed; saved as JSON."
 
@@ -78,7 +80,7 @@ class FileHashes:
         "Writes the remembered hashes (atomically) if any changed."
         if self.path and self._dirty:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(self._known))
             tmp.replace(self.path)
             self._dirty = False

@@ -141,19 +141,27 @@ class PipelineOutcome:
         return {"run_id": self.run_id, "status": self.status, "seconds": self.seconds,
                 "report_dir": str(self.report_dir), "steps": [vars(s) for s in self.steps]}
 
-# %% ../nbs/14_runner.ipynb #38ee18d6
+# %% ../nbs/14_runner.ipynb #2eaecb8e
 class PipelineRunner:
     "Runs a project's pipeline; `run()` returns a PipelineOutcome."
 
-    def __init__(self, project: Project, *, store: Store | None = None, executor: str = "local",
+    def __init__(self, project: Project, *, store: Store | None = None, executor: str | Any = "local",
                  jobs: int | None = None, force: bool | list[str] = False, wait: bool = False,
-                 on_event: Callable[[str, str, dict], None] | None = None, executor_options: dict | None = None):
+                 on_event: Callable[[str, str, dict], None] | None = None, executor_options: dict | None = None,
+                 lock: bool = True, kind: str = "pipeline", parent: str | None = None, name: str | None = None,
+                 product_root: str | None = None, report_root: Path | None = None, tags: dict | None = None):
         self.project, self.root = project, project.root
         self.store = store
-        self.executor_name, self.jobs = executor, jobs
+        # An Executor instance is shared (a sweep's trials use one pool) and not shut down here.
+        self.shared_executor = None if isinstance(executor, str) else executor
+        self.executor_name = executor if isinstance(executor, str) else executor.name
+        self.jobs = jobs
         self.executor_options = dict(executor_options or {})
         self.force, self.wait = force, wait
         self.on_event = on_event or (lambda kind, step, info: None)
+        # How a sweep trial differs from `mlnb run`: its own run kind, parent, name, product folder.
+        self.lock, self.kind, self.parent, self.name = lock, kind, parent, name
+        self.product_root, self.report_root, self.tags = product_root, report_root, dict(tags or {})
 
     # -- planning ---------------------------------------------------------------------------
     def _latest_good_run(self, step: str) -> RunRecord | None:
@@ -189,20 +197,27 @@ class PipelineRunner:
         from mlnb.tracking import start_run
         started = time.perf_counter()
         self.store = self.store or open_store()
-        with ProjectLock(self.project, self.wait):
-            self.store.mark_crashed()  # runs of a killed earlier `mlnb run` read crashed from now on
+        with ProjectLock(self.project, self.wait) if self.lock else _NoLock():
+            if self.lock:
+                self.store.mark_crashed()  # runs of a killed earlier `mlnb run` read crashed from now on
             pipeline = Pipeline(self.project)
             selected = pipeline.select(only, from_step, until)
             reused = self._reused(pipeline, selected, resume)
             selected = [s for s in selected if s not in reused]
+            if self.product_root:  # a trial writes its files apart from the project's (and other trials')
+                for name in selected:
+                    step = pipeline.steps[name]
+                    step.products = {k: (Path(self.product_root) / v).as_posix() for k, v in step.products.items()}
             plans = self._plan(pipeline, selected, params)
             self.hashes = FileHashes(self.project.state_dir / "file-hashes.json")
             self.artifacts = artifacts_for(self.store)
             flat = {f"{n}.{k}": v for n, p in plans.items() for k, v in p.effective.items()}
-            self.pipeline_run = start_run(self.project.name, params=flat, store=self.store, kind="pipeline",
-                                          activate=False, tags={"steps": selected})
+            self.pipeline_run = start_run(self.name or self.project.name, params=flat, store=self.store,
+                                          kind=self.kind, parent=self.parent, activate=False,
+                                          tags={"steps": selected, **self.tags})
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            self.report_dir = self.root / "reports" / f"{stamp}-{self.pipeline_run.id[:8]}"
+            folder = self.report_root or (self.root / "reports")
+            self.report_dir = folder / f"{stamp}-{self.pipeline_run.id[:8]}"
             self.report_dir.mkdir(parents=True, exist_ok=True)
             self.pipeline_run.set_tag("mlnb.report_dir", str(self.report_dir))
             self.on_event("plan", "", {"steps": selected, "reused": sorted(reused), "run_id": self.pipeline_run.id,
@@ -238,7 +253,7 @@ class PipelineRunner:
         self.state: dict[str, str] = {name: "pending" for name in plans}
         self.outcomes: dict[str, StepOutcome] = {}
         self.running: dict[Any, tuple[str, Any, float]] = {}
-        self.executor = None
+        self.executor = self.shared_executor
         interrupted = False
         # While steps run, SIGTERM means what Ctrl-C means: stop the kernels, record the runs killed.
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if _in_main_thread() else None
@@ -254,7 +269,7 @@ class PipelineRunner:
             interrupted = True
             self._interrupt(pipeline, plans)
         finally:
-            if self.executor is not None:
+            if self.executor is not None and self.shared_executor is None:
                 self.executor.shutdown()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -336,8 +351,8 @@ class PipelineRunner:
 
     def _executor_options(self) -> dict[str, Any]:
         options = dict(self.executor_options)
+        options.setdefault("jobs", self.jobs)
         if self.executor_name == "local":
-            options.setdefault("jobs", self.jobs)
             options.setdefault("prepare", "mlnb.steprun:prepare_worker")
         return options
 
@@ -463,6 +478,13 @@ class PipelineRunner:
             self.outcomes[name] = StepOutcome(name, "killed", run.id, time.perf_counter() - began,
                                               error="interrupted")
         self.running.clear()
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 def _in_main_thread() -> bool:
     import threading

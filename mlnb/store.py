@@ -434,7 +434,7 @@ class _StoreWrites(_StoreCore):
             return stale
         return self.write(sweep, "marking crashed runs")
 
-# %% ../nbs/05_store.ipynb #82aef047
+# %% ../nbs/05_store.ipynb #a55f8cba
 class Store(_StoreWrites):
     "The run store behind one URL (SQLite or PostgreSQL): open it with `open_store`."
 
@@ -616,6 +616,12 @@ class Store(_StoreWrites):
         rows = self.read(lambda tx: tx.query("SELECT step, value, timestamp FROM mlnb_metrics WHERE run_id = ? AND key = ? "
                                              "ORDER BY step, timestamp", (run_id, key)), "reading a metric")
         return [(s, _nan(v), t) for s, v, t in rows]
+
+    def get_tags(self, run_id: str) -> dict[str, Any]:
+        "Returns a run's tags (one small query: a training loop may ask every epoch)."
+        rows = self.read(lambda tx: tx.query("SELECT key, value FROM mlnb_tags WHERE run_id = ?", (run_id,)),
+                         "reading tags")
+        return {k: json.loads(v) for k, v in rows}
 
     def metric_keys(self, run_id: str) -> list[str]:
         "Returns the metric keys a run logged."

@@ -26,9 +26,9 @@ from .errors import ArtifactError, MlnbError
 from .store import Store, open_store
 
 # %% auto #0
-__all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'MIRRORS', 'Run', 'read_output', 'start_run', 'active_run', 'flush_all', 'log_metric',
-           'log_metrics', 'log_param', 'log_params', 'log_artifact', 'log_model', 'output', 'set_tags', 'set_tag',
-           'end_run', 'load_model', 'Upstream', 'upstream', 'runs_frame']
+__all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'MIRRORS', 'Run', 'read_output', 'start_run', 'active_run', 'stop_requested', 'flush_all',
+           'log_metric', 'log_metrics', 'log_param', 'log_params', 'log_artifact', 'log_model', 'output', 'set_tags',
+           'set_tag', 'end_run', 'load_model', 'Upstream', 'upstream', 'runs_frame']
 
 # %% ../nbs/08_tracking.ipynb #b2369b98
 FLUSH_SIZE = 5_000          # wake the flusher when a buffer holds this many points
@@ -349,7 +349,7 @@ def read_output(record, name: str, store: Store | None = None) -> Any:
         return np.load(io.BytesIO(data), allow_pickle=False)
     return pickle.loads(data)
 
-# %% ../nbs/08_tracking.ipynb #cff21462
+# %% ../nbs/08_tracking.ipynb #4ad3c4bf
 def start_run(name: str | None = None, params: Mapping[str, Any] | None = None,
               store: str | Store | None = None, *, kind: str = "run", parent: str | Run | None = None,
               tags: Mapping[str, Any] | None = None, experiment: str | None = None,
@@ -402,6 +402,13 @@ def _current_run() -> Run:
             _ACTIVE.append(run)
             return run
         return start_run(kind="interactive")
+
+def stop_requested(run: Run | None = None) -> bool:
+    "Returns whether someone asked the active run (or `run`) to stop early: a sweep pruning its trial."
+    run = run or active_run() or (_current_run() if os.environ.get("MLNB_RUN_ID") else None)
+    if run is None:
+        return False
+    return bool(run.store.get_tags(run.id).get("mlnb.prune"))
 
 def flush_all() -> None:
     "Writes the buffered metrics of every run this process holds (a pipeline step calls it as it ends)."

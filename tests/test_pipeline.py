@@ -400,12 +400,15 @@ def test_template_project_runs_with_no_edits(tmp_path):
     result = mlnb_run(root)
     assert result.returncode == 0, result.stderr[-3000:]
     data = outcome(result)
-    assert [s["name"] for s in data["steps"]] == ["ingest", "validate", "features", "train", "evaluate", "report"]
+    assert [s["name"] for s in data["steps"]] == ["ingest", "validate", "features", "train", "train_mlp", "evaluate",
+                                                  "report"]
     assert {s["status"] for s in data["steps"]} == {"finished"}
     store = store_of(root)
     evaluate = store.get_run(data["by_step"]["evaluate"]["run_id"])
     assert {"test_accuracy", "test_precision", "test_recall", "test_f1", "test_roc_auc"} <= set(evaluate.metrics)
-    assert evaluate.metrics["test_roc_auc"]["last"] > 0.9
+    assert evaluate.metrics["test_roc_auc"]["last"] > 0.9 and evaluate.metrics["mlp_test_roc_auc"]["last"] > 0.9
+    mlp = store.get_run(data["by_step"]["train_mlp"]["run_id"])
+    assert mlp.metrics["val_auc"]["count"] == 20 and any(a["name"] == "checkpoints/best.ckpt" for a in mlp.artifacts)
     assert "data:image/png;base64" in Path(data["by_step"]["evaluate"]["report"]).read_text()  # figures embedded
     train = store.get_run(data["by_step"]["train"]["run_id"])
     assert train.metrics["val_auc"]["count"] == 5 and any(a["name"] == "model.pkl" for a in train.artifacts)

@@ -1,0 +1,167 @@
+"""Training and tuning benchmark (issue #4), every figure a ratio measured in one run:
+
+  1. Lightning logging overhead: 20 epochs of the tabular MLP on breast cancer, MlnbLogger vs
+     Lightning's CSVLogger (target: at most 1.05x).
+  2. Sweep overhead: 200 trials of an in-process objective through mlnb.sweep.optimize vs plain
+     Optuna, both TPE on an SQLite storage (target: at least 0.9x Optuna's trials per second).
+  3. Notebook trials: 20 trials of a small training notebook with `mlnb sweep --jobs 2` vs
+     `--jobs 1` (target: at least 1.7x faster on this 2-core machine).
+
+    .venv/bin/python bench/train_tune.py [--write-readme] [--only 1,2,3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent
+
+
+def lightning_overhead(repeats: int = 5) -> dict:
+    import pandas as pd
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+
+    import mlnb
+    from mlnb.lightning import MlnbLogger, TabularDataModule, TabularMLP
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    frame = load_breast_cancer(as_frame=True).frame
+    train, val = train_test_split(frame, test_size=0.25, random_state=0, stratify=frame["target"])
+    store = f"sqlite:///{tempfile.mkdtemp()}/.mlnb/mlnb.db"
+
+    def fit(kind: str) -> float:
+        mlnb.seed_everything(0)
+        data = TabularDataModule(train, val, "target", batch_size=32, seed=0)
+        model = TabularMLP(data.n_features, data.task, data.n_outputs, hidden=[64, 64])
+        folder = tempfile.mkdtemp()
+        run = mlnb.start_run("bench", store=store) if kind == "mlnb" else None
+        logger = MlnbLogger(run) if run else CSVLogger(folder)
+        trainer = pl.Trainer(max_epochs=20, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=folder)
+        start = time.perf_counter()
+        trainer.fit(model, data)
+        seconds = time.perf_counter() - start
+        if run:
+            run.end()
+        return seconds
+
+    fit("csv"), fit("mlnb")  # warm both paths (imports, first compile)
+    times = {"csv": [], "mlnb": []}
+    for _ in range(repeats):  # alternate, so drift in the machine's speed hits both alike
+        for kind in ("csv", "mlnb"):
+            times[kind].append(fit(kind))
+    csv, ours = statistics.median(times["csv"]), statistics.median(times["mlnb"])
+    return {"csv": csv, "mlnb": ours, "ratio": ours / csv}
+
+
+def sweep_overhead(trials: int = 200) -> dict:
+    import optuna
+
+    import mlnb.sweep
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective_value(x: float, y: float) -> float:
+        return (x - 2) ** 2 + (y + 1) ** 2
+
+    folder = Path(tempfile.mkdtemp())
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder}/optuna.db")
+    study = optuna.create_study(study_name="plain", storage=storage, sampler=optuna.samplers.TPESampler(seed=0))
+    start = time.perf_counter()
+    study.optimize(lambda t: objective_value(t.suggest_float("x", -10, 10), t.suggest_float("y", -10, 10)),
+                   n_trials=trials)
+    plain = time.perf_counter() - start
+    start = time.perf_counter()
+    result = mlnb.sweep.optimize(lambda p: objective_value(p["x"], p["y"]), {"x": "float:-10:10", "y": "float:-10:10"},
+                                 ["loss:minimize"], trials=trials, study="mlnb", seed=0,
+                                 store=f"sqlite:///{folder}/.mlnb/mlnb.db")
+    ours = time.perf_counter() - start
+    assert len(result.trials) == trials
+    return {"trials": trials, "optuna_rate": trials / plain, "mlnb_rate": trials / ours,
+            "ratio": (trials / ours) / (trials / plain)}
+
+
+TRAIN = """
+import numpy as np, mlnb
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.model_selection import cross_val_score
+X, y = load_breast_cancer(return_X_y=True)
+score = cross_val_score(GradientBoostingClassifier(n_estimators=n_estimators, learning_rate=lr, random_state=0),
+                        X, y, cv=3, scoring="roc_auc").mean()
+mlnb.log_metric("val_auc", score)
+"""
+
+
+def notebook_trials(trials: int = 20) -> dict:
+    import nbformat
+    import yaml
+    times = {}
+    for jobs in (1, 2):
+        root = Path(tempfile.mkdtemp()) / f"jobs{jobs}"
+        root.mkdir()
+        params = nbformat.v4.new_code_cell("lr: float = 0.1\nn_estimators: int = 100")
+        params.metadata["tags"] = ["parameters"]
+        nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(TRAIN)])
+        nbformat.write(nb, str(root / "train.ipynb"))
+        (root / "mlnb.yaml").write_text(yaml.safe_dump({"name": "bench", "pipeline": {"train": {"notebook": "train.ipynb"}}}))
+        cmd = [str(VENV / "mlnb"), "sweep", "train", "--study", "b", "--param", "lr=loguniform:0.01:0.5",
+               "--param", "n_estimators=int:80:160", "--objective", "val_auc:maximize", "--trials", str(trials),
+               "--jobs", str(jobs), "--pruner", "none", "--sampler", "random", "--seed", "0", "--json"]
+        start = time.perf_counter()
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        times[jobs] = time.perf_counter() - start
+        if out.returncode != 0:
+            raise SystemExit(f"mlnb sweep failed:\n{out.stderr[-3000:]}")
+        assert json.loads(out.stdout)["counts"] == {"complete": trials}
+    return {"trials": trials, "jobs1": times[1], "jobs2": times[2], "speedup": times[1] / times[2]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--only", default="1,2,3")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    lines = ["| case | mlnb | peer | ratio | target |", "|---|---|---|---|---|"]
+    if "1" in parts:
+        r = lightning_overhead()
+        print(f"lightning: {r}", file=sys.stderr)
+        lines.append(f"| 20 epochs of the MLP, MlnbLogger vs CSVLogger (median of 5) | {r['mlnb']:.2f} s | "
+                     f"{r['csv']:.2f} s | {r['ratio']:.3f}x the time | <= 1.05x |")
+    if "2" in parts:
+        r = sweep_overhead()
+        print(f"sweep: {r}", file=sys.stderr)
+        lines.append(f"| {r['trials']} in-process trials, mlnb.sweep vs Optuna (TPE, SQLite) | {r['mlnb_rate']:.1f} trials/s | "
+                     f"{r['optuna_rate']:.1f} trials/s | {r['ratio']:.2f}x the rate | >= 0.9x |")
+    if "3" in parts:
+        r = notebook_trials()
+        print(f"notebooks: {r}", file=sys.stderr)
+        lines.append(f"| {r['trials']} notebook trials, `mlnb sweep --jobs 2` vs `--jobs 1` | {r['jobs2']:.1f} s | "
+                     f"{r['jobs1']:.1f} s | {r['speedup']:.2f}x faster | >= 1.7x |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- bench:train_tune -->", "<!-- /bench:train_tune -->"
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        readme.write_text(f"{head}{start}\nMeasured {time.strftime('%Y-%m-%d')} (2 cores), `make bench`:\n\n"
+                          f"{table}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()

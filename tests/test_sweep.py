@@ -1,0 +1,209 @@
+"""Sweeps over notebook steps: real Optuna studies in the project's store, real papermill trials."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import mlnb
+from conftest import MLNB, run_cli, wait_for
+from test_pipeline import notebook, project, store_of
+
+SCORE = """
+import json, time, mlnb
+for epoch in range(epochs):
+    if mlnb.tracking.stop_requested():
+        break
+    mlnb.log_metric("score", -(x - 2) ** 2 + (0.5 if kind == "a" else 0) - 0.01 * (epochs - epoch), step=epoch)
+    time.sleep(pause)
+mlnb.log_metric("size", abs(x) * 10)
+open(product["model"], "w").write(json.dumps({"x": x, "kind": kind}))
+"""
+
+
+@pytest.fixture
+def tunable(tmp_path) -> Path:
+    "A project whose `train` step turns params x and kind into a score, epoch by epoch."
+    root = project(tmp_path, {
+        "prep": {"notebook": "prep.ipynb", "products": {"data": "data/prep.txt"}},
+        "train": {"notebook": "train.ipynb", "needs": ["prep"], "params": {"x": 0.0},
+                  "products": {"model": "models/model.json"}},
+    }, name="tune")
+    notebook(root / "prep.ipynb", "product: dict = {}", "open(product['data'], 'w').write('prepared')")
+    notebook(root / "train.ipynb", "x: float = 0.0\nkind: str = 'b'\nepochs: int = 3\npause: float = 0.0\n"
+             "product: dict = {}", SCORE)
+    text = (root / "mlnb.yaml").read_text()
+    (root / "mlnb.yaml").write_text("# tuned by the tests\n" + text.replace("x: 0.0", "x: 0.0  # the knob"))
+    return root
+
+
+def sweep(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cli("sweep", *args, cwd=root, timeout=timeout)
+
+
+def test_a_sweep_from_the_command_line_tracks_every_trial(tunable):
+    result = sweep(tunable, "train", "--study", "s1", "--param", "x=float:-5:5", "--param", "kind=categorical:a,b",
+                   "--objective", "score:maximize", "--trials", "6", "--jobs", "2", "--seed", "1", "--pruner", "none",
+                   "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["counts"] == {"complete": 6} and data["step"] == "train"
+    [best] = data["best"]
+    assert best["run_id"] and best["values"][0] == max(t["values"][0] for t in data["trials"])
+    store = store_of(tunable)
+    [study_run] = store.list_runs(kind="study")
+    trials = store.list_runs(kind="trial")
+    assert len(trials) == 6 and {t.parent_id for t in trials} == {study_run.id}
+    best_run = store.get_run(best["run_id"])
+    assert best_run.params["train.x"] == best["params"]["x"] and best_run.metrics["score"]["last"] == best["values"][0]
+    [step] = store.children(best_run.id)  # prep came from the cache: only train ran in the trial
+    assert step.name == "train" and step.metrics["score"]["count"] == 3
+    assert any(a["name"] == "notebook/report.html" for a in store.get_run(step.id).artifacts)
+    assert not (tunable / ".mlnb" / "trials" / "s1").exists() or not any((tunable / ".mlnb" / "trials" / "s1").iterdir())
+    shown = sweep(tunable, "show", "s1")
+    assert "best trial" in shown.stdout and best["run_id"][:8] in shown.stdout and "param importance" in shown.stdout
+    listed = json.loads(sweep(tunable, "list", "--json").stdout)
+    assert [(s["study"], s["trials"]) for s in listed] == [("s1", 6)]
+
+
+def test_multi_objective_sweep_has_a_pareto_front_and_apply_writes_the_chosen_trial(tunable):
+    result = sweep(tunable, "train", "--study", "mo", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                   "--objective", "size:minimize", "--trials", "6", "--jobs", "2", "--seed", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    front = data["pareto_front"]
+    assert front and all(len(t["values"]) == 2 and t["run_id"] for t in front)
+    refused = sweep(tunable, "apply", "mo")
+    assert refused.returncode == 1 and "choose a trial of its Pareto front with --trial" in refused.stderr
+    chosen = front[0]
+    applied = sweep(tunable, "apply", "mo", "--trial", str(chosen["number"]))
+    assert applied.returncode == 0, applied.stderr
+    text = (tunable / "mlnb.yaml").read_text()
+    assert text.startswith("# tuned by the tests") and "# the knob" in text
+    assert yaml.safe_load(text)["pipeline"]["train"]["params"]["x"] == chosen["params"]["x"]
+    run = json.loads(run_cli("run", "--json", "-q", cwd=tunable).stdout)
+    train = next(s for s in run["steps"] if s["name"] == "train")
+    assert mlnb.store.Store(f"sqlite:///{tunable}/.mlnb/mlnb.db").open().get_run(train["run_id"]).params["x"] == \
+        chosen["params"]["x"]
+
+
+def test_a_sweep_declared_in_mlnb_yaml_and_resumed_to_more_trials(tunable):
+    config = yaml.safe_load((tunable / "mlnb.yaml").read_text())
+    config["sweeps"] = {"knob": {"step": "train", "params": {"x": "float:0:4", "kind": ["a", "b"]},
+                                 "objectives": ["score:maximize"], "trials": 3, "sampler": "random", "seed": 0,
+                                 "pruner": "none"}}
+    (tunable / "mlnb.yaml").write_text(yaml.safe_dump(config))
+    first = sweep(tunable, "knob", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["counts"] == {"complete": 3}
+    more = sweep(tunable, "knob", "--trials", "5", "--json")
+    assert json.loads(more.stdout)["counts"] == {"complete": 5}  # two more, not five more
+
+
+def test_trials_the_pruner_gives_up_on_stop_early_and_read_pruned(tunable):
+    # 12 epochs, slow enough for the pruner (the median of earlier trials at the same epoch) to act
+    cfg = yaml.safe_load((tunable / "mlnb.yaml").read_text())
+    cfg["pipeline"]["train"]["params"].update({"epochs": 12, "pause": 0.3})
+    (tunable / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    result = sweep(tunable, "train", "--study", "pr2", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                   "--trials", "8", "--jobs", "1", "--sampler", "random", "--seed", "4", "--json")
+    data = json.loads(result.stdout)
+    pruned = [t for t in data["trials"] if t["state"] == "pruned"]
+    assert pruned, data["counts"]
+    store = store_of(tunable)
+    for t in pruned:
+        trial_run = store.get_run(t["run_id"])
+        assert trial_run.status == "pruned"
+        [step] = store.children(trial_run.id)
+        assert step.status == "pruned" and 0 < step.metrics["score"]["count"] < 12  # the curve up to the stop is kept
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--param", "x=float:5:5"], "is empty"),
+    (["--param", "x=float:5:-5"], "is inverted"),
+    (["--param", "kind=categorical:"], "needs at least one choice"),
+    (["--param", "x=float:-5:5", "--objective", "score:upward"], "must be minimize or maximize"),
+    (["--param", "y=float:0:1"], "unknown parameter 'y'"),
+    (["--param", "x=int:0:3", "--param", "kind=categorical:1,2"], "parameter 'kind' expects str, got int 1"),
+])
+def test_bad_sweeps_are_refused_before_any_trial(tunable, args, message):
+    if "--objective" not in args:
+        args = [*args, "--objective", "score:maximize"]
+    result = sweep(tunable, "train", "--study", "bad", *args, "--trials", "2")
+    assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not store_of(tunable).list_runs(kind="trial")
+
+
+def test_a_missing_objective_metric_or_a_raising_notebook_fails_the_trial_not_the_study(tunable):
+    nb = tunable / "train.ipynb"
+    data = json.loads(nb.read_text())
+    data["cells"][1]["source"] = SCORE + "\nif x > 1:\n    raise RuntimeError(f'x={x} is too large')\n"
+    nb.write_text(json.dumps(data))
+    result = sweep(tunable, "train", "--study", "f", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                   "--trials", "5", "--sampler", "random", "--seed", "0", "--pruner", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    trials = json.loads(result.stdout)["trials"]
+    failed = [t for t in trials if t["state"] == "fail"]
+    assert failed and all("RuntimeError" in t["error"] for t in failed)
+    assert any(t["state"] == "complete" for t in trials)
+    missing = sweep(tunable, "train", "--study", "m", "--param", "x=float:-5:0", "--objective", "val_auc:maximize",
+                    "--trials", "1", "--json")
+    [trial] = json.loads(missing.stdout)["trials"]
+    assert trial["state"] == "fail" and "did not log the objective metric 'val_auc'" in trial["error"]
+    assert "It logged: score, size" in trial["error"]
+
+
+def test_a_study_name_reused_with_another_space_is_refused_and_left_untouched(tunable):
+    assert sweep(tunable, "train", "--study", "same", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                 "--trials", "2", "--pruner", "none").returncode == 0
+    other = sweep(tunable, "train", "--study", "same", "--param", "x=float:0:1", "--objective", "score:maximize",
+                  "--trials", "4")
+    assert other.returncode == 1 and "already exists with a different space" in other.stderr
+    shown = json.loads(sweep(tunable, "show", "same", "--json").stdout)
+    assert shown["counts"] == {"complete": 2}
+
+
+def test_ctrl_c_kills_running_trials_and_the_study_resumes(tunable):
+    cfg = yaml.safe_load((tunable / "mlnb.yaml").read_text())
+    cfg["pipeline"]["train"]["params"].update({"epochs": 40, "pause": 0.5})
+    (tunable / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["sweep", "train", "--study", "int", "--param", "x=float:-5:5", "--objective", "score:maximize",
+            "--trials", "3", "--jobs", "2", "--pruner", "none"]
+    proc = subprocess.Popen([MLNB, *args], cwd=tunable, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    store = None
+
+    def trials_running():
+        nonlocal store
+        if not (tunable / ".mlnb" / "mlnb.db").exists():
+            return False
+        store = store or store_of(tunable)
+        steps = [r for r in store.list_runs(kind="step") if r.name == "train" and r.metrics.get("score")]
+        return len(steps) >= 2
+    wait_for(trials_running, timeout=90)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Run the same command again to resume" in err, err
+    assert {r.status for r in store.list_runs(kind="trial")} == {"killed"}
+    assert store.list_runs(kind="study")[0].status == "killed"
+    cfg["pipeline"]["train"]["params"].update({"epochs": 2, "pause": 0.0})
+    (tunable / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    resumed = run_cli(*args, "--json", cwd=tunable, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["counts"] == {"complete": 3, "killed": 2}
+
+
+def test_trials_run_on_a_real_dask_local_cluster(tunable):
+    result = sweep(tunable, "train", "--study", "dask", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                   "--trials", "4", "--jobs", "2", "--executor", "dask", "--pruner", "none", "--json", timeout=400)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["counts"] == {"complete": 4}
+    piped = run_cli("run", "--executor", "dask", "--force", "--json", "-q", cwd=tunable, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert {s["status"] for s in json.loads(piped.stdout)["steps"]} == {"finished"}
