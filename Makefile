@@ -72,15 +72,17 @@ pytest: setup
 	@$(BIN)/python -m pytest tests/ -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "FAIL: pytest collected no tests from tests/"; exit 1; fi; exit $$rc
 
-# Servers the whole-system tests start on 127.0.0.1 come from Debian's packages.
+# Servers and the browser the whole-system tests use come from Debian's packages: PostgreSQL (a
+# throwaway cluster on 127.0.0.1) and Chromium (driven by Playwright; never `playwright install`).
+DEBIAN_PACKAGES := $(if $(PG_BINARIES),,postgresql) $(if $(wildcard /usr/bin/chromium),,chromium)
 system-deps:
-	@if [ -z "$(PG_BINARIES)" ]; then \
+	@if [ -n "$(strip $(DEBIAN_PACKAGES))" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian's postgresql (the store tests start a throwaway cluster)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	    echo "installing Debian's $(strip $(DEBIAN_PACKAGES)) for the whole-system tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
 	  elif command -v sudo >/dev/null; then \
-	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	  else echo "warning: no PostgreSQL binaries and no root: the PostgreSQL store tests will be skipped"; fi; \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+	  else echo "warning: no root to install $(strip $(DEBIAN_PACKAGES)): the tests that need them will be skipped"; fi; \
 	fi
 
 # Benchmarks compare mlnb with the tools users would otherwise use; those live in their own venv.
@@ -95,6 +97,7 @@ bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python bench/tracking.py --mlflow-python $(BENCH_VENV)/bin/python
 	$(BIN)/python bench/pipeline.py --bench-python $(BENCH_VENV)/bin/python
 	$(BIN)/python bench/train_tune.py
+	$(BIN)/python bench/explain_panel.py
 
 clean:
 	rm -rf $(VENV) _docs .pytest_cache build

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_init.ipynb #f71cc19e
+# %% ../nbs/99_init.ipynb #b7b875c7
 import importlib
 import importlib.util
 
@@ -17,6 +17,8 @@ _LAZY = {
     "load_model": "mlnb.tracking", "output": "mlnb.tracking", "set_tag": "mlnb.tracking",
     "set_tags": "mlnb.tracking", "read_output": "mlnb.tracking", "Run": "mlnb.tracking",
     "runs_frame": "mlnb.tracking", "upstream": "mlnb.tracking", "run_pipeline": "mlnb.runner",
+    "explain": "mlnb.explanations", "lime_explain": "mlnb.explanations", "explain_run": "mlnb.explanations",
+    "panel": "mlnb.runs_panel",
     "open_store": "mlnb.store", "Store": "mlnb.store",
     "seed_everything": "mlnb.environment",
     "MlnbError": "mlnb.errors",

@@ -79,7 +79,7 @@ class LazyGroup(click.Group):
             raise UserError(f"internal error: {type(e).__name__}: {e}. Re-run with --debug for the traceback "
                             "and report it.") from e
 
-# %% ../nbs/90_cli.ipynb #fa46e952
+# %% ../nbs/90_cli.ipynb #05b31aff
 COMMANDS = {
     "runs": "mlnb.cli_runs:runs",
     "init": "mlnb.cli_pipeline:init_command",
@@ -88,6 +88,8 @@ COMMANDS = {
     "lineage": "mlnb.cli_pipeline:lineage_command",
     "report": "mlnb.cli_pipeline:report_command",
     "sweep": "mlnb.cli_sweep:sweep",
+    "explain": "mlnb.cli_explain:explain_command",
+    "ui": "mlnb.cli_ui:ui_command",
 }
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -401,7 +401,7 @@ def test_template_project_runs_with_no_edits(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = outcome(result)
     assert [s["name"] for s in data["steps"]] == ["ingest", "validate", "features", "train", "train_mlp", "evaluate",
-                                                  "report"]
+                                                  "explain", "report"]
     assert {s["status"] for s in data["steps"]} == {"finished"}
     store = store_of(root)
     evaluate = store.get_run(data["by_step"]["evaluate"]["run_id"])
@@ -409,9 +409,14 @@ def test_template_project_runs_with_no_edits(tmp_path):
     assert evaluate.metrics["test_roc_auc"]["last"] > 0.9 and evaluate.metrics["mlp_test_roc_auc"]["last"] > 0.9
     mlp = store.get_run(data["by_step"]["train_mlp"]["run_id"])
     assert mlp.metrics["val_auc"]["count"] == 20 and any(a["name"] == "checkpoints/best.ckpt" for a in mlp.artifacts)
+    explain_report = Path(data["by_step"]["explain"]["report"]).read_text()
+    assert explain_report.count("data:image/png;base64") >= 8  # importance/beeswarm and 3 rows, for 2 models
+    assert any(a["name"].startswith("explanations/mlp-") for a in store.get_run(mlp.id).artifacts)
     assert "data:image/png;base64" in Path(data["by_step"]["evaluate"]["report"]).read_text()  # figures embedded
     train = store.get_run(data["by_step"]["train"]["run_id"])
     assert train.metrics["val_auc"]["count"] == 5 and any(a["name"] == "model.pkl" for a in train.artifacts)
+    assert any(a["name"] == "model.eval.parquet" for a in train.artifacts)
+    assert any(a["name"].startswith("explanations/model-") for a in train.artifacts)  # stored by the explain step
     # Point it at a user's own table with a categorical column and missing values: only two params change.
     import numpy as np
     import pandas as pd

@@ -1,0 +1,169 @@
+"""The panel in a real browser: JupyterLab and `mlnb ui` (Voila) on 127.0.0.1, driven by Playwright
+in Debian's headless Chromium (`make test` installs chromium when missing; never `playwright install`).
+Screenshots land in tests/artifacts/."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import MLNB, ROOT, free_port, run_cli, wait_for
+from test_pipeline import notebook, project
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+SHOTS = ROOT / "tests" / "artifacts"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian's chromium is not installed (make test installs it: apt-get install chromium)")
+
+TRAIN = """
+import mlnb, numpy as np, pandas as pd
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import SGDClassifier
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+X, y = load_breast_cancer(return_X_y=True, as_frame=True)
+X_train, X_val, y_train, y_val = train_test_split(X, y, random_state=0)
+scaler = StandardScaler().fit(X_train)
+model = SGDClassifier(loss="log_loss", alpha=alpha, random_state=0)
+for epoch in range(6):
+    model.partial_fit(scaler.transform(X_train), y_train, classes=[0, 1])
+    mlnb.log_metric("val_auc", roc_auc_score(y_val, model.predict_proba(scaler.transform(X_val))[:, 1]), step=epoch)
+mlnb.log_model(make_pipeline(scaler, model), eval_data=X_val.head(60))
+"""
+
+
+@pytest.fixture(scope="module")
+def reviewed(tmp_path_factory) -> Path:
+    "A project with two pipeline runs (their train steps differ in alpha), and a notebook that shows the panel."
+    root = project(tmp_path_factory.mktemp("panel"), {"train": {"notebook": "train.ipynb"}}, name="reviewed")
+    notebook(root / "train.ipynb", "alpha: float = 0.0001", TRAIN)
+    for alpha in ("0.0001", "0.01"):
+        result = run_cli("run", "-q", "-p", f"alpha={alpha}", cwd=root)
+        assert result.returncode == 0, result.stderr
+    cell = {"cell_type": "code", "execution_count": None, "id": "show", "metadata": {}, "outputs": [],
+            "source": "import mlnb\nmlnb.panel()"}
+    (root / "panel.ipynb").write_text(json.dumps({
+        "cells": [cell], "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "mlnb", "display_name": "mlnb", "language": "python"}}}))
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _serve(cmd: list[str], port: int, cwd: Path, env: dict, path: str = "/") -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def up():
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2)
+            return True
+        except OSError as e:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read().decode()[-3000:]) from e
+            return getattr(e, "code", None) in (302, 403)  # up, asking for the token
+    wait_for(up, timeout=90, interval=0.3)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _normal(text: str) -> str:
+    return text.replace("\xa0", " ")
+
+
+def _check_panel(page, shot: str) -> None:
+    "What a person would check: the runs are listed; two selected show curves and the param that differs;"
+    "a run and a row show the SHAP waterfall and LIME."
+    page.wait_for_selector(".mlnb-runs-table table", timeout=120_000)
+    table = page.locator(".mlnb-runs-table").inner_text()
+    assert table.count("train") >= 2 and "pipeline" in table
+    options = page.locator(".mlnb-run-select select option")
+    labels = [options.nth(i).inner_text() for i in range(options.count())]
+    trains = [label for label in labels if _normal(label).split(" ")[1] == "train"]
+    assert len(trains) == 2, labels
+    page.select_option(".mlnb-run-select select", label=trains)
+    page.wait_for_function("document.querySelectorAll('.mlnb-curves .js-plotly-plot .scatterlayer .trace').length == 2",
+                           timeout=60_000)
+    diff = page.locator(".mlnb-param-diff").inner_text()
+    assert "alpha" in diff and "0.01" in diff and "0.0001" in diff
+    page.screenshot(path=str(SHOTS / f"{shot}-compare.png"), full_page=True)
+    page.get_by_text("Explain", exact=True).click()
+    page.wait_for_selector(".mlnb-explain-note", state="visible")
+    note = page.locator(".mlnb-explain-note").inner_text()
+    if "explained with" not in note:  # the first test to get here computes it; the other reads it back
+        assert "No explanation is stored" in note and "mlnb explain" in note
+        page.get_by_role("button", name="Compute explanation").click()
+    page.wait_for_selector(".mlnb-waterfall .js-plotly-plot", timeout=120_000)
+    page.wait_for_selector(".mlnb-lime .js-plotly-plot", timeout=60_000)
+    assert "linear explainer" in page.locator(".mlnb-explain-note").inner_text()
+    rows = page.locator(".mlnb-row-picker select option")
+    page.select_option(".mlnb-row-picker select", label=rows.nth(3).inner_text())
+    page.wait_for_function("document.querySelector('.mlnb-waterfall').innerText.includes('row 3: SHAP waterfall')",
+                           timeout=60_000)
+    page.wait_for_function("document.querySelector('.mlnb-lime').innerText.includes('row 3: LIME')", timeout=60_000)
+    page.screenshot(path=str(SHOTS / f"{shot}-explain.png"), full_page=True)
+
+
+def _browser():
+    from playwright.sync_api import sync_playwright
+    manager = sync_playwright().start()
+    browser = manager.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    return manager, browser
+
+
+def test_the_panel_in_jupyterlab(reviewed, tmp_path):
+    port, token = free_port(), "mlnb-test-token"
+    env = {"JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_DATA_DIR": str(tmp_path / "data")}
+    lab = _serve([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+                  f"--IdentityProvider.token={token}", *(["--allow-root"] if os.geteuid() == 0 else []),
+                  "--LabApp.extension_manager=readonly", f"--ServerApp.root_dir={reviewed}", "--LabApp.expose_app_in_browser=True",
+                  "--LabApp.news_url=None", f"--LabServerApp.workspaces_dir={tmp_path / 'workspaces'}",
+                  f"--LabServerApp.user_settings_dir={tmp_path / 'settings'}"], port, reviewed, env, "/lab")
+    manager, browser = _browser()
+    try:
+        page = browser.new_page(viewport={"width": 1500, "height": 2200})
+        page.goto(f"http://127.0.0.1:{port}/lab/tree/panel.ipynb?token={token}")
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+        page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget && "
+                               "window.jupyterapp.shell.currentWidget.sessionContext && "
+                               "window.jupyterapp.shell.currentWidget.sessionContext.session && "
+                               "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=90_000)
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        _check_panel(page, "jupyterlab")
+    finally:
+        browser.close()
+        manager.stop()
+        _stop(lab)
+
+
+def test_the_panel_as_a_web_app(reviewed):
+    port, token = free_port(), "mlnb-ui-token"
+    ui = _serve([MLNB, "ui", "--port", str(port), "--token", token], port, reviewed, {})
+    manager, browser = _browser()
+    try:
+        page = browser.new_page(viewport={"width": 1500, "height": 2200})
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/?token={token}", timeout=10).status == 200
+        page.goto(f"http://127.0.0.1:{port}/?token={token}")
+        _check_panel(page, "voila")
+    finally:
+        browser.close()
+        manager.stop()
+        _stop(ui)
