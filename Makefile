@@ -34,6 +34,8 @@ demo: setup
 	@echo; cd build/demo && ../../$(BIN)/mlnb runs list --limit 1
 	@echo; echo "Reports: build/demo/reports/latest/index.html (one HTML page per step beside it)"
 	@echo "Next: cd build/demo && ../../$(BIN)/mlnb run -p train.model=random_forest"
+	@echo "      ../../$(BIN)/mlnb registry register demo --run train && ../../$(BIN)/mlnb registry promote demo 1"
+	@echo "      ../../$(BIN)/mlnb run --pipeline score && ../../$(BIN)/mlnb report   # reports/index.html"
 
 test: setup system-deps
 	@$(MAKE) --no-print-directory check-export
@@ -98,6 +100,7 @@ bench: setup $(BENCH_VENV)/.installed
 	$(BIN)/python bench/pipeline.py --bench-python $(BENCH_VENV)/bin/python
 	$(BIN)/python bench/train_tune.py
 	$(BIN)/python bench/explain_panel.py
+	$(BIN)/python bench/operations.py
 
 clean:
 	rm -rf $(VENV) _docs .pytest_cache build

@@ -117,13 +117,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        start, end = "<!-- bench:explain_panel -->", "<!-- /bench:explain_panel -->"
-        head, _, rest = text.partition(start)
-        _, _, tail = rest.partition(end)
-        readme.write_text(f"{head}{start}\nMeasured {time.strftime('%Y-%m-%d')} (2 cores), `make bench`:\n\n"
-                          f"{table}\n{end}{tail}")
+        from readme import write_section
+        write_section("explain_panel", table)
 
 
 if __name__ == "__main__":

@@ -175,14 +175,8 @@ def report(mlnb_res: dict, floor: dict, mlflow_res: dict | None) -> str:
 
 
 def write_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- bench:tracking -->", "<!-- /bench:tracking -->"
-    stamp = time.strftime("%Y-%m-%d")
-    body = f"{start}\nMeasured {stamp} on the development machine (2 cores), `make bench`:\n\n{table}\n{end}"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    readme.write_text(head + body + tail)
+    from readme import write_section
+    write_section("tracking", table)
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ class LazyGroup(click.Group):
             raise UserError(f"internal error: {type(e).__name__}: {e}. Re-run with --debug for the traceback "
                             "and report it.") from e
 
-# %% ../nbs/90_cli.ipynb #05b31aff
+# %% ../nbs/90_cli.ipynb #22ea573b
 COMMANDS = {
     "runs": "mlnb.cli_runs:runs",
     "init": "mlnb.cli_pipeline:init_command",
@@ -90,6 +90,10 @@ COMMANDS = {
     "sweep": "mlnb.cli_sweep:sweep",
     "explain": "mlnb.cli_explain:explain_command",
     "ui": "mlnb.cli_ui:ui_command",
+    "schedule": "mlnb.cli_schedule:schedule",
+    "scheduler": "mlnb.cli_schedule:scheduler_command",
+    "registry": "mlnb.cli_registry:registry",
+    "monitor": "mlnb.cli_registry:monitor_command",
 }
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

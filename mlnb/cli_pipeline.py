@@ -18,7 +18,7 @@ from .errors import MlnbError, ProjectError
 # %% auto #0
 __all__ = ['template_dir', 'init_project', 'init_command', 'run_command', 'params_command', 'lineage_command', 'report_command']
 
-# %% ../nbs/92_cli_pipeline.ipynb #6c8757ba
+# %% ../nbs/92_cli_pipeline.ipynb #3ded39e1
 def template_dir() -> Path:
     "Returns the folder of the project template (the repository's, or the installed copy)."
     import mlnb
@@ -40,8 +40,18 @@ def init_project(path: str | Path, name: str | None = None, force: bool = False,
         raise ProjectError(f"{target} is already an mlnb project (it has mlnb.yaml).")
     source = template_dir()
     shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-    if (target / "gitignore").exists():
-        (target / "gitignore").replace(target / ".gitignore")
+    for hidden in ("gitignore", "github"):  # kept visible in the template so packaging does not drop them
+        if (target / hidden).exists():
+            if (target / f".{hidden}").is_dir():
+                shutil.copytree(target / hidden, target / f".{hidden}", dirs_exist_ok=True)
+                shutil.rmtree(target / hidden)
+            else:
+                (target / hidden).replace(target / f".{hidden}")
+    from mlnb import __version__
+    for rendered in (target / ".github" / "workflows" / "mlnb.yml", target / "requirements.txt"):
+        if rendered.exists():
+            rendered.write_text(rendered.read_text().replace("{{name}}", name or target.name)
+                                .replace("{{version}}", __version__))
     config = target / "mlnb.yaml"
     text = config.read_text().replace("{{name}}", name or target.name)
     if store:
@@ -69,7 +79,7 @@ def init_command(path, name, force, store_url) -> None:
                "train -> evaluate -> report\n  mlnb runs list\n\nPoint it at your data: edit 'source' and 'target' "
                "under the ingest step in mlnb.yaml.")
 
-# %% ../nbs/92_cli_pipeline.ipynb #ca6ea47e
+# %% ../nbs/92_cli_pipeline.ipynb #e931c1ff
 _MARKS = {"finished": "ok", "cached": "cached", "failed": "FAILED", "killed": "killed", "skipped": "skipped"}
 
 class _Progress:
@@ -105,6 +115,8 @@ def _rel(path: str | None, root: Path) -> str:
         return path
 
 @click.command("run")
+@click.option("--pipeline", "pipeline_name", metavar="NAME",
+              help="Run a pipeline declared under pipelines: (e.g. score) instead of the main one.")
 @click.option("-p", "--param", "params", multiple=True, metavar="[STEP.]NAME=VALUE",
               help="Set a param for this run (YAML value); without STEP, for every step that declares it.")
 @click.option("--only", multiple=True, metavar="STEP", help="Run only this step (repeatable).")
@@ -121,7 +133,7 @@ def _rel(path: str | None, root: Path) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @json_option
 @store_option
-def run_command(params, only, from_step, until, force, resume, jobs, executor, scheduler, wait, quiet, as_json,
+def run_command(pipeline_name, params, only, from_step, until, force, resume, jobs, executor, scheduler, wait, quiet, as_json,
                 store_url) -> None:
     """Run the project's pipeline: each step a papermill-executed notebook, unchanged steps from the cache.
 
@@ -131,6 +143,7 @@ def run_command(params, only, from_step, until, force, resume, jobs, executor, s
       mlnb run -p train.C=0.5 -p seed=7
       mlnb run --only train --force train
       mlnb run --from features --jobs 2 --json
+      mlnb run --pipeline score
     """
     from mlnb.config import require_project
     from mlnb.report import write_pipeline_report
@@ -145,7 +158,7 @@ def run_command(params, only, from_step, until, force, resume, jobs, executor, s
         raise MlnbError(f"Unknown executor {executor!r}.{did_you_mean(executor, EXECUTORS)} Executors: {one_of(EXECUTORS)}.")
     runner = PipelineRunner(project, store=store, executor=executor, jobs=jobs, force=forced, wait=wait,
                             on_event=_Progress(quiet or as_json),
-                            executor_options={"scheduler": scheduler} if scheduler else None)
+                            executor_options={"scheduler": scheduler} if scheduler else None, pipeline=pipeline_name)
     outcome = runner.run(params=list(params), only=list(only), from_step=from_step, until=until, resume=resume)
     index = write_pipeline_report(store, outcome.run_id, outcome.report_dir)
     if as_json:
@@ -161,7 +174,7 @@ def run_command(params, only, from_step, until, force, resume, jobs, executor, s
     if not outcome.ok:
         sys.exit(1)
 
-# %% ../nbs/92_cli_pipeline.ipynb #6c43977f
+# %% ../nbs/92_cli_pipeline.ipynb #efdf2a2b
 @click.command("params")
 @click.argument("notebook", type=click.Path())
 @json_option
@@ -227,26 +240,30 @@ def lineage_command(path, as_json, store_url) -> None:
 
 @click.command("report")
 @click.argument("run", required=False)
+@click.option("--last", type=int, default=10, show_default=True, help="How many runs of each pipeline to compare.")
+@click.option("--out", type=click.Path(file_okay=False), help="Where to write the site (default: reports/).")
 @store_option
-def report_command(run, store_url) -> None:
-    """Write the HTML page of a pipeline run (default: the latest) into its report folder.
+def report_command(run, last, out, store_url) -> None:
+    """Build the report site (reports/index.html): pipeline runs, each step's notebook, metrics across the
+    last runs, studies, the registry's history, drift reports, schedules. Opens from disk; no CDN.
+
+    With RUN, write only that pipeline run's page.
 
     \b
-    Example:
-      mlnb report && xdg-open reports/latest/index.html
+    Examples:
+      mlnb report && xdg-open reports/index.html
+      mlnb report 3f2a9c
     """
     from mlnb.config import require_project
     from mlnb.report import write_pipeline_report
     from mlnb.store import open_store
     project = require_project()
     store = open_store(store_url)
-    if run:
-        record = store.resolve_run(run)
-    else:
-        found = store.list_runs(kind="pipeline", limit=1, details=False)
-        if not found:
-            raise MlnbError("No pipeline run yet: run 'mlnb run' first.")
-        record = store.get_run(found[0].id)
+    if not run:
+        from mlnb.site import build_site
+        click.echo(str(build_site(store, project.root, out, last=last)))
+        return
+    record = store.resolve_run(run)
     if record.kind != "pipeline":
         raise MlnbError(f"Run {record.id[:8]} is a {record.kind} run; give a pipeline run (see 'mlnb runs list').")
     folder = record.tags.get("mlnb.report_dir") or str(project.root / "reports" / record.id[:8])

@@ -16,7 +16,7 @@ from .errors import ConfigError, ProjectNotFound, did_you_mean
 __all__ = ['PROJECT_FILE', 'STATE_DIR', 'Project', 'Validated', 'load_config', 'find_project', 'require_project',
            'default_store_url', 'resolve_store_url', 'resolve_artifact_root', 'update_step_params']
 
-# %% ../nbs/02_config.ipynb #2b81a332
+# %% ../nbs/02_config.ipynb #ead4ac39
 PROJECT_FILE = "mlnb.yaml"
 STATE_DIR = ".mlnb"
 
@@ -41,6 +41,7 @@ def _models():
         needs: list[str] = Field(default_factory=list)
         inputs: list[str] = Field(default_factory=list)
         products: dict[str, str] | list[str] = Field(default_factory=dict)
+        cache: bool = True  # false: run every time (a step that reads a database, scores with a moving alias)
 
     class ProjectConfig(Strict):
         name: str | None = None
@@ -48,6 +49,7 @@ def _models():
         artifacts: str | None = None
         wandb: WandbConfig | None = None
         pipeline: dict[str, StepConfig] = Field(default_factory=dict)
+        pipelines: dict[str, dict[str, StepConfig]] = Field(default_factory=dict)  # more, run with --pipeline
         sweeps: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     _MODELS = {"ProjectConfig": ProjectConfig, "StepConfig": StepConfig, "WandbConfig": WandbConfig}

@@ -17,7 +17,7 @@ from .notebook import NotebookParameters, parse_parameters, read_notebook, resol
 # %% auto #0
 __all__ = ['RESERVED_PARAMS', 'Step', 'Pipeline', 'parse_overrides', 'check_params']
 
-# %% ../nbs/13_dag.ipynb #551e0eec
+# %% ../nbs/13_dag.ipynb #c07980e7
 RESERVED_PARAMS = ("upstream", "product")
 _STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -30,6 +30,7 @@ class Step:
     needs: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     products: dict[str, str] = field(default_factory=dict)   # name -> project-relative path
+    cache: bool = True                                         # False: always run, never restored
 
     def rel(self, root: Path) -> str:
         "Returns the notebook path relative to the project root."
@@ -43,17 +44,28 @@ def _products(raw: Any) -> dict[str, str]:
         return {str(k): str(v) for k, v in raw.items()}
     return {Path(str(p)).stem: str(p) for p in raw or []}
 
-# %% ../nbs/13_dag.ipynb #b624e981
+# %% ../nbs/13_dag.ipynb #dfd0be44
 class Pipeline:
     "The steps of a project's pipeline, checked: known names, no cycles, notebooks that exist."
 
-    def __init__(self, project: Project):
-        self.project = project
+    def __init__(self, project: Project, name: str | None = None):
+        self.project, self.name = project, name
         self.root = project.root
-        config = project.config.pipeline
-        if not config:
-            raise InvalidPipeline(f"{project.config_path}: no 'pipeline:' section, so there is nothing to run. "
-                                  "Declare steps (see 'mlnb init' for a working example).")
+        if name is None:
+            config = project.config.pipeline
+            if not config:
+                raise InvalidPipeline(f"{project.config_path}: no 'pipeline:' section, so there is nothing to run. "
+                                      "Declare steps (see 'mlnb init' for a working example).")
+        else:
+            others = project.config.pipelines
+            if name not in others:
+                raise InvalidPipeline(f"{project.config_path}: no pipeline {name!r} under pipelines:."
+                                      f"{did_you_mean(name, others)} Pipelines: {one_of(others) if others else 'none'}.")
+            config = others[name]
+            clash = sorted(set(config) & set(project.config.pipeline))
+            if clash:
+                raise InvalidPipeline(f"{project.config_path}: pipeline {name!r} has step {clash[0]!r}, which the main "
+                                      "pipeline has too. Step names are shared by the cache: rename one.")
         self.steps: dict[str, Step] = {}
         for name, spec in config.items():
             if not _STEP_NAME.match(name):
@@ -61,7 +73,7 @@ class Pipeline:
                                       "'_' only.")
             self.steps[name] = Step(name=name, notebook=(self.root / spec.notebook).resolve(), params=dict(spec.params),
                                     needs=list(spec.needs), inputs=list(spec.inputs),
-                                    products=_products(spec.products))
+                                    products=_products(spec.products), cache=spec.cache)
         for step in self.steps.values():
             for need in step.needs:
                 if need not in self.steps:

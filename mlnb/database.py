@@ -21,9 +21,9 @@ from .errors import StoreError
 __all__ = ['SUPPORTED', 'SCHEMA_VERSION', 'SQLITE_HEADER', 'masked', 'parse_store_url', 'Tx', 'Database', 'check_sqlite_file',
            'SqliteDatabase', 'SqlAlchemyDatabase', 'connect']
 
-# %% ../nbs/03_database.ipynb #f931822c
+# %% ../nbs/03_database.ipynb #12a9b717
 SUPPORTED = "Use sqlite:///path/to/mlnb.db or postgresql+psycopg://user@host:port/dbname."
-SCHEMA_VERSION = 2  # the store schema this mlnb writes; mlnb.schema holds the migrations up to it
+SCHEMA_VERSION = 3  # the store schema this mlnb writes; mlnb.schema holds the migrations up to it
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 def masked(url: str) -> str:

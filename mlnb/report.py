@@ -16,7 +16,7 @@ from .store import RunRecord, Store
 # %% auto #0
 __all__ = ['pipeline_report_html', 'write_pipeline_report']
 
-# %% ../nbs/30_report.ipynb #8fa5db23
+# %% ../nbs/30_report.ipynb #24dea94b
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
 color:#1f2328;padding:0 1rem}
@@ -69,6 +69,8 @@ def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | P
                  f"<td><code>{esc(f['sha256'][:12])}</code></td><td>{f['size']:,}</td></tr>"
                  for s in steps for f in full[s.id].files]
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.start_time))
+    site = folder is not None and (folder.parent / "index.html").exists()  # the report site (mlnb report)
+    nav = '<p class="meta"><a href="../index.html">&larr; all reports</a></p>' if site else ""
     git = f" · git <code>{esc(run.git_commit[:10])}</code>{' (dirty)' if run.git_dirty else ''}" if run.git_commit else ""
 
     def table(headers: list[str], body: list[str], empty: str) -> str:
@@ -79,7 +81,7 @@ def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | P
 
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(run.name or 'pipeline')} · {run.id[:8]}</title>
 <style>{_CSS}</style></head><body>
-<h1>{esc(run.name or 'pipeline')} {_status(run.status)}</h1>
+{nav}<h1>{esc(run.name or 'pipeline')} {_status(run.status)}</h1>
 <p class="meta">pipeline run <code>{run.id}</code> · started {started} · {_duration(run)}{git}</p>
 {f'<p class="err">{esc(run.error)}</p>' if run.error else ''}
 <h2>Steps</h2>{table(["step", "status", "duration", "report", "run"], rows, "No steps ran.")}
@@ -88,13 +90,15 @@ def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | P
 <h2>Data lineage</h2>{table(["step", "role", "file", "sha256", "bytes"], file_rows, "No files were read or written.")}
 <p class="meta">Written by mlnb on {time.strftime("%Y-%m-%d %H:%M:%S")}.</p></body></html>"""
 
-def write_pipeline_report(store: Store, pipeline_run_id: str, report_dir: str | Path) -> Path:
+def write_pipeline_report(store: Store, pipeline_run_id: str, report_dir: str | Path, link_latest: bool = True) -> Path:
     "Writes `index.html` for a pipeline run into its report folder and returns its path."
     folder = Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "index.html"
     path.write_text(pipeline_report_html(store, pipeline_run_id, folder), encoding="utf-8")
     latest = folder.parent / "latest"
+    if not link_latest:
+        return path
     try:
         if latest.is_symlink() or latest.exists():
             latest.unlink()

@@ -111,10 +111,63 @@ run_files_table = sa.Table("mlnb_run_files", metadata,
 
 # %% auto #0
 __all__ = ['metadata', 'meta_table', 'experiments_table', 'environments_table', 'runs_table', 'params_table', 'tags_table',
-           'metrics_table', 'latest_metrics_table', 'outputs_table', 'artifacts_table', 'run_files_table', 'MIGRATIONS',
-           'create_tables', 'migrate']
+           'metrics_table', 'latest_metrics_table', 'outputs_table', 'artifacts_table', 'run_files_table',
+           'schedules_table', 'occurrences_table', 'models_table', 'model_versions_table', 'model_aliases_table',
+           'model_events_table', 'MIGRATIONS', 'create_tables', 'migrate']
 
-# %% ../nbs/04_schema.ipynb #59105f10
+# %% ../nbs/04_schema.ipynb #d1044a93
+schedules_table = sa.Table("mlnb_schedules", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("cron", sa.String(255), nullable=False),
+    sa.Column("params", sa.Text, nullable=False),      # JSON list of "-p" overrides
+    sa.Column("only", sa.Text, nullable=False),        # JSON list of steps (empty: all)
+    sa.Column("pipeline", sa.String(255)),             # NULL: the main pipeline; else one under pipelines:
+    sa.Column("force", sa.Text),                       # JSON list of steps run even when cached
+    sa.Column("misfire", sa.String(16), nullable=False),  # once | skip
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False))
+
+occurrences_table = sa.Table("mlnb_schedule_occurrences", metadata,
+    sa.Column("schedule", sa.String(255), primary_key=True),
+    sa.Column("scheduled_time", sa.Float, primary_key=True),
+    sa.Column("claimed_by", sa.String(255), nullable=False),   # host:pid of the scheduler
+    sa.Column("claimed_at", sa.Float, nullable=False),
+    sa.Column("heartbeat", sa.Float),                          # renewed by the scheduler while it runs
+    sa.Column("status", sa.String(16), nullable=False),        # running | finished | failed | skipped | crashed
+    sa.Column("run_id", sa.String(32)),
+    sa.Column("error", sa.Text),
+    sa.Column("ended_at", sa.Float))
+
+models_table = sa.Table("mlnb_models", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False))
+
+model_versions_table = sa.Table("mlnb_model_versions", metadata,
+    sa.Column("name", sa.String(255), sa.ForeignKey("mlnb_models.name"), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("run_id", sa.String(32), nullable=False),      # the run that logged the artifact
+    sa.Column("artifact", sa.String(1024), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False))
+
+model_aliases_table = sa.Table("mlnb_model_aliases", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("alias", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False))
+
+model_events_table = sa.Table("mlnb_model_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),       # register | alias | promote | refuse | rollback
+    sa.Column("version", sa.Integer),
+    sa.Column("alias", sa.String(64)),
+    sa.Column("previous", sa.Integer),
+    sa.Column("details", sa.Text),
+    sa.Index("ix_mlnb_model_events_name", "name"))
+
+# %% ../nbs/04_schema.ipynb #c27d7d70
 def _dialect(backend: str):
     if backend == "postgresql":
         from sqlalchemy.dialects import postgresql
@@ -143,7 +196,12 @@ def _migration_2(tx: Tx) -> None:
     "Adds the lineage table: the files each run read and wrote, by content hash."
     create_tables(tx, run_files_table)
 
-MIGRATIONS: dict[int, Callable[[Tx], None]] = {1: _migration_1, 2: _migration_2}
+def _migration_3(tx: Tx) -> None:
+    "Adds schedules and their occurrences, and the model registry."
+    create_tables(tx, schedules_table, occurrences_table, models_table, model_versions_table, model_aliases_table,
+                  model_events_table)
+
+MIGRATIONS: dict[int, Callable[[Tx], None]] = {1: _migration_1, 2: _migration_2, 3: _migration_3}
 assert max(MIGRATIONS) == database.SCHEMA_VERSION  # the version the store checks without importing this
 
 def migrate(tx: Tx, current: int, target: int | None = None) -> int:

@@ -101,7 +101,7 @@ def _background() -> _Background:
             _install_exit_hooks()
         return _BACKGROUND
 
-# %% ../nbs/08_tracking.ipynb #aa28d9e9
+# %% ../nbs/08_tracking.ipynb #e36932f9
 class Run:
     "One tracked execution; create it with `start_run` (or `Run.attach` inside a pipeline step)."
 
@@ -242,21 +242,24 @@ class Run:
             self._to_sink(sink, "on_artifact", name, blob.uri)
         return {"name": name, "sha256": blob.sha256, "size": blob.size, "uri": blob.uri, "media_type": media_type}
 
-    def log_model(self, model: Any, name: str = "model", eval_data: Any = None) -> dict[str, Any]:
+    def log_model(self, model: Any, name: str = "model", eval_data: Any = None,
+                  reference_data: Any = None) -> dict[str, Any]:
         """Stores a model as the pickled artifact `<name>.pkl` and tags the run with the model's type.
 
-        `eval_data` (a DataFrame or array of the inputs the model was evaluated on) is stored beside it
-        as `<name>.eval.parquet`, so `mlnb explain RUN` can explain the model on that data."""
+        `eval_data` (the inputs the model was evaluated on) is stored beside it as `<name>.eval.parquet`,
+        so `mlnb explain RUN` can explain the model on it; `reference_data` (the inputs it was trained on,
+        or a sample) as `<name>.reference.parquet`, the baseline `mlnb monitor` compares new data with."""
         data = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
         info = self.log_artifact(data, name=f"{validate_artifact_name(name)}.pkl",
                                  media_type="application/x-python-pickle")
-        if eval_data is not None:
-            import pandas as pd
-            frame = eval_data if isinstance(eval_data, pd.DataFrame) else pd.DataFrame(
-                eval_data, columns=[f"x{i}" for i in range(getattr(eval_data, "shape", (0, 0))[1])])
-            buf = io.BytesIO()
-            frame.reset_index(drop=True).to_parquet(buf)
-            self.log_artifact(buf.getvalue(), name=f"{name}.eval.parquet")
+        for table, suffix in ((eval_data, "eval"), (reference_data, "reference")):
+            if table is not None:
+                import pandas as pd
+                frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(
+                    table, columns=[f"x{i}" for i in range(getattr(table, "shape", (0, 0))[1])])
+                buf = io.BytesIO()
+                frame.reset_index(drop=True).to_parquet(buf)
+                self.log_artifact(buf.getvalue(), name=f"{name}.{suffix}.parquet")
         self.set_tags({f"mlnb.model.{name}": f"{type(model).__module__}.{type(model).__qualname__}"})
         return info
 
@@ -435,7 +438,7 @@ def _record_seed(seed: int) -> None:
         run._seed = seed
         run.store.update_run(run.id, seed=seed)
 
-# %% ../nbs/08_tracking.ipynb #4f8f1391
+# %% ../nbs/08_tracking.ipynb #b0d41abd
 def log_metric(key: str, value: float, step: int | None = None) -> None:
     "Logs one metric point on the active run."
     _current_run().log_metric(key, value, step=step)
@@ -456,9 +459,9 @@ def log_artifact(path_or_bytes: str | Path | bytes, name: str | None = None) -> 
     "Stores an artifact on the active run."
     return _current_run().log_artifact(path_or_bytes, name=name)
 
-def log_model(model: Any, name: str = "model", eval_data: Any = None) -> dict[str, Any]:
-    "Stores a model (and optionally the data it was evaluated on) on the active run."
-    return _current_run().log_model(model, name=name, eval_data=eval_data)
+def log_model(model: Any, name: str = "model", eval_data: Any = None, reference_data: Any = None) -> dict[str, Any]:
+    "Stores a model (and optionally the data it was evaluated and trained on) on the active run."
+    return _current_run().log_model(model, name=name, eval_data=eval_data, reference_data=reference_data)
 
 def output(name: str, value: Any) -> None:
     "Records a named output on the active run (a pipeline step's results for downstream steps)."

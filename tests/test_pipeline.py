@@ -125,8 +125,11 @@ def test_run_records_steps_outputs_lineage_and_reports(small):
     index = Path(data["report"]).read_text()
     assert all(f'href="{n}.html"' in index for n in "abcd")
     Path(data["report"]).unlink()
-    again = run_cli("report", cwd=small)
+    again = run_cli("report", data["run_id"][:8], cwd=small)  # one run's page, written again
     assert again.returncode == 0 and Path(again.stdout.strip()) == Path(data["report"]) and Path(data["report"]).exists()
+    site = run_cli("report", cwd=small)  # the site: an index linking every run's page
+    assert site.returncode == 0 and Path(site.stdout.strip()) == small / "reports" / "index.html"
+    assert f'href="{Path(data["report"]).parent.name}/index.html"' in Path(site.stdout.strip()).read_text()
     assert (small / "reports" / "latest" / "index.html").exists()
     shown = run_cli("runs", "show", steps["b"].id, cwd=small).stdout
     assert "files (lineage)" in shown and "data/rows.json" in shown and "data/total.txt" in shown
