@@ -15,7 +15,7 @@ from .cli import echo_json, fmt_time, fmt_value, format_table, json_option, stor
 __all__ = ['registry', 'register_command', 'alias_command', 'promote_command', 'rollback_command', 'list_command',
            'history_command', 'monitor_command']
 
-# %% ../nbs/97_cli_registry.ipynb #e76559cc
+# %% ../nbs/97_cli_registry.ipynb #da7f3c4c
 @click.group("registry")
 def registry() -> None:
     """Register models from runs, name versions with aliases, promote behind a metric gate, roll back.
@@ -66,18 +66,18 @@ def alias_command(name, alias, version, store_url) -> None:
 @click.option("--to", "alias", default="champion", show_default=True, help="The alias to move.")
 @click.option("--gate", metavar="EXPR", help='Move only if this holds, e.g. "val_auc >= champion.val_auc + 0.005" '
               "(metrics of the candidate; ALIAS.metric for another version's).")
-@click.option("--dry-run", is_flag=True, help="Show the decision without moving the alias.")
+@click.option("--dry-run", is_flag=True, help="Show the decision without moving the alias (or recording it).")
 @json_option
 @store_option
 def promote_command(name, version, alias, gate, dry_run, as_json, store_url) -> None:
-    "Move an alias to VERSION if the gate holds; exit 1 when it refuses (so a CI job fails)."
+    "Move an alias to VERSION if the gate holds; exit 1 when it refuses, also with --dry-run (so a CI job fails)."
     from mlnb.registry import promote
     decision = promote(name, version, to=alias, gate=gate, dry_run=dry_run, store=_store(store_url))
     if as_json:
         echo_json({**vars(decision), "message": decision.message})
     else:
         click.echo(decision.message)
-    if not decision.promoted and not dry_run:
+    if not decision.promoted:
         sys.exit(1)
 
 @registry.command("rollback")
