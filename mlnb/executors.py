@@ -48,18 +48,19 @@ class Executor:
     def shutdown(self) -> None:
         "Frees the workers."
 
-# %% ../nbs/11_executors.ipynb #49694942
+# %% ../nbs/11_executors.ipynb #78a73191
 def quiet_slow_imports() -> None:
     """Skips an optional import that costs 1.3 s: jsonschema's IRI-syntax checker (rfc3987_syntax
     builds a grammar at import). nbformat pulls jsonschema in; no notebook validation needs IRIs."""
     sys.modules.setdefault("rfc3987_syntax", None)
 
-def _worker_init(prepare: str | None) -> None:
+def _worker_init(prepare: str | tuple[str, dict] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     quiet_slow_imports()
     if prepare:  # e.g. the step runner's: start a kernel ahead, import papermill
-        module, _, attr = prepare.partition(":")
-        getattr(importlib.import_module(module), attr)()
+        target, kwargs = (prepare, {}) if isinstance(prepare, str) else prepare
+        module, _, attr = target.partition(":")
+        getattr(importlib.import_module(module), attr)(**kwargs)
 
 def _call_interruptibly(fn: Callable, args: tuple) -> Any:
     "Runs fn(*args) with Ctrl-C turned into KeyboardInterrupt, then back to ignored."
@@ -72,10 +73,11 @@ def _call_interruptibly(fn: Callable, args: tuple) -> Any:
 class LocalExecutor(Executor):
     """A pool of `jobs` spawned worker processes on this machine (default: one per core).
 
-    `prepare` ("module:function") runs in each worker when it starts, to warm what tasks need."""
+    `prepare` ("module:function", or that and a dict of keyword arguments) runs in each worker
+    when it starts, to warm what tasks need."""
     name = "local"
 
-    def __init__(self, jobs: int | None = None, prepare: str | None = None):
+    def __init__(self, jobs: int | None = None, prepare: str | tuple[str, dict] | None = None):
         self.jobs = max(1, jobs or os.cpu_count() or 1)
         self.prepare = prepare
         self._pool: cf.ProcessPoolExecutor | None = None
@@ -114,12 +116,13 @@ class LocalExecutor(Executor):
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-# %% ../nbs/11_executors.ipynb #e30d33c9
+# %% ../nbs/11_executors.ipynb #c4102fe9
 class DaskExecutor(Executor):
     "Runs callables on a Dask cluster: a LocalCluster of `jobs` workers, or the scheduler at `scheduler`."
     name = "dask"
 
-    def __init__(self, jobs: int | None = None, scheduler: str | None = None, prepare: str | None = None):
+    def __init__(self, jobs: int | None = None, scheduler: str | None = None,
+                 prepare: str | tuple[str, dict] | None = None):
         self.jobs = max(1, jobs or os.cpu_count() or 1)
         self.scheduler = scheduler
         self._client = None

@@ -137,7 +137,7 @@ def render_html(notebook_path: str | Path, html_path: str | Path, title: str | N
     html_path.write_text(body, encoding="utf-8")
     return html_path
 
-# %% ../nbs/12_steprun.ipynb #ac86a7f6
+# %% ../nbs/12_steprun.ipynb #148b11d7
 _AHEAD: dict[str, Any] = {}
 
 def start_kernel_ahead() -> None:
@@ -145,9 +145,22 @@ def start_kernel_ahead() -> None:
     if _AHEAD.get("km") is not None:
         return
     from jupyter_core.utils import run_sync
+    zygote = _AHEAD.get("zygote")
+    if zygote is not None:
+        from mlnb.kernel_zygote import ZygoteError, zygote_kernel_manager
+        km = zygote_kernel_manager(_ipc_kernel_manager(), zygote, kernel_name=ensure_kernel())
+        try:
+            run_sync(km.start_kernel)(env={**os.environ, **kernel_env()})
+            _AHEAD["km"] = km
+            return
+        except ZygoteError as e:
+            _AHEAD["zygote"] = None
+            print(f"mlnb: kernels will boot one by one ({e})", file=sys.stderr)
     km = _ipc_kernel_manager()(kernel_name=ensure_kernel())
     run_sync(km.start_kernel)(env={**os.environ, **kernel_env()})
     _AHEAD["km"] = km
+
+
 
 def _take_kernel_ahead():
     "Returns the kernel started ahead (None if there is none or it died)."
@@ -198,11 +211,16 @@ def _retire(km) -> None:
     thread.start()
     _RETIRING.append(thread)
 
-def prepare_worker() -> None:
-    "Readies an executor worker for steps: a kernel booting ahead, papermill and nbconvert imported."
+def prepare_worker(zygote: dict | None = None) -> None:
+    """Readies an executor worker for steps: a kernel booting ahead, papermill and nbconvert imported.
+
+    With `zygote` (a `Zygote.address`), the worker's kernels are forked from that kernel zygote."""
     import atexit
     from mlnb.executors import quiet_slow_imports
     quiet_slow_imports()
+    if zygote:
+        from mlnb.kernel_zygote import Zygote
+        _AHEAD["zygote"] = Zygote.attach(**zygote)
     start_kernel_ahead()
 
     def at_exit() -> None:

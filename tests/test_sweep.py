@@ -207,3 +207,32 @@ def test_trials_run_on_a_real_dask_local_cluster(tunable):
     piped = run_cli("run", "--executor", "dask", "--force", "--json", "-q", cwd=tunable, timeout=300)
     assert piped.returncode == 0, piped.stderr
     assert {s["status"] for s in json.loads(piped.stdout)["steps"]} == {"finished"}
+
+
+def test_trial_kernels_are_forked_from_a_zygote_that_did_the_notebooks_imports(tmp_path):
+    "Each trial still gets a process of its own (fresh state, its own random numbers), forked with the imports done."
+    root = project(tmp_path, {"train": {"notebook": "train.ipynb"}}, name="fork")
+    notebook(root / "train.ipynb", "x: float = 0.0",
+             "import os, sys\nimport numpy as np\nimport sklearn.tree\nimport psutil, mlnb\n"
+             "mlnb.output('parent', ' '.join(psutil.Process(os.getppid()).cmdline()))\n"
+             "mlnb.output('draw', int(np.random.randint(10**9)))\n"
+             "mlnb.output('leaked', 'marker' in globals())\nmarker = 1\n"
+             "mlnb.log_metric('score', x)")
+
+    def trial_outputs(study: str) -> list[dict]:
+        store = store_of(root)
+        trials = [t for t in store.list_runs(kind="trial") if t.tags.get("mlnb.study") == study]
+        return [{k: v["value"] for k, v in store.get_run(store.children(t.id)[0].id).outputs.items()} for t in trials]
+
+    result = sweep(root, "train", "--study", "forked", "--param", "x=float:0:1", "--objective", "score:maximize",
+                   "--trials", "4", "--jobs", "2", "--pruner", "none", "--sampler", "random", "--json")
+    assert result.returncode == 0, result.stderr
+    outputs = trial_outputs("forked")
+    assert len(outputs) == 4 and all("mlnb.kernel_zygote" in o["parent"] for o in outputs), outputs
+    assert len({o["draw"] for o in outputs}) == 4 and not any(o["leaked"] for o in outputs), outputs
+
+    result = run_cli("sweep", "train", "--study", "booted", "--param", "x=float:0:1", "--objective", "score:maximize",
+                     "--trials", "1", "--pruner", "none", "--json", cwd=root, env={"MLNB_FORK_KERNELS": "0"})
+    assert result.returncode == 0, result.stderr
+    [booted] = trial_outputs("booted")
+    assert "multiprocessing" in booted["parent"], booted  # MLNB_FORK_KERNELS=0: the worker booted it
