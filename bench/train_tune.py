@@ -5,7 +5,8 @@
   2. Sweep overhead: 200 trials of an in-process objective through mlnb.sweep.optimize vs plain
      Optuna, both TPE on an SQLite storage (target: at least 0.9x Optuna's trials per second).
   3. Notebook trials: 20 trials of a small training notebook with `mlnb sweep --jobs 2` vs
-     `--jobs 1` (target: at least 1.7x faster on this 2-core machine).
+     `--jobs 1` (target: at least 1.7x faster on this 2-core machine); the same with kernels
+     booted per trial instead of forked from the zygote (MLNB_FORK_KERNELS=0), for comparison.
 
     .venv/bin/python bench/train_tune.py [--write-readme] [--only 1,2,3]
 """
@@ -109,24 +110,28 @@ def notebook_trials(trials: int = 20) -> dict:
     import nbformat
     import yaml
     times = {}
-    for jobs in (1, 2):
-        root = Path(tempfile.mkdtemp()) / f"jobs{jobs}"
-        root.mkdir()
-        params = nbformat.v4.new_code_cell("lr: float = 0.1\nn_estimators: int = 100")
-        params.metadata["tags"] = ["parameters"]
-        nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(TRAIN)])
-        nbformat.write(nb, str(root / "train.ipynb"))
-        (root / "mlnb.yaml").write_text(yaml.safe_dump({"name": "bench", "pipeline": {"train": {"notebook": "train.ipynb"}}}))
-        cmd = [str(VENV / "mlnb"), "sweep", "train", "--study", "b", "--param", "lr=loguniform:0.01:0.5",
-               "--param", "n_estimators=int:80:160", "--objective", "val_auc:maximize", "--trials", str(trials),
-               "--jobs", str(jobs), "--pruner", "none", "--sampler", "random", "--seed", "0", "--json"]
-        start = time.perf_counter()
-        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-        times[jobs] = time.perf_counter() - start
-        if out.returncode != 0:
-            raise SystemExit(f"mlnb sweep failed:\n{out.stderr[-3000:]}")
-        assert json.loads(out.stdout)["counts"] == {"complete": trials}
-    return {"trials": trials, "jobs1": times[1], "jobs2": times[2], "speedup": times[1] / times[2]}
+    for fork in ("1", "0"):  # kernels forked from the zygote (the default), then booted one by one
+        for jobs in (1, 2):
+            root = Path(tempfile.mkdtemp()) / f"jobs{jobs}"
+            root.mkdir()
+            params = nbformat.v4.new_code_cell("lr: float = 0.1\nn_estimators: int = 100")
+            params.metadata["tags"] = ["parameters"]
+            nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(TRAIN)])
+            nbformat.write(nb, str(root / "train.ipynb"))
+            (root / "mlnb.yaml").write_text(yaml.safe_dump({"name": "bench", "pipeline": {"train": {"notebook": "train.ipynb"}}}))
+            cmd = [str(VENV / "mlnb"), "sweep", "train", "--study", "b", "--param", "lr=loguniform:0.01:0.5",
+                   "--param", "n_estimators=int:80:160", "--objective", "val_auc:maximize", "--trials", str(trials),
+                   "--jobs", str(jobs), "--pruner", "none", "--sampler", "random", "--seed", "0", "--json"]
+            start = time.perf_counter()
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                                 env={**os.environ, "MLNB_FORK_KERNELS": fork})
+            times[fork, jobs] = time.perf_counter() - start
+            if out.returncode != 0:
+                raise SystemExit(f"mlnb sweep failed:\n{out.stderr[-3000:]}")
+            assert json.loads(out.stdout)["counts"] == {"complete": trials}
+    return {"trials": trials, "jobs1": times["1", 1], "jobs2": times["1", 2], "speedup": times["1", 1] / times["1", 2],
+            "booted_jobs1": times["0", 1], "booted_jobs2": times["0", 2],
+            "booted_speedup": times["0", 1] / times["0", 2]}
 
 
 def main() -> None:
@@ -150,7 +155,11 @@ def main() -> None:
         r = notebook_trials()
         print(f"notebooks: {r}", file=sys.stderr)
         lines.append(f"| {r['trials']} notebook trials, `mlnb sweep --jobs 2` vs `--jobs 1` | {r['jobs2']:.1f} s | "
-                     f"{r['jobs1']:.1f} s | {r['speedup']:.2f}x faster | >= 1.7x |")
+                     f"{r['jobs1']:.1f} s | {r['speedup']:.3f}x faster | >= 1.7x |")
+        lines.append(f"| the same, kernels booted per trial (`MLNB_FORK_KERNELS=0`): `--jobs 2` vs `--jobs 1` | "
+                     f"{r['booted_jobs2']:.1f} s | {r['booted_jobs1']:.1f} s | {r['booted_speedup']:.2f}x faster | |")
+        lines.append(f"| {r['trials']} notebook trials, `--jobs 1`: forked kernels vs booted | {r['jobs1']:.1f} s | "
+                     f"{r['booted_jobs1']:.1f} s | {r['booted_jobs1'] / r['jobs1']:.2f}x faster | |")
     table = "\n".join(lines)
     print(table)
     if args.write_readme:

@@ -78,7 +78,7 @@ def notebook_preload(notebook: str | Path, project: str | Path) -> list[str]:
     modules = [m for m in leading_imports(cells) if _installed(m, Path(project))]
     return list(dict.fromkeys(["mlnb", *modules]))
 
-# %% ../nbs/11a_kernel_zygote.ipynb #3c71776b
+# %% ../nbs/11a_kernel_zygote.ipynb #d6506501
 def _reseed_child() -> None:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
@@ -186,6 +186,9 @@ def serve(socket_path: str, modules: list[str]) -> None:
 def main() -> None:
     "Entry point of the zygote process: `python -c 'from mlnb.kernel_zygote import main; main()' SOCKET MODULES_JSON`."
     serve(sys.argv[1], json.loads(sys.argv[2]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skips tearing down every preloaded module: nothing of the zygote's needs it
 
 def _reap(children: set[int]) -> set[int]:
     "Returns the children that have exited (and are now reaped)."
@@ -198,7 +201,7 @@ def _reap(children: set[int]) -> set[int]:
             done.add(pid)
     return done
 
-# %% ../nbs/11a_kernel_zygote.ipynb #a0ca77f3
+# %% ../nbs/11a_kernel_zygote.ipynb #baf486a3
 class ZygoteError(RuntimeError):
     "The zygote could not be started or did not answer."
 
@@ -292,7 +295,7 @@ class Zygote:
             if not listening:  # still importing: it has no kernels yet, nothing to wait for
                 self.process.kill()
             self.process.stdin.close()
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=10)  # it ends the kernels still running, then itself
         except (OSError, subprocess.TimeoutExpired):
             self.process.kill()
             self.process.wait()
