@@ -78,7 +78,7 @@ def notebook_preload(notebook: str | Path, project: str | Path) -> list[str]:
     modules = [m for m in leading_imports(cells) if _installed(m, Path(project))]
     return list(dict.fromkeys(["mlnb", *modules]))
 
-# %% ../nbs/11a_kernel_zygote.ipynb #d6506501
+# %% ../nbs/11a_kernel_zygote.ipynb #c83ac878
 def _reseed_child() -> None:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
@@ -140,6 +140,7 @@ def _preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def serve(socket_path: str, modules: list[str]) -> None:
     "The zygote's main loop (see above)."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the sweep to handle: it stops its trials itself
     os.environ["JPY_PARENT_PID"] = str(os.getpid())  # read by ipykernel when imported: the kernels' parent
     if not os.environ.get("MPLBACKEND"):  # as ipykernel sets it, before matplotlib can read it
         os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
@@ -201,7 +202,7 @@ def _reap(children: set[int]) -> set[int]:
             done.add(pid)
     return done
 
-# %% ../nbs/11a_kernel_zygote.ipynb #baf486a3
+# %% ../nbs/11a_kernel_zygote.ipynb #1cace732
 class ZygoteError(RuntimeError):
     "The zygote could not be started or did not answer."
 
@@ -241,7 +242,8 @@ class Zygote:
         "Launches the zygote and returns at once; it listens once its imports are done."
         self.process = subprocess.Popen(
             [sys.executable, "-Xfrozen_modules=off", "-c", "from mlnb.kernel_zygote import main; main()", self.socket_path,
-             json.dumps(self.modules)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env)
+             json.dumps(self.modules)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env,
+            start_new_session=True)  # a terminal's Ctrl-C reaches the sweep, which stops trials in order
         self.pid = self.process.pid
         return self
 
