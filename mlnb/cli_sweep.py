@@ -53,7 +53,7 @@ def sweep() -> None:
       mlnb sweep apply s1 --trial 7
     """
 
-# %% ../nbs/93_cli_sweep.ipynb #e78f37d5
+# %% ../nbs/93_cli_sweep.ipynb #70fa9716
 class _Progress:
     def __init__(self, quiet: bool, objectives: list[str]):
         self.quiet, self.objectives, self.done, self.target = quiet, objectives, 0, 0
@@ -70,7 +70,8 @@ class _Progress:
         elif kind == "trial_start":
             click.echo(f"  trial {info['number']:<4} running   {_fmt_params(info['params'])}", err=True)
         elif kind == "prune":
-            click.echo(f"  trial {info['number']:<4} pruning at step {info['step']}", err=True)
+            reason = f" ({info['reason']})" if info.get("reason") else ""
+            click.echo(f"  trial {info['number']:<4} pruning at step {info['step']}{reason}", err=True)
         elif kind == "trial_end":
             self.done += info["result"] != "killed"
             detail = (_values({"values": info["values"]}, self.objectives) if info["values"]
@@ -88,7 +89,7 @@ class _Progress:
 @click.option("--trials", type=int, help="How many finished trials the study should have.")
 @click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
 @click.option("--sampler", help="tpe (default for one objective), nsga2 (several), random, grid.")
-@click.option("--pruner", help="median (default), hyperband, none.")
+@click.option("--pruner", help="One objective: median (default), hyperband, none. Several: pareto (default), none.")
 @click.option("--prune-metric", help="The metric pruning watches (default: the first objective's).")
 @click.option("--jobs", "-j", type=int, help="Trials at once.")
 @click.option("--executor", help="local (default) or dask.")

@@ -20,9 +20,9 @@ class SweepError(MlnbError):
     "A sweep's space, objectives or study do not fit together."
 
 # %% auto #0
-__all__ = ['SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
-           'optuna_storage', 'make_sampler', 'make_pruner', 'open_study', 'finished_trials', 'fail_interrupted',
-           'current_trial', 'StudyResult', 'trial_rows', 'optimize']
+__all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
+           'optuna_storage', 'make_sampler', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study', 'finished_trials',
+           'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows', 'optimize']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -146,7 +146,7 @@ def objective_values(metrics: Mapping[str, Any], objectives: Sequence[Objective]
         values.append(float(value))
     return values
 
-# %% ../nbs/15_sweep.ipynb #92ec605e
+# %% ../nbs/15_sweep.ipynb #3d611eff
 def optuna_storage(store: Store):
     "Returns an Optuna RDBStorage on the store's database (SQLite transactions made immediate)."
     import optuna
@@ -170,7 +170,7 @@ def optuna_storage(store: Store):
     return optuna.storages.RDBStorage(target)
 
 _SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler", "grid": "GridSampler"}
-_PRUNERS = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "none": "NopPruner"}
+_PRUNERS = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "pareto": "NopPruner", "none": "NopPruner"}
 
 def make_sampler(name: str | None, space: Sequence[Param], n_objectives: int, seed: int | None = None):
     "Returns an Optuna sampler by name (default: TPE for one objective, NSGA-II for several)."
@@ -194,16 +194,67 @@ def make_sampler(name: str | None, space: Sequence[Param], n_objectives: int, se
         return optuna.samplers.GridSampler(grid, seed=seed)
     return getattr(optuna.samplers, _SAMPLERS[name])(seed=seed)
 
-def make_pruner(name: str | None):
-    "Returns an Optuna pruner by name (median, hyperband, none)."
+def make_pruner(name: str | None, n_objectives: int = 1):
+    """Returns an Optuna pruner by name: median (default), hyperband or none for one objective; pareto
+    (default) or none for several, where the sweep runner prunes (`ParetoPruner`) and Optuna's is a no-op."""
     import optuna
-    name = (name or "median").lower()
+    name = (name or ("median" if n_objectives == 1 else "pareto")).lower()
     if name not in _PRUNERS:
         raise SweepError(f"Unknown pruner {name!r}.{did_you_mean(name, _PRUNERS)} Pruners: {one_of(_PRUNERS)}.")
+    if name == "pareto" and n_objectives == 1:
+        raise SweepError("The pareto pruner is for studies with several objectives; with one, use median or hyperband.")
+    if name in ("median", "hyperband") and n_objectives > 1:
+        raise SweepError(f"The {name} pruner watches a single objective (Optuna cannot prune multi-objective studies); "
+                         "with several objectives use --pruner pareto (the default) or none.")
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     return getattr(optuna.pruners, _PRUNERS[name])()
 
+# %% ../nbs/15_sweep.ipynb #e8a9d9ae
+Curve = Sequence[tuple[int, float]]  # (step, value) points of one objective's metric, by step
+
+def value_at(curve: Curve, step: int) -> float | None:
+    "Returns the latest value logged at or before `step` (None if there is none yet)."
+    found = None
+    for s, v in curve:
+        if s > step:
+            break
+        if v == v:  # NaN is no value
+            found = v
+    return found
+
+@dataclass
+class ParetoPruner:
+    "Prunes a multi-objective trial dominated, epoch after epoch, by completed trials at the same epoch."
+    directions: Sequence[str]        # minimize | maximize, one per objective
+    n_startup_trials: int = 3
+    n_warmup_steps: int = 1
+    patience: int = 2
+
+    def point(self, curves: Sequence[Curve], step: int) -> tuple[float, ...] | None:
+        "Returns the objectives' values at `step`, as minimization (None while one has no value)."
+        values = [value_at(c, step) for c in curves]
+        if any(v is None for v in values):
+            return None
+        return tuple(-v if d == "maximize" else v for v, d in zip(values, self.directions, strict=True))
+
+    @staticmethod
+    def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+        "True when `a` is at least as good as `b` everywhere and better somewhere (both minimized)."
+        return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+    def judge(self, curves: Sequence[Curve], completed: dict[int, Sequence[Curve]], step: int) -> list[int] | None:
+        """Returns the completed trials that dominate the trial at `step` ([] if none), or None when
+        the step cannot be judged (warm-up, the trial's point is incomplete, too few completed trials)."""
+        mine = self.point(curves, step)
+        if step < self.n_warmup_steps or mine is None:
+            return None
+        theirs = {n: p for n, c in completed.items() if (p := self.point(c, step)) is not None}
+        if len(theirs) < self.n_startup_trials:
+            return None
+        return sorted(n for n, p in theirs.items() if self.dominates(p, mine))
+
+# %% ../nbs/15_sweep.ipynb #d8af9065
 def open_study(name: str, space: Sequence[Param], objectives: Sequence[Objective], store: Store,
                step: str | None = None, sampler: str | None = None, pruner: str | None = None,
                seed: int | None = None):
@@ -225,7 +276,7 @@ def open_study(name: str, space: Sequence[Param], objectives: Sequence[Objective
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                 directions=[o.direction for o in objectives],
                                 sampler=make_sampler(sampler, space, len(objectives), seed),
-                                pruner=make_pruner(pruner))
+                                pruner=make_pruner(pruner, len(objectives)))
     if existing is None:
         study.set_user_attr("mlnb_signature", signature)
     return study

@@ -236,3 +236,43 @@ def test_trial_kernels_are_forked_from_a_zygote_that_did_the_notebooks_imports(t
     assert result.returncode == 0, result.stderr
     [booted] = trial_outputs("booted")
     assert "multiprocessing" in booted["parent"], booted  # MLNB_FORK_KERNELS=0: the worker booted it
+
+
+DOMINATED = """
+import time, mlnb
+mlnb.log_metric("cost", (x - 2) ** 2, step=0)  # logged once, like a model's size
+for epoch in range(epochs):
+    if mlnb.tracking.stop_requested():
+        break
+    mlnb.log_metric("score", -(x - 2) ** 2 - 0.01 * (epochs - epoch), step=epoch)
+    time.sleep(pause)
+"""
+
+
+def test_multi_objective_trials_dominated_at_the_same_epoch_are_pruned(tmp_path):
+    root = project(tmp_path, {"train": {"notebook": "train.ipynb"}}, name="mo")
+    notebook(root / "train.ipynb", "x: float = 0.0\nepochs: int = 10\npause: float = 0.3", DOMINATED)
+    refused = sweep(root, "train", "--study", "bad", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                    "--objective", "cost:minimize", "--pruner", "median", "--trials", "2")
+    assert refused.returncode == 1 and "with several objectives use --pruner pareto" in refused.stderr, refused.stderr
+    assert not store_of(root).list_runs(kind="trial")
+
+    result = sweep(root, "train", "--study", "mo", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                   "--objective", "cost:minimize", "--trials", "8", "--jobs", "1", "--sampler", "random",
+                   "--seed", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    pruned = [t for t in data["trials"] if t["state"] == "pruned"]
+    complete = {t["number"]: t for t in data["trials"] if t["state"] == "complete"}
+    assert pruned and len(pruned) + len(complete) == 8, data["counts"]
+    assert {t["number"] for t in data["pareto_front"]} <= set(complete)
+    store = store_of(root)
+    for t in pruned:
+        assert store.get_run(t["run_id"]).status == "pruned"
+        [step] = store.children(t["run_id"])
+        assert step.status == "pruned" and 0 < step.metrics["score"]["count"] < 10  # stopped early, curve kept
+        reason = store.get_tags(step.id)["mlnb.prune_reason"]
+        assert reason.startswith("dominated at step "), reason
+        dominators = [int(n) for n in reason.rpartition("trial(s) ")[2].split(", ")]
+        mine = abs(t["params"]["x"] - 2)
+        assert dominators and all(abs(complete[n]["params"]["x"] - 2) < mine for n in dominators), (reason, t)
