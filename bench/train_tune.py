@@ -7,6 +7,9 @@
   3. Notebook trials: 20 trials of a small training notebook with `mlnb sweep --jobs 2` vs
      `--jobs 1` (target: at least 1.7x faster on this 2-core machine); the same with kernels
      booted per trial instead of forked from the zygote (MLNB_FORK_KERNELS=0), for comparison.
+  4. Multi-objective pruning (the issue's stretch; Optuna has none): 16 trials of a boosting
+     notebook (AUC up, model size down, both logged per epoch) with `--pruner pareto` vs `none`,
+     the same sampled params: the time saved, and the hypervolume of the Pareto front kept.
 
     .venv/bin/python bench/train_tune.py [--write-readme] [--only 1,2,3]
 """
@@ -134,10 +137,70 @@ def notebook_trials(trials: int = 20) -> dict:
             "booted_speedup": times["0", 1] / times["0", 2]}
 
 
+BOOSTING = """
+import mlnb
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+X, y = load_breast_cancer(return_X_y=True)
+Xt, Xv, yt, yv = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+model = GradientBoostingClassifier(n_estimators=0, learning_rate=lr, max_depth=depth, warm_start=True, random_state=0)
+for epoch in range(epochs):
+    if mlnb.tracking.stop_requested():
+        break
+    model.n_estimators += 60
+    model.fit(Xt, yt)
+    mlnb.log_metric("val_auc", roc_auc_score(yv, model.predict_proba(Xv)[:, 1]), step=epoch)
+    mlnb.log_metric("leaves", sum(e.tree_.n_leaves for e in model.estimators_[:, 0]), step=epoch)
+"""
+
+
+def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
+    "2-D hypervolume of minimization points against `reference`."
+    front, area, last = sorted(p for p in points if p[0] < reference[0] and p[1] < reference[1]), 0.0, reference[1]
+    for x, y in front:
+        if y < last:
+            area += (reference[0] - x) * (last - y)
+            last = y
+    return area
+
+
+def multi_objective_pruning(trials: int = 16) -> dict:
+    import nbformat
+    import yaml
+    result = {}
+    for pruner in ("pareto", "none"):
+        root = Path(tempfile.mkdtemp()) / pruner
+        root.mkdir()
+        params = nbformat.v4.new_code_cell("lr: float = 0.1\ndepth: int = 3\nepochs: int = 15")
+        params.metadata["tags"] = ["parameters"]
+        nbformat.write(nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(BOOSTING)]),
+                       str(root / "train.ipynb"))
+        (root / "mlnb.yaml").write_text(yaml.safe_dump({"name": "bench", "pipeline": {"train": {"notebook": "train.ipynb"}}}))
+        cmd = [str(VENV / "mlnb"), "sweep", "train", "--study", "mo", "--param", "lr=loguniform:0.005:0.5",
+               "--param", "depth=int:1:6", "--objective", "val_auc:maximize", "--objective", "leaves:minimize",
+               "--trials", str(trials), "--jobs", "1", "--pruner", pruner, "--sampler", "random", "--seed", "0", "--json"]
+        start = time.perf_counter()
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        if out.returncode != 0:
+            raise SystemExit(f"mlnb sweep failed:\n{out.stderr[-3000:]}")
+        data = json.loads(out.stdout)
+        result[pruner] = {"seconds": seconds, "counts": data["counts"],
+                          "front": [(-t["values"][0], t["values"][1]) for t in data["pareto_front"]]}
+    worst_leaves = max(y for r in result.values() for _, y in r["front"]) * 1.1
+    for r in result.values():
+        r["hypervolume"] = hypervolume(r["front"], (-0.5, worst_leaves))
+    return {"pareto": result["pareto"], "none": result["none"], "trials": trials,
+            "time_ratio": result["pareto"]["seconds"] / result["none"]["seconds"],
+            "hv_ratio": result["pareto"]["hypervolume"] / result["none"]["hypervolume"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-readme", action="store_true")
-    parser.add_argument("--only", default="1,2,3")
+    parser.add_argument("--only", default="1,2,3,4")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     lines = ["| case | mlnb | peer | ratio | target |", "|---|---|---|---|---|"]
@@ -160,6 +223,13 @@ def main() -> None:
                      f"{r['booted_jobs2']:.1f} s | {r['booted_jobs1']:.1f} s | {r['booted_speedup']:.2f}x faster | |")
         lines.append(f"| {r['trials']} notebook trials, `--jobs 1`: forked kernels vs booted | {r['jobs1']:.1f} s | "
                      f"{r['booted_jobs1']:.1f} s | {r['booted_jobs1'] / r['jobs1']:.2f}x faster | |")
+    if "4" in parts:
+        r = multi_objective_pruning()
+        print(f"multi-objective pruning: {r}", file=sys.stderr)
+        pruned = r["pareto"]["counts"].get("pruned", 0)
+        lines.append(f"| {r['trials']} two-objective trials, `--pruner pareto` vs `none` ({pruned} pruned) | "
+                     f"{r['pareto']['seconds']:.1f} s | {r['none']['seconds']:.1f} s | {r['time_ratio']:.2f}x the time, "
+                     f"front hypervolume {r['hv_ratio']:.3f}x | (stretch: no target) |")
     table = "\n".join(lines)
     print(table)
     if args.write_readme:
