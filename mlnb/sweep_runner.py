@@ -114,7 +114,7 @@ def check_sweep(pipeline: Pipeline, spec: SweepSpec) -> list[str]:
     check_params(pipeline, selected, overrides)
     return selected
 
-# %% ../nbs/16_sweep_runner.ipynb #60d1da75
+# %% ../nbs/16_sweep_runner.ipynb #226f075d
 @dataclass
 class _Trial:
     trial: Any
@@ -328,7 +328,7 @@ class SweepRunner:
             if trial_run_id:
                 self.store.update_run(trial_run_id, status="killed", error="interrupted: the sweep was stopped")
             result = "killed"
-        elif status in ("finished", "cached") and state.pruned:
+        elif status in ("finished", "cached") and state.pruned and self.store.get_tags(step.run_id).get("mlnb.stopped"):
             for run_id in (trial_run_id, step.run_id):
                 self.store.update_run(run_id, status="pruned")
             self.study.tell(trial, state=TrialState.PRUNED)

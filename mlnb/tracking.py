@@ -362,7 +362,7 @@ def read_output(record, name: str, store: Store | None = None) -> Any:
         return np.load(io.BytesIO(data), allow_pickle=False)
     return pickle.loads(data)
 
-# %% ../nbs/08_tracking.ipynb #4ad3c4bf
+# %% ../nbs/08_tracking.ipynb #631ab752
 def start_run(name: str | None = None, params: Mapping[str, Any] | None = None,
               store: str | Store | None = None, *, kind: str = "run", parent: str | Run | None = None,
               tags: Mapping[str, Any] | None = None, experiment: str | None = None,
@@ -417,11 +417,19 @@ def _current_run() -> Run:
         return start_run(kind="interactive")
 
 def stop_requested(run: Run | None = None) -> bool:
-    "Returns whether someone asked the active run (or `run`) to stop early: a sweep pruning its trial."
+    """Returns whether someone asked the active run (or `run`) to stop early: a sweep pruning its trial.
+
+    The first True is acknowledged on the run (tag `mlnb.stopped`): the sweep records a trial
+    pruned only if its notebook saw the request, not one that ran to its end anyway."""
     run = run or active_run() or (_current_run() if os.environ.get("MLNB_RUN_ID") else None)
     if run is None:
         return False
-    return bool(run.store.get_tags(run.id).get("mlnb.prune"))
+    tags = run.store.get_tags(run.id)
+    if not tags.get("mlnb.prune"):
+        return False
+    if not tags.get("mlnb.stopped"):
+        run.store.set_tags(run.id, {"mlnb.stopped": True})
+    return True
 
 def flush_all() -> None:
     "Writes the buffered metrics of every run this process holds (a pipeline step calls it as it ends)."

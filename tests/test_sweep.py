@@ -242,7 +242,7 @@ DOMINATED = """
 import time, mlnb
 mlnb.log_metric("cost", (x - 2) ** 2, step=0)  # logged once, like a model's size
 for epoch in range(epochs):
-    if mlnb.tracking.stop_requested():
+    if listen and mlnb.tracking.stop_requested():
         break
     mlnb.log_metric("score", -(x - 2) ** 2 - 0.01 * (epochs - epoch), step=epoch)
     time.sleep(pause)
@@ -251,7 +251,8 @@ for epoch in range(epochs):
 
 def test_multi_objective_trials_dominated_at_the_same_epoch_are_pruned(tmp_path):
     root = project(tmp_path, {"train": {"notebook": "train.ipynb"}}, name="mo")
-    notebook(root / "train.ipynb", "x: float = 0.0\nepochs: int = 10\npause: float = 0.3", DOMINATED)
+    notebook(root / "train.ipynb", "x: float = 0.0\nepochs: int = 10\npause: float = 0.3\nlisten: bool = True",
+             DOMINATED)
     refused = sweep(root, "train", "--study", "bad", "--param", "x=float:-5:5", "--objective", "score:maximize",
                     "--objective", "cost:minimize", "--pruner", "median", "--trials", "2")
     assert refused.returncode == 1 and "with several objectives use --pruner pareto" in refused.stderr, refused.stderr
@@ -271,8 +272,19 @@ def test_multi_objective_trials_dominated_at_the_same_epoch_are_pruned(tmp_path)
         assert store.get_run(t["run_id"]).status == "pruned"
         [step] = store.children(t["run_id"])
         assert step.status == "pruned" and 0 < step.metrics["score"]["count"] < 10  # stopped early, curve kept
+        assert store.get_tags(step.id)["mlnb.stopped"]  # the notebook saw the request
         reason = store.get_tags(step.id)["mlnb.prune_reason"]
         assert reason.startswith("dominated at step "), reason
         dominators = [int(n) for n in reason.rpartition("trial(s) ")[2].split(", ")]
         mine = abs(t["params"]["x"] - 2)
         assert dominators and all(abs(complete[n]["params"]["x"] - 2) < mine for n in dominators), (reason, t)
+
+    # a notebook that never asks whether to stop runs to its end: its trial is complete, not pruned
+    deaf = sweep(root, "train", "--study", "deaf", "--param", "x=float:-5:5", "--param", "listen=categorical:false",
+                 "--objective", "score:maximize", "--objective", "cost:minimize", "--trials", "8", "--jobs", "1",
+                 "--sampler", "random", "--seed", "4", "--json")
+    assert deaf.returncode == 0, deaf.stderr
+    deaf_data = json.loads(deaf.stdout)
+    assert deaf_data["counts"] == {"complete": 8}, deaf_data["counts"]
+    flagged = [t for t in deaf_data["trials"] if store.get_tags(store.children(t["run_id"])[0].id).get("mlnb.prune")]
+    assert flagged and all(store.get_run(t["run_id"]).status == "finished" for t in flagged)
