@@ -53,12 +53,16 @@ def sweep() -> None:
       mlnb sweep apply s1 --trial 7
     """
 
-# %% ../nbs/93_cli_sweep.ipynb #70fa9716
+# %% ../nbs/93_cli_sweep.ipynb #30044b4b
 class _Progress:
     def __init__(self, quiet: bool, objectives: list[str]):
         self.quiet, self.objectives, self.done, self.target = quiet, objectives, 0, 0
+        self.warming: threading.Thread | None = None
 
     def __call__(self, kind: str, info: dict) -> None:
+        if kind == "trial_end" and self.warming is None:  # the main process idles while trials run:
+            self.warming = threading.Thread(target=_warm_importances, name="mlnb-warm-importances", daemon=True)
+            self.warming.start()                          # load what the summary at the end needs
         if self.quiet:
             return
         if kind == "upstream":
@@ -131,7 +135,6 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
             setattr(spec, name, value)
     runner = SweepRunner(project, spec, store=open_store(store_url),
                          on_event=_Progress(quiet or as_json, [o.spec for o in spec.objectives]))
-    threading.Thread(target=_warm_importances, name="mlnb-warm-importances", daemon=True).start()
     try:
         result = runner.run()
     except KeyboardInterrupt:

@@ -21,8 +21,8 @@ class SweepError(MlnbError):
 
 # %% auto #0
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
-           'optuna_storage', 'make_sampler', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study', 'finished_trials',
-           'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows', 'optimize']
+           'optuna_storage', 'make_sampler', 'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study',
+           'finished_trials', 'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows', 'optimize']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -146,7 +146,7 @@ def objective_values(metrics: Mapping[str, Any], objectives: Sequence[Objective]
         values.append(float(value))
     return values
 
-# %% ../nbs/15_sweep.ipynb #3d611eff
+# %% ../nbs/15_sweep.ipynb #4ce36d73
 def optuna_storage(store: Store):
     "Returns an Optuna RDBStorage on the store's database (SQLite transactions made immediate)."
     import optuna
@@ -194,10 +194,9 @@ def make_sampler(name: str | None, space: Sequence[Param], n_objectives: int, se
         return optuna.samplers.GridSampler(grid, seed=seed)
     return getattr(optuna.samplers, _SAMPLERS[name])(seed=seed)
 
-def make_pruner(name: str | None, n_objectives: int = 1):
-    """Returns an Optuna pruner by name: median (default), hyperband or none for one objective; pareto
-    (default) or none for several, where the sweep runner prunes (`ParetoPruner`) and Optuna's is a no-op."""
-    import optuna
+def check_pruner(name: str | None, n_objectives: int = 1) -> str:
+    """Returns the pruner's name (median by default for one objective, pareto for several), after
+    checking it can watch that many objectives."""
     name = (name or ("median" if n_objectives == 1 else "pareto")).lower()
     if name not in _PRUNERS:
         raise SweepError(f"Unknown pruner {name!r}.{did_you_mean(name, _PRUNERS)} Pruners: {one_of(_PRUNERS)}.")
@@ -206,6 +205,13 @@ def make_pruner(name: str | None, n_objectives: int = 1):
     if name in ("median", "hyperband") and n_objectives > 1:
         raise SweepError(f"The {name} pruner watches a single objective (Optuna cannot prune multi-objective studies); "
                          "with several objectives use --pruner pareto (the default) or none.")
+    return name
+
+def make_pruner(name: str | None, n_objectives: int = 1):
+    """Returns the Optuna pruner `check_pruner` names. For pareto, Optuna's is a no-op: the sweep
+    runner prunes (`ParetoPruner`)."""
+    import optuna
+    name = check_pruner(name, n_objectives)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     return getattr(optuna.pruners, _PRUNERS[name])()
