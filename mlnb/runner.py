@@ -142,7 +142,7 @@ class PipelineOutcome:
         return {"run_id": self.run_id, "status": self.status, "seconds": self.seconds,
                 "report_dir": str(self.report_dir), "steps": [vars(s) for s in self.steps]}
 
-# %% ../nbs/14_runner.ipynb #afadbe6d
+# %% ../nbs/14_runner.ipynb #8757fe4b
 class PipelineRunner:
     "Runs a project's pipeline; `run()` returns a PipelineOutcome."
 
@@ -151,8 +151,9 @@ class PipelineRunner:
                  on_event: Callable[[str, str, dict], None] | None = None, executor_options: dict | None = None,
                  lock: bool = True, kind: str = "pipeline", parent: str | None = None, name: str | None = None,
                  product_root: str | None = None, report_root: Path | None = None, tags: dict | None = None,
-                 pipeline: str | None = None):
+                 pipeline: str | None = None, step_env: dict[str, str] | None = None):
         self.project, self.root = project, project.root
+        self.step_env = dict(step_env or {})  # more variables for every step's kernel
         self.pipeline_name = pipeline  # None: the project's main pipeline; else one under pipelines:
         self.store = store
         # An Executor instance is shared (a sweep's trials use one pool) and not shut down here.
@@ -350,7 +351,7 @@ class PipelineRunner:
         env = {"MLNB_RUN_ID": run.id, "MLNB_STORE": self.store.url, "MLNB_STEP": name,
                "MLNB_NOTEBOOK": step.rel(self.root), "MLNB_PROJECT": str(self.root),
                "MLNB_ARTIFACTS": self.artifacts.root,
-               "MLNB_UPSTREAM": json.dumps({n: self.results[n].id for n in step.needs})}
+               "MLNB_UPSTREAM": json.dumps({n: self.results[n].id for n in step.needs}), **self.step_env}
         for path in step.products.values():  # the step only has to write its files, not make their folders
             (self.root / path).parent.mkdir(parents=True, exist_ok=True)
         task = StepTask(step=name, run_id=run.id, notebook=str(step.notebook),

@@ -115,7 +115,7 @@ def check_sweep(pipeline: Pipeline, spec: SweepSpec) -> list[str]:
     check_params(pipeline, selected, overrides)
     return selected
 
-# %% ../nbs/16_sweep_runner.ipynb #7b4724bd
+# %% ../nbs/16_sweep_runner.ipynb #4888db3f
 @dataclass
 class _Trial:
     trial: Any
@@ -131,7 +131,7 @@ class SweepRunner:
     "Runs a sweep over a notebook step; `run()` returns the StudyResult."
 
     def __init__(self, project: Project, spec: SweepSpec, *, store: Store | None = None,
-                 on_event=None, poll_interval: float = 0.5):
+                 on_event=None, poll_interval: float = 0.25):
         self.project, self.spec = project, spec
         self.store = store
         self.on_event = on_event or (lambda kind, info: None)
@@ -250,7 +250,8 @@ class SweepRunner:
                                 parent=self.study_run.id, name=f"{spec.study}#{trial.number}",
                                 product_root=state.folder, on_event=on_event,
                                 report_root=self.project.root / "reports" / "sweeps" / spec.study,
-                                tags={"mlnb.study": spec.study, "mlnb.trial": trial.number})
+                                tags={"mlnb.study": spec.study, "mlnb.trial": trial.number},
+                                step_env={"MLNB_FLUSH_INTERVAL": os.environ.get("MLNB_FLUSH_INTERVAL", "0.25")})
         self.on_event("trial_start", {"number": trial.number, "params": params})
         return pool.submit(runner.run, params=overrides, only=self.trial_steps), state
 
