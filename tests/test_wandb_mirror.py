@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import mlnb
@@ -36,6 +37,18 @@ def _records(path: Path):
         yield record
 
 
+def _finished_records(folder: Path, timeout: float = 30) -> list:
+    """Returns the records of the run's .wandb file once it holds the exit record: W&B's service
+    process writes the file on its own time, after `finish()` has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = list(folder.glob("run-*.wandb"))
+        records = list(_records(logs[0])) if len(logs) == 1 else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def test_runs_are_mirrored_to_an_offline_wandb_run(project, monkeypatch):
     (project / "mlnb.yaml").write_text("name: mirrored\nwandb:\n  project: mlnb-test\n")
     monkeypatch.chdir(project)
@@ -45,8 +58,7 @@ def test_runs_are_mirrored_to_an_offline_wandb_run(project, monkeypatch):
         run.log_artifact(b"checkpoint bytes", name="model.ckpt")
     runs = list((project / ".mlnb" / "wandb").glob(f"offline-run-*-{run.id}"))
     assert len(runs) == 1, list((project / ".mlnb" / "wandb").iterdir())
-    [log] = runs[0].glob("run-*.wandb")
-    records = list(_records(log))
+    records = _finished_records(runs[0])
     [header] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert header.display_name == "mirrored-run" and header.run_id == run.id
     config = {item.key: item.value_json for item in header.config.update}
