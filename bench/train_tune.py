@@ -32,7 +32,6 @@ VENV = Path(sys.executable).parent
 
 
 def lightning_overhead(repeats: int = 5) -> dict:
-    import pandas as pd
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
     from sklearn.datasets import load_breast_cancer
@@ -109,24 +108,29 @@ mlnb.log_metric("val_auc", score)
 """
 
 
-def notebook_trials(trials: int = 20) -> dict:
+def one_step_project(name: str, params: str, code: str) -> Path:
+    "Returns a new project folder whose pipeline is one `train` step: a parameters cell, then `code`."
     import nbformat
     import yaml
+    root = Path(tempfile.mkdtemp()) / name
+    root.mkdir()
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_code_cell(code)]), str(root / "train.ipynb"))
+    (root / "mlnb.yaml").write_text(yaml.safe_dump({"name": "bench", "pipeline": {"train": {"notebook": "train.ipynb"}}}))
+    return root
+
+
+def notebook_trials(trials: int = 20) -> dict:
     times = {}
     for fork in ("1", "0"):  # kernels forked from the zygote (the default), then booted one by one
         for jobs in (1, 2):
-            root = Path(tempfile.mkdtemp()) / f"jobs{jobs}"
-            root.mkdir()
-            params = nbformat.v4.new_code_cell("lr: float = 0.1\nn_estimators: int = 100")
-            params.metadata["tags"] = ["parameters"]
-            nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(TRAIN)])
-            nbformat.write(nb, str(root / "train.ipynb"))
-            (root / "mlnb.yaml").write_text(yaml.safe_dump({"name": "bench", "pipeline": {"train": {"notebook": "train.ipynb"}}}))
+            root = one_step_project(f"jobs{jobs}", "lr: float = 0.1\nn_estimators: int = 100", TRAIN)
             cmd = [str(VENV / "mlnb"), "sweep", "train", "--study", "b", "--param", "lr=loguniform:0.01:0.5",
                    "--param", "n_estimators=int:80:160", "--objective", "val_auc:maximize", "--trials", str(trials),
                    "--jobs", str(jobs), "--pruner", "none", "--sampler", "random", "--seed", "0", "--json"]
             start = time.perf_counter()
-            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False,
                                  env={**os.environ, "MLNB_FORK_KERNELS": fork})
             times[fork, jobs] = time.perf_counter() - start
             if out.returncode != 0:
@@ -167,17 +171,9 @@ def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float
 
 
 def multi_objective_pruning(trials: int = 16) -> dict:
-    import nbformat
-    import yaml
     result = {}
     for pruner in ("pareto", "none"):
-        root = Path(tempfile.mkdtemp()) / pruner
-        root.mkdir()
-        params = nbformat.v4.new_code_cell("lr: float = 0.1\ndepth: int = 3\nepochs: int = 15")
-        params.metadata["tags"] = ["parameters"]
-        nbformat.write(nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(BOOSTING)]),
-                       str(root / "train.ipynb"))
-        (root / "mlnb.yaml").write_text(yaml.safe_dump({"name": "bench", "pipeline": {"train": {"notebook": "train.ipynb"}}}))
+        root = one_step_project(pruner, "lr: float = 0.1\ndepth: int = 3\nepochs: int = 15", BOOSTING)
         cmd = [str(VENV / "mlnb"), "sweep", "train", "--study", "mo", "--param", "lr=loguniform:0.005:0.5",
                "--param", "depth=int:1:6", "--objective", "val_auc:maximize", "--objective", "leaves:minimize",
                "--trials", str(trials), "--jobs", "1", "--pruner", pruner, "--sampler", "random", "--seed", "0", "--json"]

@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ['leading_imports', 'notebook_preload', 'serve', 'main', 'ZygoteError', 'Zygote', 'ForkedProcess',
            'zygote_kernel_manager']
 
-# %% ../nbs/11a_kernel_zygote.ipynb #22edd617
+# %% ../nbs/11a_kernel_zygote.ipynb #4d2002b0
 _UNSAFE_TO_FORK = {"tensorflow", "jax", "jaxlib"}  # start threads at import: a fork of them can hang
 _KERNEL_MODULES = ["ipykernel.zmqshell", "ipykernel.comm", "ipykernel.debugger", "IPython.core.history",
                    "IPython.core.completer", "IPython.core.debugger", "tornado.ioloop", "tornado.queues", "psutil",
@@ -71,10 +71,9 @@ def _installed(module: str, project: Path) -> bool:
 
 def notebook_preload(notebook: str | Path, project: str | Path) -> list[str]:
     "Returns the installed modules `notebook` starts by importing: what a zygote for its trials preloads."
-    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
-    cells = ["".join(c.get("source", "")) if isinstance(c.get("source"), list) else c.get("source", "")
-             for c in nb.get("cells", []) if c.get("cell_type") == "code"
-             and "parameters" not in c.get("metadata", {}).get("tags", [])]
+    from mlnb.notebook import cell_source, cell_tags, read_notebook
+    cells = [cell_source(c) for c in read_notebook(notebook)["cells"]
+             if c.get("cell_type") == "code" and "parameters" not in cell_tags(c)]
     modules = [m for m in leading_imports(cells) if _installed(m, Path(project))]
     return list(dict.fromkeys(["mlnb", *modules]))
 

@@ -115,7 +115,7 @@ def check_sweep(pipeline: Pipeline, spec: SweepSpec) -> list[str]:
     check_params(pipeline, selected, overrides)
     return selected
 
-# %% ../nbs/16_sweep_runner.ipynb #4888db3f
+# %% ../nbs/16_sweep_runner.ipynb #47d5be35
 @dataclass
 class _Trial:
     trial: Any
@@ -287,7 +287,7 @@ class SweepRunner:
         for handle, state in running.items():
             if state.step_run_id is None or state.pruned or handle.done():
                 continue
-            curves = [[(s, v) for s, v, _ in self.store.metric_history(state.step_run_id, m)] for m in metrics]
+            curves = self._curves_of(state.step_run_id, metrics)
             for step in sorted({s for curve in curves for s, _ in curve if s > state.reported}):
                 state.reported = step
                 completed = self._completed_curves(metrics) if completed is None else completed
@@ -300,14 +300,17 @@ class SweepRunner:
                     self._flag_pruned(state, step, f"dominated at step {step} by completed trial(s) {shown}")
                     break
 
+    def _curves_of(self, run_id: str, metrics: list[str]) -> list[list[tuple[int, float]]]:
+        "Returns a run's (step, value) points of each metric."
+        return [[(s, v) for s, v, _ in self.store.metric_history(run_id, m)] for m in metrics]
+
     def _completed_curves(self, metrics: list[str]) -> dict[int, list]:
         "Returns the objective curves of the study's completed trials (read once each)."
         import optuna
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if t.number not in self._curves:
                 run_id = t.user_attrs.get("mlnb_metrics_run_id") or t.user_attrs.get("mlnb_step_run_id")
-                self._curves[t.number] = [[(s, v) for s, v, _ in self.store.metric_history(run_id, m)]
-                                          for m in metrics] if run_id else None
+                self._curves[t.number] = self._curves_of(run_id, metrics) if run_id else None
         return {n: c for n, c in self._curves.items() if c}
 
     def _finish(self, state: _Trial, handle: cf.Future, optuna, interrupted: bool = False) -> None:
