@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,8 +24,9 @@ __all__ = ['EXECUTORS', 'Executor', 'quiet_slow_imports', 'LocalExecutor', 'Dask
 class Executor:
     """Runs picklable callables and returns their results.
 
-    Contract: `submit`, `as_completed`, `interrupt` and `shutdown` are called from one thread
-    (the pipeline runner's). A submitted callable runs in another process; `interrupt()` makes
+    Contract: `submit` may be called from several threads at once (a sweep's trials share one
+    executor, each trial's pipeline runner in its own thread); `interrupt` and `shutdown` come from
+    the thread that owns the executor. A submitted callable runs in another process; `interrupt()` makes
     every running callable see a KeyboardInterrupt (so a notebook's kernel is shut down cleanly),
     and `shutdown()` frees the workers. Results and exceptions come back through `result`.
     """
@@ -81,13 +83,15 @@ class LocalExecutor(Executor):
         self.jobs = max(1, jobs or os.cpu_count() or 1)
         self.prepare = prepare
         self._pool: cf.ProcessPoolExecutor | None = None
+        self._starting = threading.Lock()
 
     def start(self) -> LocalExecutor:
         "Creates the pool; workers are spawned as work arrives, up to `jobs` (a one-step run starts one)."
-        if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init,
-                                                initargs=(self.prepare,),
-                                                mp_context=multiprocessing.get_context("spawn"))
+        with self._starting:  # two trials submitting at once must not each make a pool (one would be dropped)
+            if self._pool is None:
+                self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init,
+                                                    initargs=(self.prepare,),
+                                                    mp_context=multiprocessing.get_context("spawn"))
         return self
 
     def submit(self, fn: Callable, *args: Any) -> cf.Future:
@@ -128,9 +132,15 @@ class DaskExecutor(Executor):
         self._client = None
         self._cluster = None
         self._pending: set = set()
+        self._starting = threading.Lock()
 
     def start(self) -> DaskExecutor:
         "Connects to the scheduler, or starts a local cluster."
+        with self._starting:
+            self._connect()
+        return self
+
+    def _connect(self) -> None:
         if self._client is None:
             try:
                 from distributed import Client, LocalCluster
@@ -147,7 +157,6 @@ class DaskExecutor(Executor):
                 self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
                                              host="127.0.0.1", dashboard_address=None, silence_logs=40)
                 self._client = Client(self._cluster)
-        return self
 
     def submit(self, fn: Callable, *args: Any) -> Any:
         future = self.start()._client.submit(fn, *args, pure=False)
