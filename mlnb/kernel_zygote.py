@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ast
+import gc
 import importlib.util
 import json
 import os
@@ -30,6 +31,7 @@ _UNSAFE_TO_FORK = {"tensorflow", "jax", "jaxlib"}  # start threads at import: a 
 _KERNEL_MODULES = ["ipykernel.zmqshell", "ipykernel.comm", "ipykernel.debugger", "IPython.core.history",
                    "IPython.core.completer", "IPython.core.debugger", "tornado.ioloop", "tornado.queues", "psutil",
                    "sqlite3"]  # what a kernel imports while it initializes: done once, in the zygote
+_MLNB_API = ["mlnb.tracking", "mlnb.config"]  # what `import mlnb` defers to the first `mlnb.log_metric`
 
 def _code_lines(source: str) -> str:
     "Returns a cell's source with IPython-only lines (magics, shell escapes) blanked, so `ast` can read it."
@@ -145,7 +147,9 @@ def serve(socket_path: str, modules: list[str]) -> None:
         os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     import ipykernel.ipkernel
     import ipykernel.kernelapp  # noqa: F401
-    loaded, skipped = _preload([*_KERNEL_MODULES, *modules])
+    loaded, skipped = _preload([*_KERNEL_MODULES, *modules, *(_MLNB_API if "mlnb" in modules else [])])
+    gc.collect()
+    gc.freeze()  # see above: kernels never walk the preloaded objects again
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
     listener.listen(16)
