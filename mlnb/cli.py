@@ -13,15 +13,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from .errors import MlnbError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'UserError', 'LazyGroup', 'cli', 'main', 'store_option', 'json_option', 'echo_json', 'fmt_value',
-           'fmt_time', 'fmt_duration', 'format_table']
+__all__ = ['COMMANDS', 'UserError', 'LazyGroup', 'cli', 'main', 'exit_now', 'store_option', 'json_option', 'echo_json',
+           'fmt_value', 'fmt_time', 'fmt_duration', 'format_table']
 
 # %% ../nbs/90_cli.ipynb #48f5fa8c
 class UserError(click.ClickException):
@@ -114,7 +114,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug or ctx.obj.get("debug", False)
 
 def main(argv: Sequence[str] | None = None) -> None:
-    "Runs the command line; `--debug` may appear anywhere among the arguments."
+    """Runs the command line; `--debug` may appear anywhere among the arguments.
+
+    As the `mlnb` command (no `argv`), it ends the process itself when the command is done: see `exit_now`."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
@@ -126,8 +128,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         # pyarrow-backed frames freed during interpreter teardown can abort the process (apache/arrow#34314).
         e.__context__ = e.__cause__ = None
         del e
+        if argv is None:
+            exit_now(code)
         gc.collect()
         sys.exit(code)
+
+def exit_now(code: int | str | None) -> NoReturn:
+    """Ends the process the way the interpreter does (running threads joined, `atexit` hooks run, output
+    flushed), minus freeing every object of every module one by one: with scikit-learn, pandas or torch
+    loaded that teardown is about a second of every command, and it is where pyarrow can abort."""
+    import atexit
+    import threading
+    if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        try:
+            threading._shutdown()  # what Py_Finalize does first: wait for the non-daemon threads
+        except KeyboardInterrupt:
+            pass
+        atexit._run_exitfuncs()   # prints, and goes past, a hook that raises
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe: nothing more can be said
+                pass
+        os._exit(code if isinstance(code, int) else 0)
 
 # %% ../nbs/90_cli.ipynb #59522d38
 def store_option(fn):
