@@ -58,11 +58,17 @@ class _Progress:
     def __init__(self, quiet: bool, objectives: list[str]):
         self.quiet, self.objectives, self.done, self.target = quiet, objectives, 0, 0
         self.warming: threading.Thread | None = None
+        self.open_ended = False
 
     def __call__(self, kind: str, info: dict) -> None:
-        if kind == "trial_end" and self.warming is None:  # the main process idles while trials run:
+        if kind == "study":
+            self.open_ended = info.get("timeout") is not None
+        if self.warming is None and ((kind == "trial_start" and info.get("last"))
+                                     or (kind == "trial_end" and self.open_ended)):
+            # Load what the summary at the end needs (~2 s of CPU) once a core is free for it: when the
+            # last trial starts, the other jobs are finishing (a time budget: no last trial is known).
             self.warming = threading.Thread(target=_warm_importances, name="mlnb-warm-importances", daemon=True)
-            self.warming.start()                          # load what the summary at the end needs
+            self.warming.start()
         if self.quiet:
             return
         if kind == "upstream":

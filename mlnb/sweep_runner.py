@@ -177,7 +177,8 @@ class SweepRunner:
                                            tags={"objectives": [o.spec for o in spec.objectives], "step": spec.step})
                 self.on_event("study", {"study": spec.study, "run_id": self.study_run.id,
                                         "done": len(finished_trials(self.study)), "target": spec.trials,
-                                        "interrupted_before": resumed})
+                                        "interrupted_before": resumed,
+                                        "timeout": spec.timeout})
                 status = self._loop(optuna, jobs)
             finally:
                 if status == "finished":  # nothing runs any more: the workers exit while the results are shown
@@ -215,7 +216,8 @@ class SweepRunner:
             while True:
                 budget = spec.timeout is None or time.monotonic() - started < spec.timeout
                 while budget and len(running) < jobs and len(finished_trials(self.study)) + len(running) < spec.trials:
-                    handle, trial = self._launch(pool)
+                    last = spec.timeout is None and len(finished_trials(self.study)) + len(running) + 1 == spec.trials
+                    handle, trial = self._launch(pool, last)
                     running[handle] = trial
                 if not running:
                     return "finished"
@@ -232,7 +234,8 @@ class SweepRunner:
         finally:
             pool.shutdown(wait=True)
 
-    def _launch(self, pool: cf.ThreadPoolExecutor) -> tuple[cf.Future, _Trial]:
+    def _launch(self, pool: cf.ThreadPoolExecutor, last: bool = False) -> tuple[cf.Future, _Trial]:
+        "Starts a trial; `last`: no other will start after it (from then on, cores free up: see `trial_start`)."
         spec = self.spec
         trial = self.study.ask()
         params = {p.name: p.suggest(trial) for p in spec.space}
@@ -252,7 +255,7 @@ class SweepRunner:
                                 report_root=self.project.root / "reports" / "sweeps" / spec.study,
                                 tags={"mlnb.study": spec.study, "mlnb.trial": trial.number},
                                 step_env={"MLNB_FLUSH_INTERVAL": os.environ.get("MLNB_FLUSH_INTERVAL", "0.25")})
-        self.on_event("trial_start", {"number": trial.number, "params": params})
+        self.on_event("trial_start", {"number": trial.number, "params": params, "last": last})
         return pool.submit(runner.run, params=overrides, only=self.trial_steps), state
 
     def _prune(self, running: dict) -> None:
