@@ -212,16 +212,15 @@ def _retire(km) -> None:
     _RETIRING.append(thread)
 
 def prepare_worker(zygote: dict | None = None) -> None:
-    """Readies an executor worker for steps: a kernel booting ahead, papermill and nbconvert imported.
+    """Readies an executor worker for steps: a kernel started ahead, papermill and nbconvert imported.
 
-    With `zygote` (a `Zygote.address`), the worker's kernels are forked from that kernel zygote."""
+    With `zygote` (a `Zygote.address`), the worker's kernels are forked from that kernel zygote. A fork
+    waits for the zygote to finish its imports, so then the worker imports first and asks for its kernel
+    last (the wait overlaps the work); a booted kernel is launched first, to boot while the worker imports."""
     import atexit
+    import threading
     from mlnb.executors import quiet_slow_imports
     quiet_slow_imports()
-    if zygote:
-        from mlnb.kernel_zygote import Zygote
-        _AHEAD["zygote"] = Zygote.attach(**zygote)
-    start_kernel_ahead()
 
     def at_exit() -> None:
         for thread in _RETIRING:
@@ -229,18 +228,24 @@ def prepare_worker(zygote: dict | None = None) -> None:
         if _AHEAD.get("km") is not None:
             _shutdown(_AHEAD.pop("km"), now=True)
     atexit.register(at_exit)
-    import threading
 
-    import papermill  # noqa: F401
-
-    def warm_reports() -> None:  # import nbconvert and compile the templates while the kernel boots
+    def warm_reports() -> None:  # import nbconvert and compile the templates while the kernel starts
         import tempfile
         with tempfile.TemporaryDirectory() as folder:
             empty = Path(folder) / "empty.ipynb"
             empty.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
             render_html(empty, Path(folder) / "empty.html")
+
+    if zygote:
+        from mlnb.kernel_zygote import Zygote
+        _AHEAD["zygote"] = Zygote.attach(**zygote)
+    else:
+        start_kernel_ahead()
+    import papermill  # noqa: F401
     _CLASSES["warming"] = thread = threading.Thread(target=warm_reports, name="mlnb-warm-reports", daemon=True)
     thread.start()
+    if zygote:
+        start_kernel_ahead()
 
 # %% ../nbs/12_steprun.ipynb #323696d4
 @dataclass
