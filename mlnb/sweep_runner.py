@@ -149,6 +149,7 @@ class SweepRunner:
             self.store.mark_crashed()
             pipeline = Pipeline(self.project)
             self.trial_steps = check_sweep(pipeline, spec)
+            self.pruning = check_pruner(spec.pruner, len(spec.objectives)) != "none"
             self.targets = _targets(pipeline, spec)
             before = sorted(set().union(*(pipeline.upstream_of(s) for s in self.trial_steps)) - set(self.trial_steps))
             jobs = max(1, spec.jobs or 1)
@@ -254,12 +255,16 @@ class SweepRunner:
                                 product_root=state.folder, on_event=on_event,
                                 report_root=self.project.root / "reports" / "sweeps" / spec.study,
                                 tags={"mlnb.study": spec.study, "mlnb.trial": trial.number},
-                                step_env={"MLNB_FLUSH_INTERVAL": os.environ.get("MLNB_FLUSH_INTERVAL", "0.25")})
+                                # a pruner reads the curve as it grows: the kernel writes its metrics 4x a second
+                                step_env={"MLNB_FLUSH_INTERVAL": os.environ.get("MLNB_FLUSH_INTERVAL", "0.25")}
+                                if self.pruning else None)
         self.on_event("trial_start", {"number": trial.number, "params": params, "last": last})
         return pool.submit(runner.run, params=overrides, only=self.trial_steps), state
 
     def _prune(self, running: dict) -> None:
         "Reports new points of the monitored metric to each running trial, and flags the ones the pruner gives up on."
+        if not self.pruning:  # --pruner none: nothing reads the curves before the trial ends
+            return
         if len(self.spec.objectives) > 1:
             if (self.spec.pruner or "pareto").lower() == "pareto":
                 self._prune_pareto(running)
