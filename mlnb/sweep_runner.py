@@ -149,7 +149,7 @@ class SweepRunner:
             self.store.mark_crashed()
             pipeline = Pipeline(self.project)
             self.trial_steps = check_sweep(pipeline, spec)
-            self.pruning = check_pruner(spec.pruner, len(spec.objectives)) != "none"
+            self.pruner = check_pruner(spec.pruner, len(spec.objectives))  # its name, the default filled in
             self.targets = _targets(pipeline, spec)
             before = sorted(set().union(*(pipeline.upstream_of(s) for s in self.trial_steps)) - set(self.trial_steps))
             jobs = max(1, spec.jobs or 1)
@@ -216,9 +216,11 @@ class SweepRunner:
         try:
             while True:
                 budget = spec.timeout is None or time.monotonic() - started < spec.timeout
-                while budget and len(running) < jobs and len(finished_trials(self.study)) + len(running) < spec.trials:
-                    last = spec.timeout is None and len(finished_trials(self.study)) + len(running) + 1 == spec.trials
-                    handle, trial = self._launch(pool, last)
+                while budget and len(running) < jobs:
+                    to_start = spec.trials - len(finished_trials(self.study)) - len(running)
+                    if to_start < 1:
+                        break
+                    handle, trial = self._launch(pool, last=spec.timeout is None and to_start == 1)
                     running[handle] = trial
                 if not running:
                     return "finished"
@@ -257,17 +259,16 @@ class SweepRunner:
                                 tags={"mlnb.study": spec.study, "mlnb.trial": trial.number},
                                 # a pruner reads the curve as it grows: the kernel writes its metrics 4x a second
                                 step_env={"MLNB_FLUSH_INTERVAL": os.environ.get("MLNB_FLUSH_INTERVAL", "0.25")}
-                                if self.pruning else None)
+                                if self.pruner != "none" else None)
         self.on_event("trial_start", {"number": trial.number, "params": params, "last": last})
         return pool.submit(runner.run, params=overrides, only=self.trial_steps), state
 
     def _prune(self, running: dict) -> None:
         "Reports new points of the monitored metric to each running trial, and flags the ones the pruner gives up on."
-        if not self.pruning:  # --pruner none: nothing reads the curves before the trial ends
+        if self.pruner == "none":  # nothing reads the curves before the trial ends
             return
-        if len(self.spec.objectives) > 1:
-            if (self.spec.pruner or "pareto").lower() == "pareto":
-                self._prune_pareto(running)
+        if self.pruner == "pareto":
+            self._prune_pareto(running)
             return
         metric = self.spec.prune_metric or self.spec.objectives[0].metric
         for state in list(running.values()):
