@@ -44,6 +44,10 @@ class Executor:
         "Returns the value of a finished handle (or raises its exception)."
         raise NotImplementedError
 
+    def warm(self) -> Executor:
+        "Gets ready for work ahead of the first `submit` (nothing to do by default); returns the executor."
+        return self
+
     def interrupt(self) -> None:
         "Asks every running callable to stop (a KeyboardInterrupt inside it)."
 
@@ -56,8 +60,11 @@ def quiet_slow_imports() -> None:
     builds a grammar at import). nbformat pulls jsonschema in; no notebook validation needs IRIs."""
     sys.modules.setdefault("rfc3987_syntax", None)
 
-def _worker_init(prepare: str | tuple[str, dict] | None) -> None:
+def _worker_init(prepare: str | tuple[str, dict] | None, environ: dict[str, str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ != environ:  # forked from the fork server, which kept the environment it started with
+        os.environ.clear()
+        os.environ.update(environ)
     quiet_slow_imports()
     if prepare:  # e.g. the step runner's: start a kernel ahead, import papermill
         target, kwargs = (prepare, {}) if isinstance(prepare, str) else prepare
@@ -72,26 +79,44 @@ def _call_interruptibly(fn: Callable, args: tuple) -> Any:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-class LocalExecutor(Executor):
-    """A pool of `jobs` spawned worker processes on this machine (default: one per core).
+def _fork_server(preload: tuple[str, ...]):
+    """Returns the multiprocessing context whose processes are forked from this process's fork server,
+    started now if it is not running: it imports `preload` once, while the caller goes on. The server
+    is one per process and keeps the preload it started with."""
+    from multiprocessing import forkserver
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))
+    forkserver.ensure_running()
+    return context
 
-    `prepare` ("module:function", or that and a dict of keyword arguments) runs in each worker
-    when it starts, to warm what tasks need."""
+class LocalExecutor(Executor):
+    """A pool of `jobs` worker processes on this machine (default: one per core).
+
+    Workers are forked from a fork server: a fresh Python that imported `preload` (module names)
+    once, so every worker starts with them and no worker repeats them. `prepare` ("module:function",
+    or that and a dict of keyword arguments) runs in each worker when it starts, to warm what tasks
+    need. Workers see this process's environment and folder as they were when the pool started."""
     name = "local"
 
-    def __init__(self, jobs: int | None = None, prepare: str | tuple[str, dict] | None = None):
+    def __init__(self, jobs: int | None = None, prepare: str | tuple[str, dict] | None = None,
+                 preload: tuple[str, ...] = ()):
         self.jobs = max(1, jobs or os.cpu_count() or 1)
-        self.prepare = prepare
+        self.prepare, self.preload = prepare, tuple(preload)
         self._pool: cf.ProcessPoolExecutor | None = None
         self._starting = threading.Lock()
 
+    def warm(self) -> LocalExecutor:
+        "Starts the fork server (its imports run while the caller prepares the work)."
+        _fork_server(self.preload)
+        return self
+
     def start(self) -> LocalExecutor:
-        "Creates the pool; workers are spawned as work arrives, up to `jobs` (a one-step run starts one)."
+        "Creates the pool; workers are forked as work arrives, up to `jobs` (a one-step run starts one)."
         with self._starting:  # two trials submitting at once must not each make a pool (one would be dropped)
             if self._pool is None:
                 self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init,
-                                                    initargs=(self.prepare,),
-                                                    mp_context=multiprocessing.get_context("spawn"))
+                                                    initargs=(self.prepare, dict(os.environ)),
+                                                    mp_context=_fork_server(self.preload))
         return self
 
     def submit(self, fn: Callable, *args: Any) -> cf.Future:

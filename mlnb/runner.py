@@ -151,8 +151,11 @@ class PipelineRunner:
                  on_event: Callable[[str, str, dict], None] | None = None, executor_options: dict | None = None,
                  lock: bool = True, kind: str = "pipeline", parent: str | None = None, name: str | None = None,
                  product_root: str | None = None, report_root: Path | None = None, tags: dict | None = None,
-                 pipeline: str | None = None, step_env: dict[str, str] | None = None):
+                 pipeline: str | None = None, step_env: dict[str, str] | None = None, steps_follow: bool = False):
         self.project, self.root = project, project.root
+        # The shared executor gets more steps after this run's (a sweep's next trials): its workers
+        # start their next kernel ahead after every step, not only while this run has steps pending.
+        self.steps_follow = steps_follow
         self.step_env = dict(step_env or {})  # more variables for every step's kernel
         self.pipeline_name = pipeline  # None: the project's main pipeline; else one under pipelines:
         self.store = store
@@ -356,7 +359,8 @@ class PipelineRunner:
             (self.root / path).parent.mkdir(parents=True, exist_ok=True)
         task = StepTask(step=name, run_id=run.id, notebook=str(step.notebook),
                         executed=str(self.report_dir / f"{name}.ipynb"), html=str(self.report_dir / f"{name}.html"),
-                        cwd=str(self.root), params=plan.params, env=env, warm=self.executor_name == "local")
+                        cwd=str(self.root), params=plan.params, env=env, warm=self.executor_name == "local",
+                        ahead=self.steps_follow or any(s == "pending" for n, s in self.state.items() if n != name))
         if self.executor is None:
             self.executor = get_executor(self.executor_name, **self._executor_options())
         handle = self.executor.submit(execute_step, task)
@@ -368,7 +372,9 @@ class PipelineRunner:
         options = dict(self.executor_options)
         options.setdefault("jobs", self.jobs)
         if self.executor_name == "local":
+            from mlnb.steprun import WORKER_PRELOAD
             options.setdefault("prepare", "mlnb.steprun:prepare_worker")
+            options.setdefault("preload", WORKER_PRELOAD)
         return options
 
     def _restore(self, hit: RunRecord, step: Step) -> bool:

@@ -365,8 +365,9 @@ class Scheduler:
         with self._lock:
             if self._executor is None:
                 from mlnb.executors import get_executor
+                from mlnb.steprun import WORKER_PRELOAD
                 self._executor = get_executor("local", jobs=self.jobs or os.cpu_count() or 1,
-                                              prepare="mlnb.steprun:prepare_worker")
+                                              prepare="mlnb.steprun:prepare_worker", preload=WORKER_PRELOAD)
             return self._executor
 
     def _fire(self, schedule: Schedule, when: float) -> None:
@@ -395,7 +396,8 @@ class Scheduler:
             project = require_project(self.project.root)  # mlnb.yaml as it is now, not as it was at start
             active.runner = PipelineRunner(project, store=self.store, executor=self._shared_executor(),
                                            wait=True, force=force, on_event=on_event, pipeline=schedule.pipeline,
-                                           tags={"mlnb.schedule": schedule.name, "mlnb.scheduled_time": when})
+                                           tags={"mlnb.schedule": schedule.name, "mlnb.scheduled_time": when},
+                                           steps_follow=True)  # the next occurrence's steps
             if self._stop.is_set():
                 raise ScheduleError("the scheduler stopped before the run began")
             outcome = active.runner.run(params=schedule.params, only=schedule.only or None)

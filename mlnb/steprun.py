@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['KERNEL_NAME', 'kernel_dir', 'ensure_kernel', 'kernel_env', 'render_html', 'start_kernel_ahead', 'prepare_worker',
-           'StepTask', 'StepResult', 'execute_step']
+__all__ = ['KERNEL_NAME', 'WORKER_PRELOAD', 'kernel_dir', 'ensure_kernel', 'kernel_env', 'render_html', 'start_kernel_ahead',
+           'warm_reports', 'prepare_worker', 'StepTask', 'StepResult', 'execute_step']
 
 # %% ../nbs/12_steprun.ipynb #874a4fdc
 KERNEL_NAME = "mlnb"
@@ -211,14 +211,25 @@ def _retire(km) -> None:
     thread.start()
     _RETIRING.append(thread)
 
+def warm_reports() -> None:
+    "Imports nbconvert and builds the report exporter, its templates compiled, by rendering an empty notebook."
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        empty = Path(folder) / "empty.ipynb"
+        empty.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+        render_html(empty, Path(folder) / "empty.html")
+
+WORKER_PRELOAD = ("mlnb.worker_preload",)  # what step workers' fork server imports (LocalExecutor's preload)
+
 def prepare_worker(zygote: dict | None = None) -> None:
     """Readies an executor worker for steps: a kernel started ahead, papermill and nbconvert imported.
 
     With `zygote` (a `Zygote.address`), the worker's kernels are forked from that kernel zygote. A fork
     waits for the zygote to finish its imports, so then the worker imports first and asks for its kernel
     last (the wait overlaps the work); a booted kernel is launched first, to boot while the worker imports."""
-    import atexit
     import threading
+    from multiprocessing.util import Finalize
+
     from mlnb.executors import quiet_slow_imports
     quiet_slow_imports()
 
@@ -227,14 +238,9 @@ def prepare_worker(zygote: dict | None = None) -> None:
             thread.join(timeout=10)
         if _AHEAD.get("km") is not None:
             _shutdown(_AHEAD.pop("km"), now=True)
-    atexit.register(at_exit)
-
-    def warm_reports() -> None:  # import nbconvert and compile the templates while the kernel starts
-        import tempfile
-        with tempfile.TemporaryDirectory() as folder:
-            empty = Path(folder) / "empty.ipynb"
-            empty.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
-            render_html(empty, Path(folder) / "empty.html")
+    # multiprocessing runs its finalizers as a worker exits; a worker forked from the fork server
+    # ends with os._exit, which skips atexit hooks
+    Finalize(None, at_exit, exitpriority=10)
 
     if zygote:
         from mlnb.kernel_zygote import Zygote
@@ -242,8 +248,9 @@ def prepare_worker(zygote: dict | None = None) -> None:
     else:
         start_kernel_ahead()
     import papermill  # noqa: F401
-    _CLASSES["warming"] = thread = threading.Thread(target=warm_reports, name="mlnb-warm-reports", daemon=True)
-    thread.start()
+    if "exporter" not in _CLASSES:  # not forked warm from the fork server (mlnb.worker_preload)
+        _CLASSES["warming"] = thread = threading.Thread(target=warm_reports, name="mlnb-warm-reports", daemon=True)
+        thread.start()
     if zygote:
         start_kernel_ahead()
 
@@ -260,7 +267,8 @@ class StepTask:
     params: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None
-    warm: bool = False       # use (and then replace) the kernel this worker started ahead
+    warm: bool = False       # use the kernel this worker started ahead
+    ahead: bool = True       # and, with warm, start the next one when this step ends (False: no step follows)
 
 @dataclass
 class StepResult:
@@ -347,7 +355,7 @@ def execute_step(task: StepTask) -> StepResult:
                     _leave_step(km)
             except Exception:  # noqa: BLE001 - the kernel's own exit flushes too
                 pass
-            if task.warm:
+            if task.warm and task.ahead:
                 try:
                     start_kernel_ahead()  # the next kernel boots while this one shuts down
                 except Exception:  # noqa: BLE001 - the next step will start its own kernel

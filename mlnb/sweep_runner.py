@@ -156,15 +156,18 @@ class SweepRunner:
             options = {"jobs": jobs, **({"scheduler": spec.scheduler} if spec.scheduler else {})}
             zygote = self._launch_zygote(pipeline) if spec.executor == "local" else None
             if spec.executor == "local":
-                options["prepare"] = ("mlnb.steprun:prepare_worker", {"zygote": zygote and zygote.address})
-            import optuna  # after the zygote's launch: it imports while Optuna does
+                from mlnb.steprun import WORKER_PRELOAD
+                options.update(prepare=("mlnb.steprun:prepare_worker", {"zygote": zygote and zygote.address}),
+                               preload=WORKER_PRELOAD)
             status = "failed"
             try:
-                self.executor = get_executor(spec.executor, **options)
+                # the workers' fork server and the zygote import while Optuna does
+                self.executor = get_executor(spec.executor, **options).warm()
+                import optuna
                 if before:  # the steps before the swept ones: from the cache, or run once now
                     self.on_event("upstream", {"steps": before})
-                    prep = PipelineRunner(self.project, store=self.store, executor=self.executor, lock=False).run(
-                        only=before)
+                    prep = PipelineRunner(self.project, store=self.store, executor=self.executor, lock=False,
+                                          steps_follow=True).run(only=before)
                     if not prep.ok:
                         failed = [f"{s.name} ({s.status}: {s.error})" for s in prep.steps if s.status != "finished"
                                   and s.status != "cached"]
@@ -220,7 +223,8 @@ class SweepRunner:
                     to_start = spec.trials - len(finished_trials(self.study)) - len(running)
                     if to_start < 1:
                         break
-                    handle, trial = self._launch(pool, last=spec.timeout is None and to_start == 1)
+                    handle, trial = self._launch(pool, last=spec.timeout is None and to_start == 1,
+                                                 follow=spec.timeout is not None or to_start > jobs)
                     running[handle] = trial
                 if not running:
                     return "finished"
@@ -237,8 +241,9 @@ class SweepRunner:
         finally:
             pool.shutdown(wait=True)
 
-    def _launch(self, pool: cf.ThreadPoolExecutor, last: bool = False) -> tuple[cf.Future, _Trial]:
-        "Starts a trial; `last`: no other will start after it (from then on, cores free up: see `trial_start`)."
+    def _launch(self, pool: cf.ThreadPoolExecutor, last: bool = False, follow: bool = True) -> tuple[cf.Future, _Trial]:
+        """Starts a trial; `last`: no other will start after it (from then on, cores free up: see `trial_start`);
+        `follow`: its worker may run another trial after it (so it starts that trial's kernel ahead)."""
         spec = self.spec
         trial = self.study.ask()
         params = {p.name: p.suggest(trial) for p in spec.space}
@@ -259,7 +264,7 @@ class SweepRunner:
                                 tags={"mlnb.study": spec.study, "mlnb.trial": trial.number},
                                 # a pruner reads the curve as it grows: the kernel writes its metrics 4x a second
                                 step_env={"MLNB_FLUSH_INTERVAL": os.environ.get("MLNB_FLUSH_INTERVAL", "0.25")}
-                                if self.pruner != "none" else None)
+                                if self.pruner != "none" else None, steps_follow=follow)
         self.on_event("trial_start", {"number": trial.number, "params": params, "last": last})
         return pool.submit(runner.run, params=overrides, only=self.trial_steps), state
 
