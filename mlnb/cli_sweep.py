@@ -76,6 +76,8 @@ class _Progress:
         elif kind == "study":
             self.done, self.target = info["done"], info["target"]
             resumed = f", resuming after {info['done']} finished trial(s)" if info["done"] else ""
+            if info["done"] >= info["target"] and info.get("timeout") is None:
+                resumed = f", all finished already: nothing to run (--trials N for more than {info['done']})"
             click.echo(f"study {info['study']} (run {info['run_id'][:8]}): {info['target']} trials{resumed}", err=True)
         elif kind == "trial_start":
             click.echo(f"  trial {info['number']:<4} running   {_fmt_params(info['params'])}", err=True)
@@ -213,7 +215,8 @@ def _show(study, as_json: bool, store) -> None:
     if not best:
         click.echo("No completed trial yet.")
         return
-    title = "best trial" if len(objectives) == 1 else f"Pareto front ({len(best)} trials)"
+    title = (f"Pareto front ({len(best)} trials)" if len(objectives) > 1
+             else "best trial" if len(best) == 1 else f"best trials ({len(best)}, tied)")
     table = [[t["number"], *[fmt_value(v) for v in t["values"]], (t["run_id"] or "-")[:8], _fmt_params(t["params"])]
              for t in sorted(best, key=lambda t: t["values"])]
     click.echo(f"\n{title}:\n" + format_table(["TRIAL", *[o.split(":")[0] for o in objectives], "RUN", "PARAMS"], table))
