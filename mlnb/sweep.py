@@ -22,7 +22,8 @@ class SweepError(MlnbError):
 # %% auto #0
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
            'optuna_storage', 'make_sampler', 'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study',
-           'finished_trials', 'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows', 'optimize']
+           'existing_study', 'finished_trials', 'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows',
+           'optimize']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -266,26 +267,34 @@ def open_study(name: str, space: Sequence[Param], objectives: Sequence[Objective
                seed: int | None = None):
     "Returns the Optuna study `name` in the store, created now or resumed (the same space and objectives only)."
     import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna_storage(store)
-    signature = {"space": sorted(p.spec for p in space), "objectives": [o.spec for o in objectives], "step": step}
-    try:
-        existing = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        existing = None
-    if existing is not None:
-        before = existing.user_attrs.get("mlnb_signature")
-        if before is not None and before != signature:
-            changes = [f"{k}: {before.get(k)} -> {signature[k]}" for k in signature if before.get(k) != signature[k]]
-            raise SweepError(f"Study {name!r} already exists with a different {', '.join(changes)}. It is left as it "
-                             "was: give the new sweep another --study name, or the same space to resume this one.")
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+    existing = existing_study(name, space, objectives, store, step=step)
+    study = optuna.create_study(study_name=name, storage=optuna_storage(store), load_if_exists=True,
                                 directions=[o.direction for o in objectives],
                                 sampler=make_sampler(sampler, space, len(objectives), seed),
                                 pruner=make_pruner(pruner, len(objectives)))
     if existing is None:
-        study.set_user_attr("mlnb_signature", signature)
+        study.set_user_attr("mlnb_signature", _signature(space, objectives, step))
     return study
+
+def _signature(space: Sequence[Param], objectives: Sequence[Objective], step: str | None) -> dict:
+    return {"space": sorted(p.spec for p in space), "objectives": [o.spec for o in objectives], "step": step}
+
+def existing_study(name: str, space: Sequence[Param], objectives: Sequence[Objective], store: Store,
+                   step: str | None = None):
+    """Returns the study `name` if the store has it (None if not), after checking it was made with this
+    space, these objectives and this step; creates nothing, so a sweep can check before it does any work."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        existing = optuna.load_study(study_name=name, storage=optuna_storage(store))
+    except KeyError:
+        return None
+    before, signature = existing.user_attrs.get("mlnb_signature"), _signature(space, objectives, step)
+    if before is not None and before != signature:
+        changes = [f"{k}: {before.get(k)} -> {signature[k]}" for k in signature if before.get(k) != signature[k]]
+        raise SweepError(f"Study {name!r} already exists with a different {', '.join(changes)}. It is left as it "
+                         "was: give the new sweep another --study name, or the same space to resume this one.")
+    return existing
 
 def finished_trials(study) -> list:
     "Returns the trials that count as done: complete, pruned, or failed (but not interrupted)."

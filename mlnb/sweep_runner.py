@@ -20,7 +20,7 @@ from .errors import did_you_mean, one_of
 from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
-                        check_pruner, objective_values,
+                        check_pruner, existing_study, objective_values,
                         open_study, param_from_config, parse_objective, trial_rows)
 
 # %% auto #0
@@ -164,6 +164,11 @@ class SweepRunner:
                 # the workers' fork server and the zygote import while Optuna does
                 self.executor = get_executor(spec.executor, **options).warm()
                 import optuna
+                # A study reused with another space fails here, before any step runs; one already at its
+                # target runs nothing, not even the steps before it.
+                existing = existing_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step)
+                if existing is not None and spec.timeout is None and len(finished_trials(existing)) >= spec.trials:
+                    before = []
                 if before:  # the steps before the swept ones: from the cache, or run once now
                     self.on_event("upstream", {"steps": before})
                     prep = PipelineRunner(self.project, store=self.store, executor=self.executor, lock=False,

@@ -105,6 +105,7 @@ def test_a_sweep_declared_in_mlnb_yaml_and_resumed_to_more_trials(tunable):
     assert json.loads(more.stdout)["counts"] == {"complete": 5}  # two more, not five more
     again = sweep(tunable, "knob", "--trials", "5")  # the target reached: says so, runs nothing
     assert again.returncode == 0 and "all finished already: nothing to run" in again.stderr, again.stderr
+    assert "preparing the steps" not in again.stderr
     assert "trials: 5 complete" in again.stdout
 
 
@@ -168,6 +169,7 @@ def test_a_study_name_reused_with_another_space_is_refused_and_left_untouched(tu
     other = sweep(tunable, "train", "--study", "same", "--param", "x=float:0:1", "--objective", "score:maximize",
                   "--trials", "4")
     assert other.returncode == 1 and "already exists with a different space" in other.stderr
+    assert "preparing the steps" not in other.stderr  # refused before any step ran, even from the cache
     shown = json.loads(sweep(tunable, "show", "same", "--json").stdout)
     assert shown["counts"] == {"complete": 2}
 
