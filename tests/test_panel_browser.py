@@ -140,7 +140,7 @@ def test_the_panel_in_jupyterlab(reviewed, tmp_path):
     manager, browser = _browser()
     try:
         page = browser.new_page(viewport={"width": 1500, "height": 2200})
-        page.goto(f"http://127.0.0.1:{port}/lab/tree/panel.ipynb?token={token}")
+        page.goto(f"http://127.0.0.1:{port}/lab/tree/panel.ipynb?token={token}", timeout=120_000)
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
         page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget && "
                                "window.jupyterapp.shell.currentWidget.sessionContext && "
@@ -161,7 +161,9 @@ def test_the_panel_as_a_web_app(reviewed):
     try:
         page = browser.new_page(viewport={"width": 1500, "height": 2200})
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/?token={token}", timeout=10).status == 200
-        page.goto(f"http://127.0.0.1:{port}/?token={token}")
+        # Voila streams the page while its kernel runs the notebook: "load" comes only when every cell has
+        # run (over 30 s, Playwright's default, on a loaded machine). _check_panel waits for what matters.
+        page.goto(f"http://127.0.0.1:{port}/?token={token}", wait_until="commit", timeout=120_000)
         _check_panel(page, "voila")
     finally:
         browser.close()
