@@ -264,11 +264,13 @@ class ParetoPruner:
 # %% ../nbs/15_sweep.ipynb #d8af9065
 def open_study(name: str, space: Sequence[Param], objectives: Sequence[Objective], store: Store,
                step: str | None = None, sampler: str | None = None, pruner: str | None = None,
-               seed: int | None = None):
-    "Returns the Optuna study `name` in the store, created now or resumed (the same space and objectives only)."
+               seed: int | None = None, storage=None):
+    """Returns the Optuna study `name` in the store, created now or resumed (the same space and objectives only).
+    `storage`: the store's `optuna_storage`, if the caller has it already."""
     import optuna
-    existing = existing_study(name, space, objectives, store, step=step)
-    study = optuna.create_study(study_name=name, storage=optuna_storage(store), load_if_exists=True,
+    storage = storage or optuna_storage(store)
+    existing = existing_study(name, space, objectives, store, step=step, storage=storage)
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                 directions=[o.direction for o in objectives],
                                 sampler=make_sampler(sampler, space, len(objectives), seed),
                                 pruner=make_pruner(pruner, len(objectives)))
@@ -280,13 +282,13 @@ def _signature(space: Sequence[Param], objectives: Sequence[Objective], step: st
     return {"space": sorted(p.spec for p in space), "objectives": [o.spec for o in objectives], "step": step}
 
 def existing_study(name: str, space: Sequence[Param], objectives: Sequence[Objective], store: Store,
-                   step: str | None = None):
+                   step: str | None = None, storage=None):
     """Returns the study `name` if the store has it (None if not), after checking it was made with this
     space, these objectives and this step; creates nothing, so a sweep can check before it does any work."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        existing = optuna.load_study(study_name=name, storage=optuna_storage(store))
+        existing = optuna.load_study(study_name=name, storage=storage or optuna_storage(store))
     except KeyError:
         return None
     before, signature = existing.user_attrs.get("mlnb_signature"), _signature(space, objectives, step)

@@ -20,7 +20,7 @@ from .errors import did_you_mean, one_of
 from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
-                        check_pruner, existing_study, objective_values,
+                        check_pruner, existing_study, objective_values, optuna_storage,
                         open_study, param_from_config, parse_objective, trial_rows)
 
 # %% auto #0
@@ -166,7 +166,9 @@ class SweepRunner:
                 import optuna
                 # A study reused with another space fails here, before any step runs; one already at its
                 # target runs nothing, not even the steps before it.
-                existing = existing_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step)
+                storage = optuna_storage(self.store)
+                existing = existing_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step,
+                                          storage=storage)
                 if existing is not None and spec.timeout is None and len(finished_trials(existing)) >= spec.trials:
                     before = []
                 if before:  # the steps before the swept ones: from the cache, or run once now
@@ -179,7 +181,7 @@ class SweepRunner:
                         raise SweepError(f"The steps before {spec.step!r} did not finish: {'; '.join(failed)}. "
                                          "Fix them (mlnb run) and sweep again.")
                 self.study = open_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step,
-                                        sampler=spec.sampler, pruner=spec.pruner, seed=spec.seed)
+                                        sampler=spec.sampler, pruner=spec.pruner, seed=spec.seed, storage=storage)
                 resumed = fail_interrupted(self.study)
                 self.study_run = start_run(spec.study, params={p.name: p.spec for p in spec.space}, store=self.store,
                                            kind="study", activate=False,
