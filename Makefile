@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mlnb-installed
 PG_BINARIES := $(wildcard /usr/lib/postgresql/*/bin/initdb)
 
-.PHONY: setup demo test check-export check-clean lint nbtest pytest system-deps bench clean
+.PHONY: setup bytecode demo test check-export check-clean lint nbtest pytest system-deps bench clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,16 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/python -m ipykernel install --sys-prefix --name mlnb --display-name "Python (mlnb .venv)" >/dev/null
 	@touch $(STAMP)
 
+# pip compiles a package it installs, but not one installed editable: with PYTHONDONTWRITEBYTECODE set
+# (as on CI) every mlnb process, and every kernel and worker a sweep starts, would compile mlnb/ from
+# source. Compiled against each file's hash, so a re-export that leaves a file unchanged keeps it.
+bytecode: setup
+	@$(BIN)/python -m compileall -q --invalidation-mode checked-hash mlnb >/dev/null
+
 # The main job on the embedded default: the template project (ingest -> validate -> features ->
 # train -> evaluate -> report on scikit-learn's breast cancer data), run in build/demo with its
 # SQLite store. Run it twice: the second run restores every step from the cache.
-demo: setup
+demo: setup bytecode
 	@test -f build/demo/mlnb.yaml || $(BIN)/mlnb init build/demo
 	cd build/demo && ../../$(BIN)/mlnb run
 	@echo; cd build/demo && ../../$(BIN)/mlnb runs list --limit 1
@@ -39,6 +45,7 @@ demo: setup
 
 test: setup system-deps
 	@$(MAKE) --no-print-directory check-export
+	@$(MAKE) --no-print-directory bytecode
 	@$(MAKE) --no-print-directory check-clean
 	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory nbtest
@@ -95,7 +102,7 @@ $(BENCH_VENV)/.installed: Makefile
 	  papermill==2.7.0 $(PIPQUIET)
 	@touch $@
 
-bench: setup $(BENCH_VENV)/.installed
+bench: setup bytecode $(BENCH_VENV)/.installed
 	$(BIN)/python bench/tracking.py --mlflow-python $(BENCH_VENV)/bin/python
 	$(BIN)/python bench/pipeline.py --bench-python $(BENCH_VENV)/bin/python
 	$(BIN)/python bench/train_tune.py

@@ -114,7 +114,6 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
               scheduler, seed, quiet, as_json, store_url) -> None:
     """Run a sweep (NAME declared in mlnb.yaml, or a STEP with --param and --objective)."""
     from mlnb.config import require_project
-    from mlnb.store import open_store
     from mlnb.sweep import parse_objective, parse_param
     from mlnb.sweep_runner import SweepRunner, SweepSpec, sweep_from_config
     project = require_project()
@@ -141,7 +140,7 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
                         ("scheduler", scheduler), ("seed", seed)):
         if value is not None:
             setattr(spec, name, value)
-    runner = SweepRunner(project, spec, store=open_store(store_url),
+    runner = SweepRunner(project, spec, store_url=store_url,
                          on_event=_Progress(quiet or as_json, [o.spec for o in spec.objectives]))
     try:
         result = runner.run()

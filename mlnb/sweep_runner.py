@@ -130,10 +130,10 @@ class _Trial:
 class SweepRunner:
     "Runs a sweep over a notebook step; `run()` returns the StudyResult."
 
-    def __init__(self, project: Project, spec: SweepSpec, *, store: Store | None = None,
+    def __init__(self, project: Project, spec: SweepSpec, *, store: Store | None = None, store_url: str | None = None,
                  on_event=None, poll_interval: float = 0.25):
         self.project, self.spec = project, spec
-        self.store = store
+        self.store, self.store_url = store, store_url  # without a store, `run` opens store_url's (default: the project's)
         self.on_event = on_event or (lambda kind, info: None)
         self.poll_interval = poll_interval
         self.executor = None
@@ -144,9 +144,7 @@ class SweepRunner:
         from mlnb.executors import get_executor
         from mlnb.tracking import start_run
         spec = self.spec
-        self.store = self.store or open_store()
         with ProjectLock(self.project):
-            self.store.mark_crashed()
             pipeline = Pipeline(self.project)
             self.trial_steps = check_sweep(pipeline, spec)
             self.pruner = check_pruner(spec.pruner, len(spec.objectives))  # its name, the default filled in
@@ -154,6 +152,7 @@ class SweepRunner:
             before = sorted(set().union(*(pipeline.upstream_of(s) for s in self.trial_steps)) - set(self.trial_steps))
             jobs = max(1, spec.jobs or 1)
             options = {"jobs": jobs, **({"scheduler": spec.scheduler} if spec.scheduler else {})}
+            # first: its imports are the longest part of the start; the store opens (or is created) meanwhile
             zygote = self._launch_zygote(pipeline) if spec.executor == "local" else None
             if spec.executor == "local":
                 from mlnb.steprun import WORKER_PRELOAD
@@ -163,6 +162,8 @@ class SweepRunner:
             try:
                 # the workers' fork server and the zygote import while Optuna does
                 self.executor = get_executor(spec.executor, **options).warm()
+                self.store = self.store or open_store(self.store_url)
+                self.store.mark_crashed()
                 import optuna
                 # A study reused with another space fails here, before any step runs; one already at its
                 # target runs nothing, not even the steps before it.
