@@ -828,4 +828,7 @@ d = { 'settings': { 'branch': 'main',
                                                                                  'mlnb/wandb_mirror.py'),
                                    'mlnb.wandb_mirror.WandbMirror.on_params': ( 'wandb_mirror.html#wandbmirror.on_params',
                                                                                 'mlnb/wandb_mirror.py')},
-            'mlnb.worker_preload': {}}}
+            'mlnb.worker_preload': { 'mlnb.worker_preload._imported_by_the_fork_server': ( 'worker_preload.html#_imported_by_the_fork_server',
+                                                                                           'mlnb/worker_preload.py'),
+                                     'mlnb.worker_preload.in_fork_server_child': ( 'worker_preload.html#in_fork_server_child',
+                                                                                   'mlnb/worker_preload.py')}}}

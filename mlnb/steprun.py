@@ -58,6 +58,8 @@ def _ipc_kernel_manager():
     import uuid
     from queue import Empty
 
+    import zmq
+
     from jupyter_client.asynchronous import AsyncKernelClient
     from jupyter_client.manager import AsyncKernelManager
 
@@ -66,6 +68,14 @@ def _ipc_kernel_manager():
 
         jupyter_client waits for 200 ms of IOPub silence, twice per step (mlnb's setup and
         papermill's client): on a local kernel that is most of a small step's overhead."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            # A client that connects before a new kernel has bound its sockets retries every 100 ms by
+            # default: up to 0.2 s before the kernel's first answer. Retry after 5 ms, then back off
+            # (doubling up to 100 ms): a socket left connected to a kernel that has exited must not spin.
+            self.context.setsockopt(zmq.RECONNECT_IVL, 5)
+            self.context.setsockopt(zmq.RECONNECT_IVL_MAX, 100)
 
         async def _async_wait_for_ready(self, timeout: float | None = None) -> None:
             deadline = time.time() + (timeout if timeout is not None else float("inf"))
