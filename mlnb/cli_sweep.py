@@ -78,7 +78,8 @@ class _Progress:
             resumed = f", resuming after {info['done']} finished trial(s)" if info["done"] else ""
             if info["done"] >= info["target"] and info.get("timeout") is None:
                 resumed = f", all finished already: nothing to run (--trials N for more than {info['done']})"
-            click.echo(f"study {info['study']} (run {info['run_id'][:8]}): {info['target']} trials{resumed}", err=True)
+            run = f" (run {info['run_id'][:8]})" if info["run_id"] else ""
+            click.echo(f"study {info['study']}{run}: {info['target']} trials{resumed}", err=True)
         elif kind == "trial_start":
             click.echo(f"  trial {info['number']:<4} running   {_fmt_params(info['params'])}", err=True)
         elif kind == "prune":

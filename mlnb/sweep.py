@@ -324,9 +324,10 @@ def current_trial():
 
 @dataclass
 class StudyResult:
-    "What a sweep did: the study, its trials as (number, state, values, params, run id), and the study run."
+    """What a sweep did: the study, its trials as (number, state, values, params, run id), and the study run
+    (for a sweep that found nothing to run: the run the study last ran under, None if that is unknown)."""
     study: Any
-    run_id: str
+    run_id: str | None
     trials: list[dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import Project
 from .dag import Pipeline, check_params
-from .errors import did_you_mean, one_of
+from .errors import RunNotFound, did_you_mean, one_of
 from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
@@ -127,6 +127,17 @@ class _Trial:
     folder: str = ""
     dominated: int = 0      # epochs in a row the completed trials dominated it (multi-objective pruning)
 
+def _latest_study_run(study, store: Store) -> str | None:
+    "Returns the id of the study run its latest trial ran under (None if that is not known)."
+    for trial in sorted(study.trials, key=lambda t: t.number, reverse=True):
+        trial_run = trial.user_attrs.get("mlnb_run_id")
+        if trial_run:
+            try:
+                return store.get_run(trial_run).parent_id
+            except RunNotFound:  # that run was deleted
+                return None
+    return None
+
 class SweepRunner:
     "Runs a sweep over a notebook step; `run()` returns the StudyResult."
 
@@ -170,7 +181,8 @@ class SweepRunner:
                 storage = optuna_storage(self.store)
                 existing = existing_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step,
                                           storage=storage)
-                if existing is not None and spec.timeout is None and len(finished_trials(existing)) >= spec.trials:
+                done = existing is not None and spec.timeout is None and len(finished_trials(existing)) >= spec.trials
+                if done:  # nothing to run: no steps, and no new study run to record
                     before = []
                 if before:  # the steps before the swept ones: from the cache, or run once now
                     self.on_event("upstream", {"steps": before})
@@ -184,23 +196,26 @@ class SweepRunner:
                 self.study = open_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step,
                                         sampler=spec.sampler, pruner=spec.pruner, seed=spec.seed, storage=storage)
                 resumed = fail_interrupted(self.study)
-                self.study_run = start_run(spec.study, params={p.name: p.spec for p in spec.space}, store=self.store,
-                                           kind="study", activate=False,
-                                           tags={"objectives": [o.spec for o in spec.objectives], "step": spec.step})
-                self.on_event("study", {"study": spec.study, "run_id": self.study_run.id,
+                self.study_run = None if done else start_run(
+                    spec.study, params={p.name: p.spec for p in spec.space}, store=self.store, kind="study",
+                    activate=False, tags={"objectives": [o.spec for o in spec.objectives], "step": spec.step})
+                run_id = self.study_run.id if self.study_run else _latest_study_run(self.study, self.store)
+                self.on_event("study", {"study": spec.study, "run_id": run_id,
                                         "done": len(finished_trials(self.study)), "target": spec.trials,
                                         "interrupted_before": resumed,
                                         "timeout": spec.timeout})
-                status = self._loop(optuna, jobs)
+                status = self._loop(optuna, jobs) if self.study_run else "finished"
             finally:
                 if status == "finished":  # nothing runs any more: the workers exit while the results are shown
                     threading.Thread(target=self._release, args=(zygote,), name="mlnb-sweep-release").start()
                 else:
                     self._release(zygote)
-        self.study_run.end(status, error="interrupted: run the same sweep again to resume" if status == "killed" else None)
+        if self.study_run is not None:
+            self.study_run.end(status, error="interrupted: run the same sweep again to resume" if status == "killed"
+                               else None)
         if status == "killed":
             raise KeyboardInterrupt
-        return StudyResult(self.study, self.study_run.id, trial_rows(self.study))
+        return StudyResult(self.study, run_id, trial_rows(self.study))
 
     def _release(self, zygote) -> None:
         "Shuts the workers down, then the kernel zygote."

@@ -103,10 +103,13 @@ def test_a_sweep_declared_in_mlnb_yaml_and_resumed_to_more_trials(tunable):
     assert json.loads(first.stdout)["counts"] == {"complete": 3}
     more = sweep(tunable, "knob", "--trials", "5", "--json")
     assert json.loads(more.stdout)["counts"] == {"complete": 5}  # two more, not five more
+    studies = store_of(tunable).list_runs(kind="study")
     again = sweep(tunable, "knob", "--trials", "5")  # the target reached: says so, runs nothing
     assert again.returncode == 0 and "all finished already: nothing to run" in again.stderr, again.stderr
     assert "preparing the steps" not in again.stderr
     assert "trials: 5 complete" in again.stdout
+    assert [r.id for r in store_of(tunable).list_runs(kind="study")] == [r.id for r in studies]  # none recorded
+    assert f"(run {studies[0].id[:8]})" in again.stderr  # the study run its last trials ran under
 
 
 def test_trials_the_pruner_gives_up_on_stop_early_and_read_pruned(tunable):
