@@ -102,7 +102,7 @@ def _run_kernel(request: dict) -> int:
     if sys.path and sys.path[0] == "":  # as `python -m ipykernel_launcher` started here would have it
         sys.path[0] = os.getcwd()
     _reseed_child()
-    sys.argv = ["ipykernel_launcher", *request.get("argv", ["-f", request["connection_file"]])]
+    sys.argv = ["ipykernel_launcher", "-f", request["connection_file"]]
     code = 0
     try:
         from ipykernel.kernelapp import IPKernelApp
@@ -269,12 +269,9 @@ class Zygote:
             return self.process.poll() is None
         return self.pid is not None and _pid_alive(self.pid)
 
-    def fork(self, connection_file: str, env: dict[str, str], cwd: str, timeout: float = 120,
-             argv: list[str] | None = None) -> int:
-        """Returns the pid of a new kernel that serves `connection_file` (waiting for a launched zygote to listen).
-        `argv`: the kernel's arguments (ipykernel's command line after `-m ipykernel_launcher`), if not just `-f`."""
-        request = (json.dumps({"connection_file": connection_file, "env": dict(env), "cwd": str(cwd),
-                               "argv": list(argv or ["-f", connection_file])}) + "\n").encode()
+    def fork(self, connection_file: str, env: dict[str, str], cwd: str, timeout: float = 120) -> int:
+        "Returns the pid of a new kernel that serves `connection_file` (waiting for a launched zygote to listen)."
+        request = (json.dumps({"connection_file": connection_file, "env": dict(env), "cwd": str(cwd)}) + "\n").encode()
         deadline = time.monotonic() + timeout
         while True:
             if not self.alive:
@@ -358,8 +355,7 @@ def zygote_kernel_manager(km_class: type, zygote: Zygote, **kwargs: Any):
     class ForkedProvisioner(LocalProvisioner):
         async def launch_kernel(self, cmd: list[str], **kw: Any):
             connection_file = cmd[cmd.index("-f") + 1]
-            pid = zygote.fork(connection_file, kw.get("env") or os.environ, kw.get("cwd") or os.getcwd(),
-                              argv=cmd[cmd.index("-f"):])  # the kernel's own arguments, as the command has them
+            pid = zygote.fork(connection_file, kw.get("env") or os.environ, kw.get("cwd") or os.getcwd())
             self.process = ForkedProcess(pid)
             self.pid = self.pgid = pid  # the kernel leads its own session
             self.cwd = kw.get("cwd") or os.getcwd()

@@ -112,12 +112,6 @@ def _ipc_kernel_manager():
             super().__init__(**kwargs)
             self.client_factory = QuickReadyClient
 
-        def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
-            # A step's kernel keeps its input history in memory. Parallel kernels that all write the
-            # user's ~/.ipython history.sqlite collide ("database is locked", even a hung start:
-            # papermill#239, ipython#11460), and batch runs would fill the user's interactive history.
-            return super().format_kernel_cmd([*(extra_arguments or []), "--HistoryManager.hist_file=:memory:"])
-
     _CLASSES["manager"] = IPCKernelManager
     return IPCKernelManager
 
