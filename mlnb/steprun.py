@@ -112,6 +112,12 @@ def _ipc_kernel_manager():
             super().__init__(**kwargs)
             self.client_factory = QuickReadyClient
 
+        async def _async_finish_shutdown(self, waittime: float | None = None, pollinterval: float = 0.1,
+                                         restart: bool = False) -> None:
+            # jupyter_client checks every 100 ms whether a kernel asked to shut down has exited: a
+            # step's kernel took ~0.11 s to shut down, and a command waits for its last one. Every 10 ms.
+            await super()._async_finish_shutdown(waittime, min(pollinterval, 0.01), restart)
+
     _CLASSES["manager"] = IPCKernelManager
     return IPCKernelManager
 
