@@ -6,15 +6,13 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+import threading
+from typing import Any
 
 import click
 
 from .cli import echo_json, fmt_value, format_table, json_option, store_option
 from .errors import MlnbError
-
-if TYPE_CHECKING:
-    from mlnb.importances import ImportanceHelper
 
 # %% auto #0
 __all__ = ['DefaultGroup', 'sweep', 'run_sweep', 'show_sweep', 'apply_sweep', 'list_sweeps']
@@ -59,22 +57,18 @@ def sweep() -> None:
 class _Progress:
     def __init__(self, quiet: bool, objectives: list[str]):
         self.quiet, self.objectives, self.done, self.target = quiet, objectives, 0, 0
-        self.helper: ImportanceHelper | None = None  # computes the summary's importances (mlnb.importances)
-        self.warmed = False
+        self.warming: threading.Thread | None = None
         self.open_ended = False
 
     def __call__(self, kind: str, info: dict) -> None:
         if kind == "study":
             self.open_ended = info.get("timeout") is not None
-            if self.open_ended or info["done"] < info["target"]:
-                from mlnb.importances import ImportanceHelper
-                self.helper = ImportanceHelper()
-        if self.helper and not self.warmed and ((kind == "trial_start" and info.get("last"))
-                                                or (kind == "trial_end" and self.open_ended)):
-            # A helper that could not lower its priority imports once a core is free for it: when the last
-            # trial starts, the other jobs are finishing (a time budget: no last trial is known).
-            self.helper.warm()
-            self.warmed = True
+        if self.warming is None and ((kind == "trial_start" and info.get("last"))
+                                     or (kind == "trial_end" and self.open_ended)):
+            # Load what the summary at the end needs (~2 s of CPU) once a core is free for it: when the
+            # last trial starts, the other jobs are finishing (a time budget: no last trial is known).
+            self.warming = threading.Thread(target=_warm_importances, name="mlnb-warm-importances", daemon=True)
+            self.warming.start()
         if self.quiet:
             return
         if kind == "upstream":
@@ -147,19 +141,15 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
                         ("scheduler", scheduler), ("seed", seed)):
         if value is not None:
             setattr(spec, name, value)
-    progress = _Progress(quiet or as_json, [o.spec for o in spec.objectives])
-    runner = SweepRunner(project, spec, store_url=store_url, on_event=progress)
+    runner = SweepRunner(project, spec, store_url=store_url,
+                         on_event=_Progress(quiet or as_json, [o.spec for o in spec.objectives]))
     try:
         result = runner.run()
-    except BaseException as e:
-        if progress.helper:
-            progress.helper.stop()  # no summary will ask it
-        if not isinstance(e, KeyboardInterrupt):
-            raise
+    except KeyboardInterrupt:
         click.echo(f"error: the sweep was interrupted; running trials were stopped and recorded killed. "
                    f"Run the same command again to resume study {spec.study!r}.", err=True)
         sys.exit(1)
-    _show(result.study, as_json, runner.store, progress.helper)
+    _show(result.study, as_json, runner.store)
 
 # %% ../nbs/93_cli_sweep.ipynb #e9ad5bc4
 def _load(name: str, store_url: str | None):
@@ -176,20 +166,37 @@ def _load(name: str, store_url: str | None):
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise MlnbError(f"No study {name!r} in the store.{did_you_mean(name, names)} Studies: {one_of(names)}.") from None
 
-def _importances(study, helper: ImportanceHelper | None) -> dict[str, dict[str, float]]:
-    from mlnb.importances import param_importances
-    if helper is not None:
-        try:
-            return helper.importances(study)
-        except MlnbError as e:
-            click.echo(f"warning: {e}; computing the importances in this process instead", err=True)
-    return param_importances(study)
+def _warm_importances() -> None:
+    "Imports what the importances at the end need (scikit-learn's forests, ~1 s) while the trials run."
+    try:
+        import optuna.importance  # noqa: F401
+        import sklearn.ensemble  # noqa: F401
+    except ImportError:  # reported, if it matters, when the importances are computed
+        pass
 
-def _show(study, as_json: bool, store, helper: ImportanceHelper | None = None) -> None:
-    from mlnb.importances import objective_names
+def _importances(study) -> dict[str, dict[str, float]]:
+    import warnings
+
+    import optuna
+    result = {}
+    objectives = study.user_attrs.get("mlnb_signature", {}).get("objectives") or [
+        f"objective{i}" for i in range(len(study.directions))]
+    for i, name in enumerate(objectives):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                values = optuna.importance.get_param_importances(
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+                    target=lambda t, i=i: t.values[i])
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            continue  # too few complete trials, or params that never varied
+        result[name] = {k: float(v) for k, v in values.items()}
+    return result
+
+def _show(study, as_json: bool, store) -> None:
     from mlnb.sweep import trial_rows
     signature = study.user_attrs.get("mlnb_signature", {})
-    objectives = objective_names(study)
+    objectives = signature.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     rows = trial_rows(study)
     counts: dict[str, int] = {}
     for t in rows:
@@ -197,9 +204,7 @@ def _show(study, as_json: bool, store, helper: ImportanceHelper | None = None) -
         counts[state] = counts.get(state, 0) + 1
     best_numbers = {t.number for t in study.best_trials} if any(t["state"] == "complete" for t in rows) else set()
     best = [t for t in rows if t["number"] in best_numbers]
-    importances = _importances(study, helper) if best_numbers else {}
-    if helper is not None and not best_numbers:
-        helper.stop()
+    importances = _importances(study) if len(best_numbers) else {}
     if as_json:
         echo_json({"study": study.study_name, "step": signature.get("step"), "objectives": objectives,
                    "counts": counts, "best": best, "pareto_front": best if len(objectives) > 1 else None,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -54,7 +53,6 @@ def test_a_sweep_from_the_command_line_tracks_every_trial(tunable):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["counts"] == {"complete": 6} and data["step"] == "train"
-    assert set(data["importances"]["score:maximize"]) == {"x", "kind"}  # computed by the importance helper
     [best] = data["best"]
     assert best["run_id"] and best["values"][0] == max(t["values"][0] for t in data["trials"])
     store = store_of(tunable)
@@ -179,19 +177,6 @@ def test_a_study_name_reused_with_another_space_is_refused_and_left_untouched(tu
     assert shown["counts"] == {"complete": 2}
 
 
-def importance_helpers_in(root: Path) -> list[int]:
-    "The pids of mlnb.importances helper processes working in `root`."
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if (b"mlnb.importances" in Path(f"/proc/{pid}/cmdline").read_bytes()
-                    and Path(os.readlink(f"/proc/{pid}/cwd")) == root.resolve()):
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
-
-
 def test_ctrl_c_kills_running_trials_and_the_study_resumes(tunable):
     cfg = yaml.safe_load((tunable / "mlnb.yaml").read_text())
     cfg["pipeline"]["train"]["params"].update({"epochs": 40, "pause": 0.5})
@@ -213,7 +198,6 @@ def test_ctrl_c_kills_running_trials_and_the_study_resumes(tunable):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "Run the same command again to resume" in err, err
-    assert importance_helpers_in(tunable) == []  # the sweep stopped the helper it had started
     assert {r.status for r in store.list_runs(kind="trial")} == {"killed"}
     assert store.list_runs(kind="study")[0].status == "killed"
     cfg["pipeline"]["train"]["params"].update({"epochs": 2, "pause": 0.0})
