@@ -53,6 +53,7 @@ def test_a_sweep_from_the_command_line_tracks_every_trial(tunable):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["counts"] == {"complete": 6} and data["step"] == "train"
+    assert set(data["importances"]["score:maximize"]) == {"x", "kind"}  # the summary's own importances
     [best] = data["best"]
     assert best["run_id"] and best["values"][0] == max(t["values"][0] for t in data["trials"])
     store = store_of(tunable)
