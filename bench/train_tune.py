@@ -6,8 +6,9 @@
      Optuna, both TPE on an SQLite storage (target: at least 0.9x Optuna's trials per second).
   3. Notebook trials: 20 trials of a small training notebook with `mlnb sweep --jobs 2` vs
      `--jobs 1` (target: at least 1.7x faster on this 2-core machine), each twice, in the order
-     1, 2, 2, 1 jobs; the same with kernels booted per trial instead of forked from the zygote
-     (MLNB_FORK_KERNELS=0), once each, for comparison.
+     1, 2, 2, 1 jobs; for scale, the same 20 fits without mlnb in one process and in two; the same
+     sweeps with kernels booted per trial instead of forked from the zygote (MLNB_FORK_KERNELS=0),
+     once each, for comparison.
   4. Multi-objective pruning (the issue's stretch; Optuna has none): 16 trials of a boosting
      notebook (AUC up, model size down, both logged per epoch) with `--pruner pareto` vs `none`,
      the same sampled params: the time saved, and the hypervolume of the Pareto front kept.
@@ -122,11 +123,53 @@ def one_step_project(name: str, params: str, code: str) -> Path:
     return root
 
 
+BARE_FITS = """
+import json, sys, time, multiprocessing
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.model_selection import cross_val_score
+X, y = load_breast_cancer(return_X_y=True)
+params, jobs = json.loads(sys.argv[1]), int(sys.argv[2])
+
+def fit(p):
+    model = GradientBoostingClassifier(n_estimators=p["n_estimators"], learning_rate=p["lr"], random_state=0)
+    return cross_val_score(model, X, y, cv=3, scoring="roc_auc").mean()
+
+start = time.perf_counter()
+if jobs == 1:
+    [fit(p) for p in params]
+else:
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        pool.map(fit, params, chunksize=1)
+print(time.perf_counter() - start)
+"""
+
+
+def bare_fits(trials: int = 20) -> dict:
+    """Times the sweep's work without mlnb: the same 20 cross-validated fits (the params the sweep's random
+    sampler draws, seed 0) in one process, then in two (a fork pool, imports done first), in the order
+    1, 2, 2, 1: the speedup two cores give this work on this machine, the ceiling for the sweep's."""
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = {"lr": FloatDistribution(0.01, 0.5, log=True), "n_estimators": IntDistribution(80, 160)}
+    params = json.dumps([study.ask(space).params for _ in range(trials)])
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for jobs in (1, 2, 2, 1):
+        out = subprocess.run([sys.executable, "-c", BARE_FITS, params, str(jobs)], capture_output=True, text=True,
+                             check=True)
+        times[jobs].append(float(out.stdout))
+    one, two = statistics.mean(times[1]), statistics.mean(times[2])
+    return {"one": one, "two": two, "speedup": one / two}
+
+
 def notebook_trials(trials: int = 20) -> dict:
     """Times `mlnb sweep` with one job and two: forked kernels (the default) in the order 1, 2, 2, 1 jobs, so
     a drift in this shared machine's speed during the run hits both alike (the figure is the ratio of the
-    sums); booted kernels (MLNB_FORK_KERNELS=0) once each, for comparison."""
+    sums); then `bare_fits`; booted kernels (MLNB_FORK_KERNELS=0) once each, for comparison."""
     times: dict[tuple[str, int], list[float]] = {}
+    bare: dict = {}
     for fork, jobs in (("1", 1), ("1", 2), ("1", 2), ("1", 1), ("0", 1), ("0", 2)):
         root = one_step_project(f"jobs{jobs}", "lr: float = 0.1\nn_estimators: int = 100", TRAIN)
         cmd = [str(VENV / "mlnb"), "sweep", "train", "--study", "b", "--param", "lr=loguniform:0.01:0.5",
@@ -139,12 +182,14 @@ def notebook_trials(trials: int = 20) -> dict:
         if out.returncode != 0:
             raise SystemExit(f"mlnb sweep failed:\n{out.stderr[-3000:]}")
         assert json.loads(out.stdout)["counts"] == {"complete": trials}
+        if len(times.get(("1", 1), [])) == 2 and not bare:  # right after the forked runs
+            bare = bare_fits(trials)
     jobs1, jobs2 = statistics.mean(times["1", 1]), statistics.mean(times["1", 2])
     pairs = [one / two for one, two in zip(times["1", 1], reversed(times["1", 2]), strict=True)]  # runs 1-2 and 4-3
     return {"trials": trials, "jobs1": jobs1, "jobs2": jobs2, "speedup": jobs1 / jobs2, "pairs": pairs,
             "runs": {f"fork{f}_jobs{j}": [round(t, 2) for t in ts] for (f, j), ts in times.items()},
             "booted_jobs1": times["0", 1][0], "booted_jobs2": times["0", 2][0],
-            "booted_speedup": times["0", 1][0] / times["0", 2][0]}
+            "booted_speedup": times["0", 1][0] / times["0", 2][0], "bare": bare}
 
 
 BOOSTING = """
@@ -223,6 +268,10 @@ def main() -> None:
                      f"{r['jobs2']:.1f} s | "
                      f"{r['jobs1']:.1f} s | {r['speedup']:.3f}x faster (adjacent pairs: "
                      f"{', '.join(f'{p:.3f}x' for p in r['pairs'])}) | >= 1.7x |")
+        b = r["bare"]
+        lines.append(f"| the same {r['trials']} fits without mlnb (one process, then two forked after the imports): "
+                     f"two vs one, the ceiling for the row above | {b['two']:.1f} s | {b['one']:.1f} s | "
+                     f"{b['speedup']:.3f}x faster | |")
         lines.append(f"| the same, kernels booted per trial (`MLNB_FORK_KERNELS=0`): `--jobs 2` vs `--jobs 1` | "
                      f"{r['booted_jobs2']:.1f} s | {r['booted_jobs1']:.1f} s | {r['booted_speedup']:.2f}x faster | |")
         lines.append(f"| {r['trials']} notebook trials, `--jobs 1`: forked kernels vs booted | {r['jobs1']:.1f} s | "
