@@ -169,8 +169,8 @@ def notebook_trials(trials: int = 20) -> dict:
     a drift in this shared machine's speed during the run hits both alike (the figure is the ratio of the
     sums); then `bare_fits`; booted kernels (MLNB_FORK_KERNELS=0) once each, for comparison."""
     times: dict[tuple[str, int], list[float]] = {}
-    bare: dict = {}
-    for fork, jobs in (("1", 1), ("1", 2), ("1", 2), ("1", 1), ("0", 1), ("0", 2)):
+
+    def sweep(fork: str, jobs: int) -> None:
         root = one_step_project(f"jobs{jobs}", "lr: float = 0.1\nn_estimators: int = 100", TRAIN)
         cmd = [str(VENV / "mlnb"), "sweep", "train", "--study", "b", "--param", "lr=loguniform:0.01:0.5",
                "--param", "n_estimators=int:80:160", "--objective", "val_auc:maximize", "--trials", str(trials),
@@ -182,8 +182,12 @@ def notebook_trials(trials: int = 20) -> dict:
         if out.returncode != 0:
             raise SystemExit(f"mlnb sweep failed:\n{out.stderr[-3000:]}")
         assert json.loads(out.stdout)["counts"] == {"complete": trials}
-        if len(times.get(("1", 1), [])) == 2 and not bare:  # right after the forked runs
-            bare = bare_fits(trials)
+
+    for jobs in (1, 2, 2, 1):
+        sweep("1", jobs)
+    bare = bare_fits(trials)
+    for jobs in (1, 2):
+        sweep("0", jobs)
     jobs1, jobs2 = statistics.mean(times["1", 1]), statistics.mean(times["1", 2])
     pairs = [one / two for one, two in zip(times["1", 1], reversed(times["1", 2]), strict=True)]  # runs 1-2 and 4-3
     return {"trials": trials, "jobs1": jobs1, "jobs2": jobs2, "speedup": jobs1 / jobs2, "pairs": pairs,
