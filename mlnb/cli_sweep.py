@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 from typing import Any
 
 import click
@@ -57,18 +56,8 @@ def sweep() -> None:
 class _Progress:
     def __init__(self, quiet: bool, objectives: list[str]):
         self.quiet, self.objectives, self.done, self.target = quiet, objectives, 0, 0
-        self.warming: threading.Thread | None = None
-        self.open_ended = False
 
     def __call__(self, kind: str, info: dict) -> None:
-        if kind == "study":
-            self.open_ended = info.get("timeout") is not None
-        if self.warming is None and ((kind == "trial_start" and info.get("last"))
-                                     or (kind == "trial_end" and self.open_ended)):
-            # Load what the summary at the end needs (~2 s of CPU) once a core is free for it: when the
-            # last trial starts, the other jobs are finishing (a time budget: no last trial is known).
-            self.warming = threading.Thread(target=_warm_importances, name="mlnb-warm-importances", daemon=True)
-            self.warming.start()
         if self.quiet:
             return
         if kind == "upstream":
@@ -141,7 +130,7 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
                         ("scheduler", scheduler), ("seed", seed)):
         if value is not None:
             setattr(spec, name, value)
-    runner = SweepRunner(project, spec, store_url=store_url,
+    runner = SweepRunner(project, spec, store_url=store_url, importances=True,
                          on_event=_Progress(quiet or as_json, [o.spec for o in spec.objectives]))
     try:
         result = runner.run()
@@ -149,7 +138,7 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
         click.echo(f"error: the sweep was interrupted; running trials were stopped and recorded killed. "
                    f"Run the same command again to resume study {spec.study!r}.", err=True)
         sys.exit(1)
-    _show(result.study, as_json, runner.store)
+    _show(result.study, as_json, result.importances)
 
 # %% ../nbs/93_cli_sweep.ipynb #e9ad5bc4
 def _load(name: str, store_url: str | None):
@@ -166,35 +155,8 @@ def _load(name: str, store_url: str | None):
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise MlnbError(f"No study {name!r} in the store.{did_you_mean(name, names)} Studies: {one_of(names)}.") from None
 
-def _warm_importances() -> None:
-    "Imports what the importances at the end need (scikit-learn's forests, ~1 s) while the trials run."
-    try:
-        import optuna.importance  # noqa: F401
-        import sklearn.ensemble  # noqa: F401
-    except ImportError:  # reported, if it matters, when the importances are computed
-        pass
-
-def _importances(study) -> dict[str, dict[str, float]]:
-    import warnings
-
-    import optuna
-    result = {}
-    objectives = study.user_attrs.get("mlnb_signature", {}).get("objectives") or [
-        f"objective{i}" for i in range(len(study.directions))]
-    for i, name in enumerate(objectives):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                values = optuna.importance.get_param_importances(
-                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
-                    target=lambda t, i=i: t.values[i])
-        except (RuntimeError, ValueError, ZeroDivisionError):
-            continue  # too few complete trials, or params that never varied
-        result[name] = {k: float(v) for k, v in values.items()}
-    return result
-
-def _show(study, as_json: bool, store) -> None:
-    from mlnb.sweep import trial_rows
+def _show(study, as_json: bool, importances: dict | None = None) -> None:
+    from mlnb.sweep import param_importances, trial_rows
     signature = study.user_attrs.get("mlnb_signature", {})
     objectives = signature.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     rows = trial_rows(study)
@@ -204,7 +166,8 @@ def _show(study, as_json: bool, store) -> None:
         counts[state] = counts.get(state, 0) + 1
     best_numbers = {t.number for t in study.best_trials} if any(t["state"] == "complete" for t in rows) else set()
     best = [t for t in rows if t["number"] in best_numbers]
-    importances = _importances(study) if len(best_numbers) else {}
+    if importances is None:
+        importances = param_importances(study) if len(best_numbers) else {}
     if as_json:
         echo_json({"study": study.study_name, "step": signature.get("step"), "objectives": objectives,
                    "counts": counts, "best": best, "pareto_front": best if len(objectives) > 1 else None,
@@ -235,8 +198,8 @@ def show_sweep(study, as_json, store_url) -> None:
     Example:
       mlnb sweep show mlp --json
     """
-    loaded, store = _load(study, store_url)
-    _show(loaded, as_json, store)
+    loaded, _store = _load(study, store_url)  # the store stays open while the study is read
+    _show(loaded, as_json)
 
 @sweep.command("apply")
 @click.argument("study")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['leading_imports', 'notebook_preload', 'serve', 'main', 'ZygoteError', 'Zygote', 'ForkedProcess',
+__all__ = ['leading_imports', 'notebook_preload', 'serve', 'main', 'ZygoteError', 'Zygote', 'ZygoteHelper', 'ForkedProcess',
            'zygote_kernel_manager']
 
 # %% ../nbs/11a_kernel_zygote.ipynb #4d2002b0
@@ -122,6 +122,28 @@ def _run_kernel(request: dict) -> int:
         pass
     return code
 
+def _run_helper(conn: socket.socket, function: str) -> int:
+    "Serves one call of `function` ('module:name', imported now) on `conn`: a JSON line in, a JSON line out."
+    os.setsid()
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(signum, signal.SIG_DFL)
+    stream = conn.makefile("rwb")
+    try:
+        module, _, name = function.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        line = stream.readline()
+        if not line:  # the caller went away
+            return 0
+        reply = {"result": fn(json.loads(line))}
+    except BaseException as e:  # noqa: BLE001 - reported to the caller
+        reply = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        stream.write((json.dumps(reply) + "\n").encode())
+        stream.flush()
+    except OSError:
+        return 1
+    return 0
+
 def _preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
     "Imports `modules`; returns those kept and, for the others, why they were skipped."
     import threading
@@ -145,11 +167,12 @@ def serve(socket_path: str, modules: list[str]) -> None:
     os.environ["JPY_PARENT_PID"] = str(os.getpid())  # read by ipykernel when imported: the kernels' parent
     if not os.environ.get("MPLBACKEND"):  # as ipykernel sets it, before matplotlib can read it
         os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    gc.disable()  # imports make few cycles but many objects: the collector's passes cost ~20% of their time
     import ipykernel.ipkernel
     import ipykernel.kernelapp  # noqa: F401
     loaded, skipped = _preload([*_KERNEL_MODULES, *modules, *(_MLNB_API if "mlnb" in modules else [])])
-    gc.collect()
-    gc.freeze()  # see above: kernels never walk the preloaded objects again
+    gc.freeze()  # see above: kernels never walk the preloaded objects again (nor the few cycles imports leave)
+    gc.enable()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
     listener.listen(16)
@@ -157,10 +180,12 @@ def serve(socket_path: str, modules: list[str]) -> None:
     sys.stdout.flush()
     os.dup2(2, 1)  # from now on the kernels' stdout goes where the zygote's stderr goes
     children: set[int] = set()
+    helpers: set[int] = set()  # not ended with the kernels: each exits once its caller has its answer
     try:
         while True:
             ready, _, _ = select.select([listener, 0], [], [], 0.05)
             children -= _reap(children)
+            helpers -= _reap(helpers)
             if 0 in ready and not os.read(0, 4096):
                 return
             if listener in ready:
@@ -170,9 +195,11 @@ def serve(socket_path: str, modules: list[str]) -> None:
                     pid = os.fork()
                     if pid == 0:
                         listener.close()
+                        if "helper" in request:
+                            os._exit(_run_helper(conn, request["helper"]))
                         conn.close()
                         os._exit(_run_kernel(request))
-                    children.add(pid)
+                    (helpers if "helper" in request else children).add(pid)
                     conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
     finally:
         for pid in children:
@@ -269,27 +296,49 @@ class Zygote:
             return self.process.poll() is None
         return self.pid is not None and _pid_alive(self.pid)
 
-    def fork(self, connection_file: str, env: dict[str, str], cwd: str, timeout: float = 120) -> int:
-        "Returns the pid of a new kernel that serves `connection_file` (waiting for a launched zygote to listen)."
-        request = (json.dumps({"connection_file": connection_file, "env": dict(env), "cwd": str(cwd)}) + "\n").encode()
+    def _request(self, request: dict, timeout: float) -> tuple[socket.socket, int]:
+        "Sends `request` (waiting for a launched zygote to listen); returns the open connection and the child's pid."
+        data = (json.dumps(request) + "\n").encode()
         deadline = time.monotonic() + timeout
         while True:
             if not self.alive:
                 raise ZygoteError("the kernel zygote has exited")
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                    conn.settimeout(30)
-                    conn.connect(self.socket_path)
-                    conn.sendall(request)
-                    reply = conn.makefile().readline()
+                conn.settimeout(30)
+                conn.connect(self.socket_path)
+                conn.sendall(data)
+                reply = b""
+                while not reply.endswith(b"\n"):  # byte by byte: what follows the reply is the child's
+                    byte = conn.recv(1)
+                    if not byte:
+                        break
+                    reply += byte
                 break
             except (FileNotFoundError, ConnectionRefusedError):  # still importing
+                conn.close()
                 if time.monotonic() > deadline:
                     raise ZygoteError(f"no kernel zygote listens at {self.socket_path}") from None
                 time.sleep(0.02)
+            except BaseException:
+                conn.close()
+                raise
         if not reply:
-            raise ZygoteError("the kernel zygote closed the connection without forking a kernel")
-        return json.loads(reply)["pid"]
+            conn.close()
+            raise ZygoteError("the kernel zygote closed the connection without forking")
+        return conn, json.loads(reply)["pid"]
+
+    def fork(self, connection_file: str, env: dict[str, str], cwd: str, timeout: float = 120) -> int:
+        "Returns the pid of a new kernel that serves `connection_file` (waiting for a launched zygote to listen)."
+        conn, pid = self._request({"connection_file": connection_file, "env": dict(env), "cwd": str(cwd)}, timeout)
+        conn.close()
+        return pid
+
+    def helper(self, function: str, timeout: float = 120) -> ZygoteHelper:
+        """Returns a child of the zygote that imports `function` ('module:name') now, to call it once later
+        with `ZygoteHelper.call`: work that needs the modules the zygote has already imported."""
+        conn, pid = self._request({"helper": function}, timeout)
+        return ZygoteHelper(conn, pid)
 
     def close(self) -> None:
         "Ends the zygote (and any kernel of it still running), if this process launched it."
@@ -307,6 +356,33 @@ class Zygote:
         self.process.stdout.close()
         self.process = None
         Path(self.socket_path).unlink(missing_ok=True)
+
+class ZygoteHelper:
+    "A zygote's child waiting to run one function call (see `Zygote.helper`)."
+
+    def __init__(self, conn: socket.socket, pid: int):
+        self.conn, self.pid = conn, pid
+
+    def call(self, payload: Any, timeout: float = 120) -> Any:
+        "Returns the function's result for `payload` (JSON in, JSON out); raises ZygoteError if it failed."
+        try:
+            self.conn.settimeout(timeout)
+            self.conn.sendall((json.dumps(payload) + "\n").encode())
+            line = self.conn.makefile("rb").readline()
+        except OSError as e:
+            raise ZygoteError(f"the zygote's helper {self.pid} did not answer: {e}") from None
+        finally:
+            self.close()
+        if not line:
+            raise ZygoteError(f"the zygote's helper {self.pid} exited without answering")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ZygoteError(f"the zygote's helper failed: {reply['error']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        "Lets the helper go (it exits once the connection closes)."
+        self.conn.close()
 
 class ForkedProcess:
     "The parts of `subprocess.Popen` jupyter_client uses, for a kernel that is the zygote's child."

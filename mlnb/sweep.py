@@ -23,7 +23,7 @@ class SweepError(MlnbError):
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
            'optuna_storage', 'make_sampler', 'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study',
            'existing_study', 'finished_trials', 'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows',
-           'optimize']
+           'optimize', 'param_importances', 'importance_inputs', 'importances_of']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -329,6 +329,7 @@ class StudyResult:
     study: Any
     run_id: str | None
     trials: list[dict[str, Any]] = field(default_factory=list)
+    importances: dict[str, dict[str, float]] | None = None  # None: not computed (see `param_importances`)
 
     @property
     def best(self) -> list[dict[str, Any]]:
@@ -410,3 +411,47 @@ def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start
         opt.tell(trial, values)
     finally:
         _TRIAL.reset(token)
+
+# %% ../nbs/15_sweep.ipynb #7a41d2e8
+def param_importances(study) -> dict[str, dict[str, float]]:
+    "Returns each objective's parameter importances (Optuna's fANOVA, seed 0); an objective it cannot rank is left out."
+    import warnings
+
+    import optuna
+    result = {}
+    objectives = study.user_attrs.get("mlnb_signature", {}).get("objectives") or [
+        f"objective{i}" for i in range(len(study.directions))]
+    for i, name in enumerate(objectives):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                values = optuna.importance.get_param_importances(
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+                    target=lambda t, i=i: t.values[i])
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            continue  # too few complete trials, or params that never varied
+        result[name] = {k: float(v) for k, v in values.items()}
+    return result
+
+def importance_inputs(study) -> dict[str, Any]:
+    "Returns what `param_importances` reads of a study (its complete trials), as JSON-ready data."
+    from optuna.distributions import distribution_to_json
+    from optuna.trial import TrialState
+    return {"directions": [d.name.lower() for d in study.directions],
+            "objectives": study.user_attrs.get("mlnb_signature", {}).get("objectives"),
+            "trials": [{"params": t.params, "values": t.values,
+                        "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()}}
+                       for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]}
+
+def importances_of(inputs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    "Returns `param_importances` of the study `inputs` (from `importance_inputs`) describes: for another process."
+    import optuna
+    from optuna.distributions import json_to_distribution
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=inputs["directions"])
+    if inputs["objectives"]:
+        study.set_user_attr("mlnb_signature", {"objectives": inputs["objectives"]})
+    study.add_trials([optuna.trial.create_trial(
+        params=t["params"], values=t["values"],
+        distributions={k: json_to_distribution(d) for k, d in t["distributions"].items()}) for t in inputs["trials"]])
+    return param_importances(study)

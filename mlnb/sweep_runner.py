@@ -21,7 +21,8 @@ from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
                         check_pruner, existing_study, objective_values, optuna_storage,
-                        open_study, param_from_config, parse_objective, trial_rows)
+                        importance_inputs, open_study, param_from_config, param_importances, parse_objective,
+                        trial_rows)
 
 # %% auto #0
 __all__ = ['SweepSpec', 'sweep_from_config', 'check_sweep', 'SweepRunner', 'trial_updates']
@@ -142,8 +143,12 @@ class SweepRunner:
     "Runs a sweep over a notebook step; `run()` returns the StudyResult."
 
     def __init__(self, project: Project, spec: SweepSpec, *, store: Store | None = None, store_url: str | None = None,
-                 on_event=None, poll_interval: float = 0.25):
+                 on_event=None, poll_interval: float = 0.25, importances: bool = False):
         self.project, self.spec = project, spec
+        self.importances = importances  # compute the study's param importances at the end (StudyResult.importances)
+        self.zygote = None
+        self._ranking_readied = False
+        self._helper = None  # the zygote's child that ranks them (see `_get_ready_to_rank`)
         self.store, self.store_url = store, store_url  # without a store, `run` opens store_url's (default: the project's)
         self.on_event = on_event or (lambda kind, info: None)
         self.poll_interval = poll_interval
@@ -164,7 +169,7 @@ class SweepRunner:
             jobs = max(1, spec.jobs or 1)
             options = {"jobs": jobs, **({"scheduler": spec.scheduler} if spec.scheduler else {})}
             # first: its imports are the longest part of the start; the store opens (or is created) meanwhile
-            zygote = self._launch_zygote(pipeline) if spec.executor == "local" else None
+            zygote = self.zygote = self._launch_zygote(pipeline) if spec.executor == "local" else None
             if spec.executor == "local":
                 from mlnb.steprun import WORKER_PRELOAD
                 options.update(prepare=("mlnb.steprun:prepare_worker", {"zygote": zygote and zygote.address}),
@@ -210,12 +215,49 @@ class SweepRunner:
                     threading.Thread(target=self._release, args=(zygote,), name="mlnb-sweep-release").start()
                 else:
                     self._release(zygote)
+                    if self._helper is not None:
+                        self._helper.close()
+        importances = self._rank(status)
         if self.study_run is not None:
             self.study_run.end(status, error="interrupted: run the same sweep again to resume" if status == "killed"
                                else None)
         if status == "killed":
             raise KeyboardInterrupt
-        return StudyResult(self.study, run_id, trial_rows(self.study))
+        return StudyResult(self.study, run_id, trial_rows(self.study), importances)
+
+    def _get_ready_to_rank(self) -> None:
+        """Readies what computes the importances at the end, once cores free up (the last trial starts, or
+        with a time budget the first ends): a child of the zygote, which has imported what the trials import
+        (often scikit-learn, which Optuna's fANOVA needs), or else a thread importing it here."""
+        if not self.importances or self._ranking_readied:
+            return
+        self._ranking_readied = True
+        if self.zygote is not None and self.zygote.alive:
+            from mlnb.kernel_zygote import ZygoteError
+            try:  # (in a sweep of no more trials than jobs, this waits for the zygote to listen, as they do)
+                self._helper = self.zygote.helper("mlnb.sweep:importances_of")
+                return
+            except ZygoteError:
+                pass  # ranked here instead
+        threading.Thread(target=_import_ranking, name="mlnb-import-ranking", daemon=True).start()
+
+    def _rank(self, status: str) -> dict[str, dict[str, float]] | None:
+        "Returns the study's importances when asked for, the sweep finished and it has completed trials."
+        helper, self._helper = self._helper, None
+        try:
+            if not self.importances or status != "finished" or not any(
+                    t["state"] == "complete" for t in trial_rows(self.study)):
+                return None
+            if helper is not None:
+                from mlnb.kernel_zygote import ZygoteError
+                try:
+                    return helper.call(importance_inputs(self.study))
+                except ZygoteError:
+                    pass  # ranked here instead
+            return param_importances(self.study)
+        finally:
+            if helper is not None:
+                helper.close()
 
     def _release(self, zygote) -> None:
         "Shuts the workers down, then the kernel zygote."
@@ -289,7 +331,10 @@ class SweepRunner:
                                 step_env={"MLNB_FLUSH_INTERVAL": os.environ.get("MLNB_FLUSH_INTERVAL", "0.25")}
                                 if self.pruner != "none" else None, steps_follow=follow)
         self.on_event("trial_start", {"number": trial.number, "params": params, "last": last})
-        return pool.submit(runner.run, params=overrides, only=self.trial_steps), state
+        handle = pool.submit(runner.run, params=overrides, only=self.trial_steps)
+        if last:
+            self._get_ready_to_rank()
+        return handle, state
 
     def _prune(self, running: dict) -> None:
         "Reports new points of the monitored metric to each running trial, and flags the ones the pruner gives up on."
@@ -397,8 +442,18 @@ class SweepRunner:
                 self.store.update_run(trial_run_id, error=error)
             result = "failed"
         shutil.rmtree(self.project.root / state.folder, ignore_errors=True)  # the bytes are artifacts now
+        if spec.timeout is not None:  # no last trial is known
+            self._get_ready_to_rank()
         self.on_event("trial_end", {"number": trial.number, "result": result, "error": error,
                                     "values": values if result == "complete" else None, "run_id": trial_run_id})
+
+def _import_ranking() -> None:
+    "Imports what `param_importances` needs (scikit-learn's forests: ~1.5 s of CPU)."
+    try:
+        import optuna.importance  # noqa: F401
+        import sklearn.ensemble  # noqa: F401
+    except ImportError:  # reported, if it matters, when the importances are computed
+        pass
 
 # %% ../nbs/16_sweep_runner.ipynb #f68d18cb
 def trial_updates(study, number: int | None) -> tuple[int, dict[str, dict[str, Any]]]:

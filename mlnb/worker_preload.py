@@ -7,10 +7,14 @@ __all__ = ['FORK_SERVER', 'in_fork_server_child']
 
 # %% ../nbs/12a_worker_preload.ipynb #00e8103a
 import atexit
+import gc
 import os
 import sys
 
-from .executors import quiet_slow_imports
+_collecting = gc.isenabled()
+gc.disable()  # while importing (see kernel_zygote's serve)
+
+from .executors import quiet_slow_imports  # noqa: E402
 
 quiet_slow_imports()  # before nbformat pulls jsonschema in
 
@@ -24,6 +28,9 @@ try:
     steprun.warm_reports()
 except Exception:  # noqa: BLE001 - each worker then builds the exporter itself, and reports what fails there
     pass
+gc.freeze()  # the workers forked from the fork server never walk these objects again
+if _collecting:
+    gc.enable()
 
 def _imported_by_the_fork_server() -> bool:
     "True when multiprocessing's fork server is importing this module as its preload."
@@ -42,4 +49,3 @@ if FORK_SERVER:  # it holds the command's stdout and stderr until it exits: skip
 def in_fork_server_child() -> bool:
     "True in a process forked from a fork server that preloaded this module (a step worker)."
     return FORK_SERVER
-

@@ -66,6 +66,8 @@ def test_a_sweep_from_the_command_line_tracks_every_trial(tunable):
     assert step.name == "train" and step.metrics["score"]["count"] == 3
     assert any(a["name"] == "notebook/report.html" for a in store.get_run(step.id).artifacts)
     assert not (tunable / ".mlnb" / "trials" / "s1").exists() or not any((tunable / ".mlnb" / "trials" / "s1").iterdir())
+    # ranked by a helper the kernel zygote forked: the same as `show` ranks them in its own process
+    assert json.loads(sweep(tunable, "show", "s1", "--json").stdout)["importances"] == data["importances"]
     shown = sweep(tunable, "show", "s1")
     assert "best trial" in shown.stdout and best["run_id"][:8] in shown.stdout and "param importance" in shown.stdout
     listed = json.loads(sweep(tunable, "list", "--json").stdout)
@@ -212,7 +214,9 @@ def test_trials_run_on_a_real_dask_local_cluster(tunable):
     result = sweep(tunable, "train", "--study", "dask", "--param", "x=float:-5:5", "--objective", "score:maximize",
                    "--trials", "4", "--jobs", "2", "--executor", "dask", "--pruner", "none", "--json", timeout=400)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["counts"] == {"complete": 4}
+    data = json.loads(result.stdout)
+    assert data["counts"] == {"complete": 4}
+    assert data["importances"] == {"score:maximize": {"x": 1.0}}  # no zygote: ranked in the sweep's process
     piped = run_cli("run", "--executor", "dask", "--force", "--json", "-q", cwd=tunable, timeout=300)
     assert piped.returncode == 0, piped.stderr
     assert {s["status"] for s in json.loads(piped.stdout)["steps"]} == {"finished"}
