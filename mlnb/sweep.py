@@ -23,7 +23,8 @@ class SweepError(MlnbError):
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
            'optuna_storage', 'make_sampler', 'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study',
            'existing_study', 'finished_trials', 'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows',
-           'optimize', 'param_importances', 'importance_inputs', 'importances_of']
+           'optimize', 'param_importances', 'importance_inputs', 'importances_of', 'remember_importances',
+           'known_importances']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -455,3 +456,22 @@ def importances_of(inputs: dict[str, Any]) -> dict[str, dict[str, float]]:
         params=t["params"], values=t["values"],
         distributions={k: json_to_distribution(d) for k, d in t["distributions"].items()}) for t in inputs["trials"]])
     return param_importances(study)
+
+_RANKING = "fanova-seed0"  # how they are ranked: a stored ranking made another way is not reused
+
+def _ranking_key(study) -> str:
+    "Identifies what a ranking of `study` is made from: its complete trials, and how it ranks."
+    import hashlib
+
+    from optuna.trial import TrialState
+    numbers = ",".join(str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return hashlib.sha1(f"{_RANKING}:{numbers}".encode()).hexdigest()
+
+def remember_importances(study, importances: dict[str, dict[str, float]]) -> None:
+    "Stores `importances` on the study (a user attr), for `known_importances` while its complete trials stay the same."
+    study.set_user_attr("mlnb_importances", {"key": _ranking_key(study), "values": importances})
+
+def known_importances(study) -> dict[str, dict[str, float]] | None:
+    "Returns the importances stored for the study's current complete trials, or None."
+    stored = study.user_attrs.get("mlnb_importances")
+    return stored["values"] if isinstance(stored, dict) and stored.get("key") == _ranking_key(study) else None

@@ -21,8 +21,8 @@ from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
                         check_pruner, existing_study, objective_values, optuna_storage,
-                        importance_inputs, open_study, param_from_config, param_importances, parse_objective,
-                        trial_rows)
+                        importance_inputs, known_importances, open_study, param_from_config, param_importances,
+                        parse_objective, remember_importances, trial_rows)
 
 # %% auto #0
 __all__ = ['SweepSpec', 'sweep_from_config', 'check_sweep', 'SweepRunner', 'trial_updates']
@@ -248,13 +248,20 @@ class SweepRunner:
             if not self.importances or status != "finished" or not any(
                     t["state"] == "complete" for t in trial_rows(self.study)):
                 return None
+            known = known_importances(self.study)  # nothing ran since the last ranking
+            if known is not None:
+                return known
+            ranked = None
             if helper is not None:
                 from mlnb.kernel_zygote import ZygoteError
                 try:
-                    return helper.call(importance_inputs(self.study))
+                    ranked = helper.call(importance_inputs(self.study))
                 except ZygoteError:
                     pass  # ranked here instead
-            return param_importances(self.study)
+            if ranked is None:
+                ranked = param_importances(self.study)
+            remember_importances(self.study, ranked)
+            return ranked
         finally:
             if helper is not None:
                 helper.close()

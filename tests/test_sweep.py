@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+import optuna
+
 import mlnb
 from conftest import MLNB, run_cli, wait_for
+from mlnb.sweep import optuna_storage
 from test_pipeline import notebook, project, store_of
 
 SCORE = """
@@ -104,8 +107,18 @@ def test_a_sweep_declared_in_mlnb_yaml_and_resumed_to_more_trials(tunable):
     first = sweep(tunable, "knob", "--json")
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["counts"] == {"complete": 3}
+    # the sweep stored its ranking on the study: `show` prints that one while no trial completes
+    study = optuna.load_study(study_name="knob", storage=optuna_storage(store_of(tunable)))
+    stored = study.user_attrs["mlnb_importances"]
+    assert stored["values"] == json.loads(first.stdout)["importances"]
+    marked = {"score:maximize": {"x": 0.25, "kind": 0.75}}  # not what fANOVA gives: shows where `show` read it
+    study.set_user_attr("mlnb_importances", {**stored, "values": marked})
+    assert json.loads(sweep(tunable, "show", "knob", "--json").stdout)["importances"] == marked
     more = sweep(tunable, "knob", "--trials", "5", "--json")
     assert json.loads(more.stdout)["counts"] == {"complete": 5}  # two more, not five more
+    assert json.loads(more.stdout)["importances"] != marked  # two more trials: ranked again
+    assert json.loads(sweep(tunable, "show", "knob", "--json").stdout)["importances"] == \
+        json.loads(more.stdout)["importances"]
     studies = store_of(tunable).list_runs(kind="study")
     again = sweep(tunable, "knob", "--trials", "5")  # the target reached: says so, runs nothing
     assert again.returncode == 0 and "all finished already: nothing to run" in again.stderr, again.stderr
