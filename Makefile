@@ -71,7 +71,7 @@ check-clean: setup
 	fi; echo "ok: notebooks are clean"
 
 lint: setup
-	$(BIN)/ruff check mlnb
+	$(BIN)/ruff check mlnb tests bench
 
 nbtest: setup
 	$(BIN)/nbdev_test --n_workers 2

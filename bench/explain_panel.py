@@ -17,8 +17,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore")

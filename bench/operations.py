@@ -52,7 +52,7 @@ def scheduler_overhead(seconds: int) -> dict:
     store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
     add_schedule(store, "every-second", "* * * * * *", force=["step"], project=require_project(root))
     set_paused(store, "every-second", True)  # the scheduler starts (and warms its workers) first
-    log = open(root / "scheduler.log", "w")
+    log = open(root / "scheduler.log", "w")  # noqa: SIM115 - the scheduler writes it until it is stopped below
     proc = subprocess.Popen([str(BIN / "mlnb"), "scheduler"], cwd=root, stderr=log, stdout=log,
                             start_new_session=True)
     time.sleep(8)

@@ -17,7 +17,6 @@ kernel (mlnb's venv Python), so the comparison is of the orchestration, not of t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -108,7 +107,7 @@ print(time.perf_counter() - start)
 """
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True,
-                         env={**os.environ, **KERNEL_ENV})
+                         env={**os.environ, **KERNEL_ENV}, check=False)
     if out.returncode != 0:
         raise SystemExit(f"the papermill baseline failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -116,7 +115,8 @@ print(time.perf_counter() - start)
 
 def timed(cmd: list[str], folder: Path, env: dict | None = None) -> float:
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, env={**os.environ, **KERNEL_ENV, **(env or {})})
+    result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, env={**os.environ, **KERNEL_ENV, **(env or {})},
+                            check=False)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed in {folder}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")

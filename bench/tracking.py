@@ -200,7 +200,8 @@ def main() -> None:
         proc = subprocess.run([args.mlflow_python, __file__, "--part", "mlflow",
                                "--mlflow-points", str(args.mlflow_points), "--mlflow-runs", str(args.mlflow_runs),
                                "--mlflow-load-runs", str(args.mlflow_load_runs)],
-                              capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+                              capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+                              check=False)
         if proc.returncode != 0:
             sys.exit(f"MLflow side failed:\n{proc.stderr[-3000:]}")
         mlflow_res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -77,7 +77,6 @@ def test_show_json_gives_everything_about_a_run(tracked):
 
 
 def test_show_text_for_a_failed_run_names_the_error(tracked):
-    _, ids = tracked
     text = invoke("runs", "show", "broken").stdout
     assert "failed" in text and "ValueError: loss is nan" in text
 

@@ -68,7 +68,7 @@ def test_unsupported_models_and_text_columns_are_named(project):
     with mlnb.start_run("odd", store=url) as odd:
         odd.log_artifact(pickle.dumps(Opaque()), name="model.pkl")
         odd.set_tag("mlnb.model.model", "test_explain.Opaque")
-    with pytest.raises(mlnb.MlnbError, match="mlnb cannot explain a test_explain.Opaque"):
+    with pytest.raises(mlnb.MlnbError, match=r"mlnb cannot explain a test_explain\.Opaque"):
         mlnb.explain_run(odd.id, data=frame, store=url)
     forest = RandomForestClassifier(3).fit(np.arange(8).reshape(4, 2), [0, 1, 0, 1])
     with pytest.raises(mlnb.MlnbError, match=r"X has non-numeric columns \['plan'\]"):

@@ -28,7 +28,8 @@ def test_environment_yml_has_the_same_pins_as_settings_ini():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     listed = {_normalize(s) for s in pip_section if not s.startswith("-e")}
-    assert listed == wanted, f"only in environment.yml: {sorted(listed - wanted)}; only in settings.ini: {sorted(wanted - listed)}"
+    assert listed == wanted, (f"only in environment.yml: {sorted(listed - wanted)}; "
+                              f"only in settings.ini: {sorted(wanted - listed)}")
     assert "python=3.11" in env["dependencies"]
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -134,7 +132,8 @@ def test_the_panel_in_jupyterlab(reviewed, tmp_path):
            "JUPYTER_DATA_DIR": str(tmp_path / "data")}
     lab = _serve([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
                   f"--IdentityProvider.token={token}", *(["--allow-root"] if os.geteuid() == 0 else []),
-                  "--LabApp.extension_manager=readonly", f"--ServerApp.root_dir={reviewed}", "--LabApp.expose_app_in_browser=True",
+                  "--LabApp.extension_manager=readonly", f"--ServerApp.root_dir={reviewed}",
+                  "--LabApp.expose_app_in_browser=True",
                   "--LabApp.news_url=None", f"--LabServerApp.workspaces_dir={tmp_path / 'workspaces'}",
                   f"--LabServerApp.user_settings_dir={tmp_path / 'settings'}"], port, reviewed, env, "/lab")
     manager, browser = _browser()

@@ -5,9 +5,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -283,7 +281,8 @@ def test_param_errors_stop_before_any_kernel_starts(tmp_path, case, expected):
 
 
 @pytest.mark.parametrize("case,expected", [
-    ("yaml", "mlnb.yaml:4:1: malformed YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence that starts on line 3)"),
+    ("yaml", "mlnb.yaml:4:1: malformed YAML: expected ',' or ']', but got '<stream end>' "
+             "(while parsing a flow sequence that starts on line 3)"),
     ("missing_notebook", "does not exist"),
     ("not_json", "is not valid JSON"),
     ("cycle", "cycle: a -> b -> a"),
@@ -359,7 +358,8 @@ def test_interrupt_stops_kernels_and_marks_runs_killed(tmp_path, how):
              "import time; time.sleep(seconds)")
     notebook(root / "next.ipynb", "n: int = 0", "pass")
     proc = subprocess.Popen([MLNB, "run"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            # a shell's background job ignores SIGINT, and its children with it: undone
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     store = None
 
     def step_running():
@@ -373,7 +373,7 @@ def test_interrupt_stops_kernels_and_marks_runs_killed(tmp_path, how):
     kernels = _kernels_under(proc.pid)
     assert kernels, "the step's kernel should be running"
     proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
-    out, err = proc.communicate(timeout=90)
+    _, err = proc.communicate(timeout=90)
     assert proc.returncode == 1, err
     steps = {r.name: r for r in store.list_runs(kind="step")}
     assert steps["long"].status == "killed" and steps["next"].status == "skipped"

@@ -144,7 +144,7 @@ def test_a_version_1_store_is_migrated_to_the_current_schema(store_url, monkeypa
         old = Store(store_url).open()
         assert old.schema_version == 1
         run_id = old.create_run(name="before", params={"k": 1})
-        with pytest.raises(Exception):
+        with pytest.raises(StoreError, match="mlnb_run_files"):  # the table came with version 2
             old.read(lambda tx: tx.columns("mlnb_run_files"))
         old.close()
     upgraded = Store(store_url).open()
@@ -177,7 +177,7 @@ def test_sqlalchemy_is_not_imported_to_use_an_existing_sqlite_store(tmp_path):
     import sys
     url = f"sqlite:///{tmp_path}/s.db"
     Store(url).open().close()  # created (and migrated) here, with SQLAlchemy writing the DDL
-    code = ("import sys, mlnb; run = mlnb.start_run('x', store=%r); run.log_metric('a', 1); run.end(); "
-            "print('sqlalchemy' in sys.modules)" % url)
+    code = (f"import sys, mlnb; run = mlnb.start_run('x', store={url!r}); run.log_metric('a', 1); run.end(); "
+            "print('sqlalchemy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

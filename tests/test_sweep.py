@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -200,7 +199,8 @@ def test_ctrl_c_kills_running_trials_and_the_study_resumes(tunable):
     args = ["sweep", "train", "--study", "int", "--param", "x=float:-5:5", "--objective", "score:maximize",
             "--trials", "3", "--jobs", "2", "--pruner", "none"]
     proc = subprocess.Popen([MLNB, *args], cwd=tunable, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            # a shell's background job ignores SIGINT, and its children with it: undone
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     store = None
 
     def trials_running():

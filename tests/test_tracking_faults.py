@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +45,7 @@ def test_four_processes_write_2000_points_each_into_one_sqlite_store(tmp_path):
     procs = [_spawn(script, env, str(i)) for i in range(4)]
     go.touch()
     results = [p.communicate(timeout=120) for p in procs]
-    for proc, (out, err) in zip(procs, results):
+    for proc, (_, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err
         assert "locked" not in err.lower(), err
     store = mlnb.open_store(url)
@@ -142,7 +141,8 @@ def test_environment_git_and_seed_are_captured(tmp_path):
     """)
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, check=True)
     record = mlnb.open_store(f"sqlite:///{tmp_path}/.mlnb/mlnb.db").get_run(out.stdout.strip())
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
     assert record.git_commit == head and record.git_dirty is False  # the script is untracked, not a change
     assert record.seed == 1234
     assert record.experiment == "captured"
