@@ -128,13 +128,17 @@ def _run_helper(conn: socket.socket, function: str) -> int:
     for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_DFL)
     stream = conn.makefile("rwb")
+    fn, failed = None, None
     try:
         module, _, name = function.partition(":")
         fn = getattr(importlib.import_module(module), name)
-        line = stream.readline()
-        if not line:  # the caller went away
-            return 0
-        reply = {"result": fn(json.loads(line))}
+    except BaseException as e:  # noqa: BLE001 - the answer to the call (not before it: the caller is still sending)
+        failed = f"{type(e).__name__}: {e}"
+    line = stream.readline()
+    if not line:  # the caller went away
+        return 0
+    try:
+        reply = {"error": failed} if fn is None else {"result": fn(json.loads(line))}
     except BaseException as e:  # noqa: BLE001 - reported to the caller
         reply = {"error": f"{type(e).__name__}: {e}"}
     try:
