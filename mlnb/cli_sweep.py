@@ -156,7 +156,7 @@ def _load(name: str, store_url: str | None):
         raise MlnbError(f"No study {name!r} in the store.{did_you_mean(name, names)} Studies: {one_of(names)}.") from None
 
 def _show(study, as_json: bool, importances: dict | None = None) -> None:
-    from mlnb.sweep import known_importances, param_importances, trial_rows
+    from mlnb.sweep import study_importances, trial_rows
     signature = study.user_attrs.get("mlnb_signature", {})
     objectives = signature.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     rows = trial_rows(study)
@@ -166,11 +166,8 @@ def _show(study, as_json: bool, importances: dict | None = None) -> None:
         counts[state] = counts.get(state, 0) + 1
     best_numbers = {t.number for t in study.best_trials} if any(t["state"] == "complete" for t in rows) else set()
     best = [t for t in rows if t["number"] in best_numbers]
-    if importances is None and best_numbers:
-        importances = known_importances(study)  # the ranking its sweep stored, if no trial completed since
-        if importances is None:
-            importances = param_importances(study)
-    importances = importances or {}
+    if importances is None:  # not given by the sweep just run: the one stored, if no trial completed since
+        importances = study_importances(study) if best_numbers else {}
     if as_json:
         echo_json({"study": study.study_name, "step": signature.get("step"), "objectives": objectives,
                    "counts": counts, "best": best, "pareto_front": best if len(objectives) > 1 else None,

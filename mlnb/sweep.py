@@ -24,7 +24,7 @@ __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', '
            'optuna_storage', 'make_sampler', 'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study',
            'existing_study', 'finished_trials', 'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows',
            'optimize', 'param_importances', 'importance_inputs', 'importances_of', 'remember_importances',
-           'known_importances']
+           'known_importances', 'study_importances']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -475,3 +475,8 @@ def known_importances(study) -> dict[str, dict[str, float]] | None:
     "Returns the importances stored for the study's current complete trials, or None."
     stored = study.user_attrs.get("mlnb_importances")
     return stored["values"] if isinstance(stored, dict) and stored.get("key") == _ranking_key(study) else None
+
+def study_importances(study) -> dict[str, dict[str, float]]:
+    "Returns the importances stored for the study's current complete trials, or else ranks them now (not stored)."
+    known = known_importances(study)
+    return known if known is not None else param_importances(study)

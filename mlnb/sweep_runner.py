@@ -217,13 +217,14 @@ class SweepRunner:
                     self._release(zygote)
                     if self._helper is not None:
                         self._helper.close()
-        importances = self._rank(status)
+        rows = trial_rows(self.study)
+        importances = self._rank(status, rows)
         if self.study_run is not None:
             self.study_run.end(status, error="interrupted: run the same sweep again to resume" if status == "killed"
                                else None)
         if status == "killed":
             raise KeyboardInterrupt
-        return StudyResult(self.study, run_id, trial_rows(self.study), importances)
+        return StudyResult(self.study, run_id, rows, importances)
 
     def _get_ready_to_rank(self) -> None:
         """Readies what computes the importances at the end, once cores free up (the last trial starts, or
@@ -241,12 +242,11 @@ class SweepRunner:
                 pass  # ranked here instead
         threading.Thread(target=_import_ranking, name="mlnb-import-ranking", daemon=True).start()
 
-    def _rank(self, status: str) -> dict[str, dict[str, float]] | None:
-        "Returns the study's importances when asked for, the sweep finished and it has completed trials."
+    def _rank(self, status: str, rows: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+        "Returns the study's importances when asked for, the sweep finished and it has completed trials (`rows`)."
         helper, self._helper = self._helper, None
         try:
-            if not self.importances or status != "finished" or not any(
-                    t["state"] == "complete" for t in trial_rows(self.study)):
+            if not self.importances or status != "finished" or not any(t["state"] == "complete" for t in rows):
                 return None
             known = known_importances(self.study)  # nothing ran since the last ranking
             if known is not None:
