@@ -102,7 +102,7 @@ def _run_kernel(request: dict) -> int:
     if sys.path and sys.path[0] == "":  # as `python -m ipykernel_launcher` started here would have it
         sys.path[0] = os.getcwd()
     _reseed_child()
-    sys.argv = ["ipykernel_launcher", "-f", request["connection_file"]]
+    sys.argv = ["ipykernel_launcher", "-f", request["connection_file"], *request.get("argv", [])]
     code = 0
     try:
         from ipykernel.kernelapp import IPKernelApp
@@ -332,9 +332,12 @@ class Zygote:
             raise ZygoteError("the kernel zygote closed the connection without forking")
         return conn, json.loads(reply)["pid"]
 
-    def fork(self, connection_file: str, env: dict[str, str], cwd: str, timeout: float = 120) -> int:
-        "Returns the pid of a new kernel that serves `connection_file` (waiting for a launched zygote to listen)."
-        conn, pid = self._request({"connection_file": connection_file, "env": dict(env), "cwd": str(cwd)}, timeout)
+    def fork(self, connection_file: str, env: dict[str, str], cwd: str, timeout: float = 120,
+             argv: list[str] | tuple[str, ...] = ()) -> int:
+        """Returns the pid of a new kernel that serves `connection_file` (waiting for a launched zygote to listen);
+        `argv`: more command-line options for the kernel (`--Class.trait=value`)."""
+        conn, pid = self._request({"connection_file": connection_file, "env": dict(env), "cwd": str(cwd),
+                                   "argv": list(argv)}, timeout)
         conn.close()
         return pid
 
@@ -434,8 +437,8 @@ def zygote_kernel_manager(km_class: type, zygote: Zygote, **kwargs: Any):
 
     class ForkedProvisioner(LocalProvisioner):
         async def launch_kernel(self, cmd: list[str], **kw: Any):
-            connection_file = cmd[cmd.index("-f") + 1]
-            pid = zygote.fork(connection_file, kw.get("env") or os.environ, kw.get("cwd") or os.getcwd())
+            at = cmd.index("-f")  # what follows the connection file: the kernel manager's extra_arguments
+            pid = zygote.fork(cmd[at + 1], kw.get("env") or os.environ, kw.get("cwd") or os.getcwd(), argv=cmd[at + 2:])
             self.process = ForkedProcess(pid)
             self.pid = self.pgid = pid  # the kernel leads its own session
             self.cwd = kw.get("cwd") or os.getcwd()

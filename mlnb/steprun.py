@@ -112,6 +112,20 @@ def _ipc_kernel_manager():
             super().__init__(**kwargs)
             self.client_factory = QuickReadyClient
 
+        @property
+        def history_file(self) -> str:
+            "The kernel's own IPython history database (see above)."
+            return f"{self.ip}-history.sqlite"
+
+        def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
+            return super().format_kernel_cmd([*(extra_arguments or []), f"--HistoryManager.hist_file={self.history_file}"])
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart)
+            if not restart:
+                for leftover in (self.history_file, f"{self.history_file}-journal"):
+                    Path(leftover).unlink(missing_ok=True)
+
         async def _async_finish_shutdown(self, waittime: float | None = None, pollinterval: float = 0.1,
                                          restart: bool = False) -> None:
             # jupyter_client checks every 100 ms whether a kernel asked to shut down has exited: a
