@@ -195,7 +195,10 @@ def serve(socket_path: str, modules: list[str]) -> None:
             if listener in ready:
                 conn, _ = listener.accept()
                 with conn:
-                    request = json.loads(conn.makefile().readline())
+                    try:
+                        request = json.loads(conn.makefile().readline())
+                    except (OSError, ValueError):  # the caller went away before asking
+                        continue
                     pid = os.fork()
                     if pid == 0:
                         listener.close()
@@ -204,7 +207,10 @@ def serve(socket_path: str, modules: list[str]) -> None:
                         conn.close()
                         os._exit(_run_kernel(request))
                     (helpers if "helper" in request else children).add(pid)
-                    conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+                    try:
+                        conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+                    except OSError:  # the caller went away before its answer (interrupted, or died): no one
+                        os.kill(pid, signal.SIGKILL)  # will use this child; the zygote serves the others on
     finally:
         for pid in children:
             try:

@@ -126,6 +126,17 @@ def _ipc_kernel_manager():
                 for leftover in (self.history_file, f"{self.history_file}-journal"):
                     Path(leftover).unlink(missing_ok=True)
 
+        idle = False  # set by mlnb once the kernel is known to be idle (see below)
+
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client interrupts a kernel before asking it to shut down, in case a cell still runs.
+            # For a kernel mlnb knows is idle that only risks a SIGINT landing as a message handler ends,
+            # which ipykernel reports on the terminal ("KeyboardInterrupt caught in kernel"). Only the
+            # shutdown calls this method: `interrupt_kernel` (nbclient's on a cell timeout, `_settle`'s) is
+            # jupyter_client's own function and always interrupts.
+            if not self.idle:
+                await super()._async_interrupt_kernel()
+
         async def _async_finish_shutdown(self, waittime: float | None = None, pollinterval: float = 0.1,
                                          restart: bool = False) -> None:
             # jupyter_client checks every 100 ms whether a kernel asked to shut down has exited: a
@@ -204,6 +215,8 @@ def _take_kernel_ahead():
 def _shutdown(km, now: bool = False) -> None:
     "Shuts a kernel down (gracefully by default: mlnb inside it flushes its metrics at exit)."
     from jupyter_core.utils import run_sync
+    if now:
+        km.idle = True  # killed at once: interrupting it first (see `_ipc_kernel_manager`) would serve nothing
     try:
         run_sync(km.shutdown_kernel)(now=now)
     except Exception:  # noqa: BLE001 - a kernel that is already gone is shut down
@@ -221,6 +234,55 @@ def _run_silently(km, code: str) -> None:
             raise RuntimeError(f"the kernel refused mlnb's setup code: {reply['content'].get('evalue')}")
     finally:
         client.stop_channels()
+
+def _settle(km, timeout: float = 3) -> None:
+    """Interrupts the cell a kernel may still be running and waits (up to `timeout` s) until its shell is free.
+
+    A kernel asked to shut down while a cell runs closes its sockets under the cell's reply, and
+    ipykernel prints that error with its traceback on the terminal: what Ctrl-C showed besides mlnb's
+    one line. Its shell answers kernel_info only after the interrupted cell has replied; then the
+    kernel is marked idle, so that its shutdown does not interrupt it again (see `_ipc_kernel_manager`)."""
+    from queue import Empty
+
+    from jupyter_core.utils import run_sync
+    client = km.client()
+    client.start_channels()
+    try:
+        client.kernel_info()
+        try:  # an idle kernel answers at once, and is not interrupted
+            run_sync(client.shell_channel.get_msg)(timeout=0.2)
+        except Empty:
+            run_sync(km.interrupt_kernel)()
+            run_sync(client.shell_channel.get_msg)(timeout=timeout)
+        km.idle = True
+    except BaseException:  # noqa: BLE001 - a kernel that does not settle is shut down all the same
+        pass
+    finally:
+        client.stop_channels()
+
+def _deafen():
+    "Ignores Ctrl-C from now on, in the main thread; returns the handler to put back (None: nothing to put back)."
+    import signal
+    try:
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread, where no KeyboardInterrupt arrives anyway
+        return None
+
+def _cancel_pending() -> None:
+    """Cancels what an interrupted papermill run left on this thread's event loop (nbclient's cell tasks),
+    so that they do not wake up later to report the kernel gone ("Task exception was never retrieved")."""
+    import asyncio
+
+    from jupyter_core.utils import ensure_event_loop
+    loop = ensure_event_loop()
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:  # gathered, so that their exceptions (nbclient turns the cancel into DeadKernelError) are read
+        try:
+            loop.run_until_complete(asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), timeout=5))
+        except BaseException:  # noqa: BLE001 - what does not end in 5 s is left to the process's exit
+            pass
 
 def _enter_step(km, task: StepTask) -> None:
     "Gives a kernel started ahead the step's environment and working folder, before any notebook cell."
@@ -340,6 +402,7 @@ def execute_step(task: StepTask) -> StepResult:
     Path(task.executed).parent.mkdir(parents=True, exist_ok=True)
     from jupyter_core.utils import run_sync
     km = _take_kernel_ahead() if task.warm else None
+    deaf = None
     result.phases["kernel_ahead"] = float(km is not None)
     try:
         if km is not None:
@@ -362,6 +425,8 @@ def execute_step(task: StepTask) -> StepResult:
             result.error = f"{e.ename}: {e.evalue}".strip()
     except KeyboardInterrupt:
         result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
+        deaf = _deafen()  # a second Ctrl-C (a terminal sends the workers one too) must not cut the stop short
+        _cancel_pending()
     except Exception as e:  # noqa: BLE001 - a dead kernel, a timeout, a bad notebook: all are step failures
         result.status = "failed"
         name = type(e).__name__
@@ -383,14 +448,20 @@ def execute_step(task: StepTask) -> StepResult:
             try:
                 if result.status != "killed" and run_sync(km.is_alive)():
                     _leave_step(km)
+                    km.idle = True
             except Exception:  # noqa: BLE001 - the kernel's own exit flushes too
                 pass
-            if task.warm and task.ahead:
+            if result.status == "killed":
+                _settle(km)  # then it shuts down quietly, and mlnb in it still flushes its metrics at exit
+            elif task.warm and task.ahead:
                 try:
                     start_kernel_ahead()  # the next kernel boots while this one shuts down
                 except Exception:  # noqa: BLE001 - the next step will start its own kernel
                     pass
             _retire(km)
+        if deaf is not None:
+            import signal
+            signal.signal(signal.SIGINT, deaf)
     result.phases["shut_down"] = time.perf_counter() - start
     if os.path.exists(task.executed):
         try:
