@@ -166,6 +166,7 @@ def test_sigterm_stops_the_scheduler_cleanly_and_records_the_run_killed(quick):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM: stopping" in err and "stopped" in err.splitlines()[-1]
+    assert "Traceback" not in err and "[IPKernelApp]" not in err, err
     done = {h["scheduled_time"]: h for h in history(quick, "slow")}[running["scheduled_time"]]
     assert done["status"] == "killed"
     assert store_of(quick).get_run(running["run_id"]).status == "killed"
