@@ -18,9 +18,12 @@ from typing import Any
 from .errors import MlnbError, did_you_mean, one_of
 
 # %% auto #0
-__all__ = ['EXECUTORS', 'Executor', 'quiet_slow_imports', 'LocalExecutor', 'DaskExecutor', 'get_executor']
+__all__ = ['EXECUTORS', 'Interrupted', 'Executor', 'quiet_slow_imports', 'LocalExecutor', 'DaskExecutor', 'get_executor']
 
 # %% ../nbs/11_executors.ipynb #6f97a03f
+class Interrupted(Exception):
+    "Raised by `Executor.result` for a callable that `interrupt()` stopped before it could return."
+
 class Executor:
     """Runs picklable callables and returns their results.
 
@@ -197,11 +200,15 @@ class DaskExecutor(Executor):
             done, _ = wait(handles, timeout=timeout, return_when="FIRST_COMPLETED")
         except TimeoutError:
             return
+        except cf.CancelledError:  # `wait` raises when it finds cancelled futures: they are done (see `result`)
+            done = [future for future in handles if future.cancelled()]
         for future in done:
             self._pending.discard(future)
             yield future
 
     def result(self, handle: Any) -> Any:
+        if handle.cancelled():  # by `interrupt`: Dask cannot stop a running task any other way
+            raise Interrupted("interrupted (Ctrl-C or SIGTERM)")
         return handle.result()
 
     def interrupt(self) -> None:

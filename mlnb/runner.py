@@ -416,8 +416,11 @@ class PipelineRunner:
         from mlnb.steprun import StepResult
         name, run, began = self.running.pop(handle)
         plan = plans[name]
+        from mlnb.executors import Interrupted
         try:
             result = self.executor.result(handle)
+        except Interrupted as e:
+            result = StepResult(status="killed", error=str(e))
         except Exception as e:  # noqa: BLE001 - a worker that died is a failed step, not a crashed runner
             result = StepResult(status="failed", error=f"the worker running the step failed: {type(e).__name__}: {e}")
         files = self._input_files(plan)

@@ -130,12 +130,25 @@ def _ipc_kernel_manager():
 
         async def _async_interrupt_kernel(self) -> None:
             # jupyter_client interrupts a kernel before asking it to shut down, in case a cell still runs.
-            # For a kernel mlnb knows is idle that only risks a SIGINT landing as a message handler ends,
-            # which ipykernel reports on the terminal ("KeyboardInterrupt caught in kernel"). Only the
-            # shutdown calls this method: `interrupt_kernel` (nbclient's on a cell timeout, `_settle`'s) is
-            # jupyter_client's own function and always interrupts.
-            if not self.idle:
+            # For an idle kernel that only risks a SIGINT landing as a message handler ends, which ipykernel
+            # reports on the terminal ("KeyboardInterrupt caught in kernel"). So a kernel mlnb knows is idle,
+            # or one that answers kernel_info at once (papermill's own, shut down after its notebook), is not
+            # interrupted. Only the shutdown calls this method: `interrupt_kernel` (nbclient's on a cell
+            # timeout, `_settle`'s) is jupyter_client's own function and always interrupts.
+            if not self.idle and not await self._answers_at_once():
                 await super()._async_interrupt_kernel()
+
+        async def _answers_at_once(self, timeout: float = 0.2) -> bool:
+            client = self.client()
+            client.start_channels()
+            try:
+                client.kernel_info()
+                await client.shell_channel.get_msg(timeout=timeout)
+                return True
+            except Exception:  # noqa: BLE001 - busy (queue.Empty), or gone
+                return False
+            finally:
+                client.stop_channels()
 
         async def _async_finish_shutdown(self, waittime: float | None = None, pollinterval: float = 0.1,
                                          restart: bool = False) -> None:
