@@ -451,6 +451,8 @@ def execute_step(task: StepTask) -> StepResult:
         else:
             result.error = f"{name}: {e}"
     finally:
+        if deaf is None:  # the notebook is over: from here a Ctrl-C could only lose its result, not stop it
+            deaf = _deafen()
         result.phases["executed"] = time.perf_counter() - start
         for key, value in saved.items():
             if value is None:
@@ -472,19 +474,21 @@ def execute_step(task: StepTask) -> StepResult:
                 except Exception:  # noqa: BLE001 - the next step will start its own kernel
                     pass
             _retire(km)
+    try:
+        result.phases["shut_down"] = time.perf_counter() - start
+        if os.path.exists(task.executed):
+            try:
+                result.html = str(render_html(task.executed, task.html, title=task.step))
+            except Exception as e:  # noqa: BLE001 - a report that cannot render must not hide the step's result
+                result.error = (result.error + "; " if result.error else "") + f"report not rendered: {e}"
+        else:
+            result.executed = None
+        result.seconds = time.perf_counter() - start
+        return result
+    finally:
         if deaf is not None:
             import signal
             signal.signal(signal.SIGINT, deaf)
-    result.phases["shut_down"] = time.perf_counter() - start
-    if os.path.exists(task.executed):
-        try:
-            result.html = str(render_html(task.executed, task.html, title=task.step))
-        except Exception as e:  # noqa: BLE001 - a report that cannot render must not hide the step's result
-            result.error = (result.error + "; " if result.error else "") + f"report not rendered: {e}"
-    else:
-        result.executed = None
-    result.seconds = time.perf_counter() - start
-    return result
 
 def _read_json(path: str) -> dict | None:
     try:

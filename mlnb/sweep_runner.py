@@ -425,6 +425,7 @@ class SweepRunner:
             if step.source_run_id:  # a cached step: its curves are on the run it reused
                 trial.set_user_attr("mlnb_metrics_run_id", step.source_run_id)
         if interrupted or status == "killed":
+            error = error or "interrupted (Ctrl-C or SIGTERM)"  # its step may have ended just before the stop
             trial.set_user_attr("mlnb_status", "killed")
             self.study.tell(trial, state=TrialState.FAIL)
             if trial_run_id:
