@@ -126,27 +126,43 @@ def _ipc_kernel_manager():
                 for leftover in (self.history_file, f"{self.history_file}-journal"):
                     Path(leftover).unlink(missing_ok=True)
 
-        idle = False  # set by mlnb once the kernel is known to be idle (see below)
+        _settled = False  # during a shutdown: jupyter_client's own interrupt is skipped (see below)
+
+        async def _async_shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+            # jupyter_client interrupts a kernel and at once asks it to shut down. A cell still running then
+            # sends its reply on closed sockets, and a SIGINT landing as an idle kernel's message handler
+            # ends is "KeyboardInterrupt caught in kernel": ipykernel prints both on the terminal. So a
+            # graceful shutdown settles the kernel first, and skips jupyter_client's interrupt.
+            if not now and self.has_kernel:
+                await self._settle()
+            self._settled = True
+            try:
+                await super()._async_shutdown_kernel(now, restart)
+            finally:
+                self._settled = False
+
+        shutdown_kernel = _async_shutdown_kernel  # the base class binds the name to its own coroutine
 
         async def _async_interrupt_kernel(self) -> None:
-            # jupyter_client interrupts a kernel before asking it to shut down, in case a cell still runs.
-            # For an idle kernel that only risks a SIGINT landing as a message handler ends, which ipykernel
-            # reports on the terminal ("KeyboardInterrupt caught in kernel"). So a kernel mlnb knows is idle,
-            # or one that answers kernel_info at once (papermill's own, shut down after its notebook), is not
-            # interrupted. Only the shutdown calls this method: `interrupt_kernel` (nbclient's on a cell
-            # timeout, `_settle`'s) is jupyter_client's own function and always interrupts.
-            if not self.idle and not await self._answers_at_once():
+            # Only the shutdown calls this method; `interrupt_kernel` (nbclient's, on a cell timeout) is
+            # jupyter_client's own function and always interrupts.
+            if not self._settled:
                 await super()._async_interrupt_kernel()
 
-        async def _answers_at_once(self, timeout: float = 0.2) -> bool:
+        async def _settle(self, timeout: float = 3) -> None:
+            """Interrupts the cell the kernel may still be running, once, and waits (up to `timeout` s) until
+            its shell is free: the shell answers kernel_info only after the cell before it has replied."""
             client = self.client()
-            client.start_channels()
+            client.start_channels(iopub=False, stdin=False, hb=False, control=False)  # the shell is enough
             try:
                 client.kernel_info()
-                await client.shell_channel.get_msg(timeout=timeout)
-                return True
-            except Exception:  # noqa: BLE001 - busy (queue.Empty), or gone
-                return False
+                try:  # an idle kernel answers at once, and is not interrupted
+                    await client.shell_channel.get_msg(timeout=0.2)
+                except Empty:
+                    await super()._async_interrupt_kernel()
+                    await client.shell_channel.get_msg(timeout=timeout)
+            except Exception:  # noqa: BLE001 - a kernel that does not settle is shut down all the same
+                pass
             finally:
                 client.stop_channels()
 
@@ -228,8 +244,6 @@ def _take_kernel_ahead():
 def _shutdown(km, now: bool = False) -> None:
     "Shuts a kernel down (gracefully by default: mlnb inside it flushes its metrics at exit)."
     from jupyter_core.utils import run_sync
-    if now:
-        km.idle = True  # killed at once: interrupting it first (see `_ipc_kernel_manager`) would serve nothing
     try:
         run_sync(km.shutdown_kernel)(now=now)
     except Exception:  # noqa: BLE001 - a kernel that is already gone is shut down
@@ -245,31 +259,6 @@ def _run_silently(km, code: str) -> None:
         reply = run_sync(client.execute_interactive)(code, silent=True, store_history=False, timeout=60)
         if reply["content"].get("status") != "ok":
             raise RuntimeError(f"the kernel refused mlnb's setup code: {reply['content'].get('evalue')}")
-    finally:
-        client.stop_channels()
-
-def _settle(km, timeout: float = 3) -> None:
-    """Interrupts the cell a kernel may still be running and waits (up to `timeout` s) until its shell is free.
-
-    A kernel asked to shut down while a cell runs closes its sockets under the cell's reply, and
-    ipykernel prints that error with its traceback on the terminal: what Ctrl-C showed besides mlnb's
-    one line. Its shell answers kernel_info only after the interrupted cell has replied; then the
-    kernel is marked idle, so that its shutdown does not interrupt it again (see `_ipc_kernel_manager`)."""
-    from queue import Empty
-
-    from jupyter_core.utils import run_sync
-    client = km.client()
-    client.start_channels()
-    try:
-        client.kernel_info()
-        try:  # an idle kernel answers at once, and is not interrupted
-            run_sync(client.shell_channel.get_msg)(timeout=0.2)
-        except Empty:
-            run_sync(km.interrupt_kernel)()
-            run_sync(client.shell_channel.get_msg)(timeout=timeout)
-        km.idle = True
-    except BaseException:  # noqa: BLE001 - a kernel that does not settle is shut down all the same
-        pass
     finally:
         client.stop_channels()
 
@@ -463,12 +452,9 @@ def execute_step(task: StepTask) -> StepResult:
             try:
                 if result.status != "killed" and run_sync(km.is_alive)():
                     _leave_step(km)
-                    km.idle = True
             except Exception:  # noqa: BLE001 - the kernel's own exit flushes too
                 pass
-            if result.status == "killed":
-                _settle(km)  # then it shuts down quietly, and mlnb in it still flushes its metrics at exit
-            elif task.warm and task.ahead:
+            if task.warm and task.ahead and result.status != "killed":
                 try:
                     start_kernel_ahead()  # the next kernel boots while this one shuts down
                 except Exception:  # noqa: BLE001 - the next step will start its own kernel
