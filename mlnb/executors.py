@@ -9,16 +9,20 @@ import concurrent.futures as cf
 import importlib
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import MlnbError, did_you_mean, one_of
 
 # %% auto #0
-__all__ = ['EXECUTORS', 'Interrupted', 'Executor', 'quiet_slow_imports', 'LocalExecutor', 'DaskExecutor', 'get_executor']
+__all__ = ['EXECUTORS', 'Interrupted', 'Executor', 'StopRequests', 'quiet_slow_imports', 'LocalExecutor', 'DaskExecutor',
+           'get_executor']
 
 # %% ../nbs/11_executors.ipynb #6f97a03f
 class Interrupted(Exception):
@@ -57,17 +61,69 @@ class Executor:
     def shutdown(self) -> None:
         "Frees the workers."
 
+# %% ../nbs/11_executors.ipynb #faeb46ef
+class StopRequests:
+    """Ctrl-C and SIGTERM for a loop that waits for work and records it: a signal is held while the loop
+    writes, and raised as KeyboardInterrupt where it waits (`waiting()`) or checks (`check()`). One stop is
+    raised; the signals after it are dropped while the loop stops its work (seconds: each kernel settles
+    first). A signal the process ignores (a shell's background job ignores Ctrl-C) stays ignored. Outside
+    the main thread, where no signal arrives, it does nothing."""
+
+    def __init__(self, signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+        self.signums = signums
+        self.received: int | None = None  # the first signal, until the loop stops
+        self.raised = False
+        self._waiting = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signums:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._receive)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        return False
+
+    def _receive(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        if self._waiting:
+            self.check()
+
+    def check(self) -> None:
+        "Raises KeyboardInterrupt (its message: the signal's name) for a signal held and not raised yet."
+        if self.received is not None and not self.raised:
+            self.raised, self._waiting = True, False
+            raise KeyboardInterrupt(signal.Signals(self.received).name)
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        "Where the loop waits: a signal held is raised here, and one arriving meanwhile at once."
+        self._waiting = True
+        try:
+            self.check()
+            yield
+        finally:
+            self._waiting = False
+
 # %% ../nbs/11_executors.ipynb #78a73191
 def quiet_slow_imports() -> None:
     """Skips an optional import that costs 1.3 s: jsonschema's IRI-syntax checker (rfc3987_syntax
     builds a grammar at import). nbformat pulls jsonschema in; no notebook validation needs IRIs."""
     sys.modules.setdefault("rfc3987_syntax", None)
 
-def _worker_init(prepare: str | tuple[str, dict] | None, environ: dict[str, str]) -> None:
+_running = threading.Event()  # in a worker: set while a submitted callable runs
+
+def _worker_init(prepare: str | tuple[str, dict] | None, environ: dict[str, str], owner: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ != environ:  # forked from the fork server, which kept the environment it started with
         os.environ.clear()
         os.environ.update(environ)
+    threading.Thread(target=_end_with_owner, args=(owner,), name="mlnb-owner-watch", daemon=True).start()
     quiet_slow_imports()
     if prepare:  # e.g. the step runner's: start a kernel ahead, import papermill
         target, kwargs = (prepare, {}) if isinstance(prepare, str) else prepare
@@ -77,10 +133,38 @@ def _worker_init(prepare: str | tuple[str, dict] | None, environ: dict[str, str]
 def _call_interruptibly(fn: Callable, args: tuple) -> Any:
     "Runs fn(*args) with Ctrl-C turned into KeyboardInterrupt, then back to ignored."
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _running.set()
     try:
         return fn(*args)
     finally:
+        _running.clear()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+def _end_with_owner(owner: int) -> None:
+    """Ends this worker once `owner`, the process whose pool it is in, is gone. Killed outright (SIGKILL,
+    the OOM killer), the owner cannot shut its pool down, and its workers waited for work forever, each
+    with a kernel started ahead. A callable still running is interrupted first (a step shuts its kernel
+    down and records its run killed), for up to 30 s."""
+    try:
+        gone = os.pidfd_open(owner)  # readable once the owner has exited
+        select.select([gone], [], [])
+    except ProcessLookupError:
+        pass  # gone already
+    except OSError:  # no pidfd (Linux before 5.3): ask once a second
+        while True:
+            time.sleep(1)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                continue
+    if _running.is_set():
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while _running.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    os._exit(1)
 
 def _fork_server(preload: tuple[str, ...]):
     """Returns the multiprocessing context whose processes are forked from this process's fork server,
@@ -118,7 +202,7 @@ class LocalExecutor(Executor):
         with self._starting:  # two trials submitting at once must not each make a pool (one would be dropped)
             if self._pool is None:
                 self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, initializer=_worker_init,
-                                                    initargs=(self.prepare, dict(os.environ)),
+                                                    initargs=(self.prepare, dict(os.environ), os.getpid()),
                                                     mp_context=_fork_server(self.preload))
         return self
 

@@ -9,7 +9,6 @@ import fcntl
 import glob
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -264,33 +263,33 @@ class PipelineRunner:
         return reused
 
     def _execute(self, pipeline: Pipeline, plans: dict[str, StepPlan], reused: dict[str, RunRecord]) -> PipelineOutcome:
-        from mlnb.executors import get_executor
+        from mlnb.executors import StopRequests, get_executor
         self.results: dict[str, RunRecord] = dict(reused)
         self.state: dict[str, str] = {name: "pending" for name in plans}
         self.outcomes: dict[str, StepOutcome] = {}
         self.running: dict[Any, tuple[str, Any, float]] = {}
         self.executor = self.shared_executor
         interrupted = False
-        # While steps run, SIGTERM means what Ctrl-C means: stop the kernels, record the runs killed.
-        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if _in_main_thread() else None
-        try:
-            while True:
-                if self._stop.is_set():
-                    raise KeyboardInterrupt("stop")
-                self._dispatch_ready(pipeline, plans, get_executor)
-                if not self.running:
-                    break
-                for handle in self.executor.as_completed(list(self.running), timeout=1.0):
-                    self._complete(pipeline, plans, handle)
-                    break
-        except KeyboardInterrupt:
-            interrupted = True
-            self._interrupt(pipeline, plans)
-        finally:
-            if self.executor is not None and self.shared_executor is None:
-                self.executor.shutdown()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+        # While steps run, Ctrl-C or SIGTERM stops the kernels and records the runs killed: raised where the
+        # loop waits, never inside a store write (see `StopRequests`)
+        with StopRequests() as stops:
+            try:
+                while True:
+                    if self._stop.is_set():
+                        raise KeyboardInterrupt("stop")
+                    self._dispatch_ready(pipeline, plans, get_executor)
+                    if not self.running:
+                        break
+                    with stops.waiting():
+                        done = next(iter(self.executor.as_completed(list(self.running), timeout=1.0)), None)
+                    if done is not None:
+                        self._complete(pipeline, plans, done)
+            except KeyboardInterrupt:
+                interrupted = True
+                self._interrupt(pipeline, plans)
+            finally:
+                if self.executor is not None and self.shared_executor is None:
+                    self.executor.shutdown()
         for name in plans:
             if self.state[name] == "pending":
                 reason = "the run was interrupted" if interrupted else "a step it needs did not finish"
@@ -489,13 +488,10 @@ class PipelineRunner:
         if self.executor is not None:
             self.executor.interrupt()
         deadline = time.monotonic() + 60
-        while self.running and time.monotonic() < deadline:
-            try:
-                for handle in self.executor.as_completed(list(self.running), timeout=1.0):
-                    self._complete(pipeline, plans, handle)
-                    break
-            except KeyboardInterrupt:
-                continue  # a second Ctrl-C while kernels shut down: keep cleaning up
+        while self.running and time.monotonic() < deadline:  # (a second Ctrl-C meanwhile is dropped)
+            for handle in self.executor.as_completed(list(self.running), timeout=1.0):
+                self._complete(pipeline, plans, handle)
+                break
         for name, run, began in list(self.running.values()):
             run.end("killed", error="interrupted; the step did not stop within 60 s")
             self.state[name] = "killed"
@@ -509,13 +505,6 @@ class _NoLock:
 
     def __exit__(self, *exc):
         return False
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-def _sigterm_as_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt("SIGTERM")
 
 # %% ../nbs/14_runner.ipynb #bc253efd
 def run_pipeline(project: Project | None = None, **options: Any) -> PipelineOutcome:

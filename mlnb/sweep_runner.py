@@ -285,33 +285,37 @@ class SweepRunner:
         return Zygote(preload, env={**os.environ, **kernel_env()}).launch()
 
     def _loop(self, optuna, jobs: int) -> str:
+        from mlnb.executors import StopRequests
         spec, started = self.spec, time.monotonic()
         running: dict[cf.Future, _Trial] = {}
         pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mlnb-trial")
-        try:
-            while True:
-                budget = spec.timeout is None or time.monotonic() - started < spec.timeout
-                while budget and len(running) < jobs:
-                    to_start = spec.trials - len(finished_trials(self.study)) - len(running)
-                    if to_start < 1:
-                        break
-                    handle, trial = self._launch(pool, last=spec.timeout is None and to_start == 1,
-                                                 follow=spec.timeout is not None or to_start > jobs)
-                    running[handle] = trial
-                if not running:
-                    return "finished"
-                done, _ = cf.wait(list(running), timeout=self.poll_interval, return_when=cf.FIRST_COMPLETED)
-                self._prune(running)
-                for handle in done:
-                    self._finish(running.pop(handle), handle, optuna)
-        except KeyboardInterrupt:
-            self.on_event("interrupt", {"running": [t.number for t in running.values()]})
-            self.executor.interrupt()
-            for handle in cf.as_completed(list(running)):
-                self._finish(running.pop(handle), handle, optuna, interrupted=True)
-            return "killed"
-        finally:
-            pool.shutdown(wait=True)
+        # Ctrl-C or SIGTERM: raised where the loop waits, never inside an Optuna or store commit
+        with StopRequests() as stops:
+            try:
+                while True:
+                    budget = spec.timeout is None or time.monotonic() - started < spec.timeout
+                    while budget and len(running) < jobs:
+                        to_start = spec.trials - len(finished_trials(self.study)) - len(running)
+                        if to_start < 1:
+                            break
+                        handle, trial = self._launch(pool, last=spec.timeout is None and to_start == 1,
+                                                     follow=spec.timeout is not None or to_start > jobs)
+                        running[handle] = trial
+                    if not running:
+                        return "finished"
+                    with stops.waiting():
+                        done, _ = cf.wait(list(running), timeout=self.poll_interval, return_when=cf.FIRST_COMPLETED)
+                    self._prune(running)
+                    for handle in done:
+                        self._finish(running.pop(handle), handle, optuna)
+            except KeyboardInterrupt:
+                self.on_event("interrupt", {"running": [t.number for t in running.values()]})
+                self.executor.interrupt()
+                for handle in cf.as_completed(list(running)):
+                    self._finish(running.pop(handle), handle, optuna, interrupted=True)
+                return "killed"
+            finally:
+                pool.shutdown(wait=True)
 
     def _launch(self, pool: cf.ThreadPoolExecutor, last: bool = False, follow: bool = True) -> tuple[cf.Future, _Trial]:
         """Starts a trial; `last`: no other will start after it (from then on, cores free up: see `trial_start`);

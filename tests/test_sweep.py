@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
 import optuna
+import psutil
 
 import mlnb
+import mlnb.cli
 from conftest import MLNB, run_cli, wait_for
 from mlnb.sweep import optuna_storage
 from test_pipeline import notebook, project, store_of
@@ -192,8 +197,10 @@ def test_a_study_name_reused_with_another_space_is_refused_and_left_untouched(tu
     assert shown["counts"] == {"complete": 2}
 
 
-@pytest.mark.parametrize("executor", ["local", "dask"])
-def test_ctrl_c_kills_running_trials_and_the_study_resumes(tunable, executor):
+@pytest.mark.parametrize("executor,signum", [("local", signal.SIGINT), ("dask", signal.SIGINT),
+                                             ("local", signal.SIGTERM)])
+def test_ctrl_c_kills_running_trials_and_the_study_resumes(tunable, executor, signum):
+    "Ctrl-C, or SIGTERM (what a job scheduler or `kill` sends), stops a sweep the same way."
     cfg = yaml.safe_load((tunable / "mlnb.yaml").read_text())
     cfg["pipeline"]["train"]["params"].update({"epochs": 40, "pause": 0.5})
     (tunable / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
@@ -213,8 +220,11 @@ def test_ctrl_c_kills_running_trials_and_the_study_resumes(tunable, executor):
         steps = [r for r in store.list_runs(kind="step") if r.name == "train" and r.metrics.get("score")]
         return len(steps) >= 2
     wait_for(trials_running, timeout=90)
-    proc.send_signal(signal.SIGINT)
+    processes = psutil.Process(proc.pid).children(recursive=True)  # workers, the zygote, kernels
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
+    # none left behind (SIGTERM used to kill the sweep alone: its workers lived on, booting kernels)
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes), timeout=30)
     assert proc.returncode == 1 and "Run the same command again to resume" in err, err
     assert "killed    interrupted (Ctrl-C or SIGTERM)" in err and "CancelledError" not in err, err
     if executor == "local":  # (a Dask task cannot be stopped: its kernel ends with the cluster, unsettled)
@@ -231,6 +241,66 @@ def test_ctrl_c_kills_running_trials_and_the_study_resumes(tunable, executor):
     resumed = run_cli(*args, "--json", cwd=tunable, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["counts"] == {"complete": 5, "killed": 2}
+
+
+def test_a_sweep_killed_outright_leaves_no_process_behind_and_resumes(tunable):
+    "SIGKILL (or the OOM killer) gives the sweep no chance to stop its workers: they see it gone and end."
+    cfg = yaml.safe_load((tunable / "mlnb.yaml").read_text())
+    cfg["pipeline"]["train"]["params"].update({"epochs": 40, "pause": 0.5})
+    (tunable / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["sweep", "train", "--study", "kill", "--param", "x=float:-5:5", "--objective", "score:maximize",
+            "--trials", "5", "--jobs", "2", "--pruner", "none"]
+    proc = subprocess.Popen([MLNB, *args], cwd=tunable, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (tunable / ".mlnb" / "mlnb.db").exists() and len(
+        [r for r in store_of(tunable).list_runs(kind="step") if r.name == "train" and r.metrics.get("score")]) >= 2,
+        timeout=90)
+    processes = psutil.Process(proc.pid).children(recursive=True)
+    assert len(processes) >= 4, processes  # the fork server, two workers, the zygote, kernels
+    proc.kill()
+    proc.wait(timeout=30)
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes), timeout=60)
+    cfg["pipeline"]["train"]["params"].update({"epochs": 2, "pause": 0.0})
+    (tunable / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    resumed = run_cli(*args, "--json", cwd=tunable, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["counts"]["complete"] == 5
+
+
+def test_ctrl_c_landing_inside_an_optuna_commit_stops_the_sweep_cleanly(tunable, monkeypatch, capsys):
+    """A Ctrl-C (a real SIGINT) arriving while Optuna commits a finished trial is raised where the sweep waits.
+    Raised inside the commit, it left SQLAlchemy's connection in its transaction: recording the running
+    trials killed then failed with "internal error: StorageInternalError"."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    inside = []
+
+    def interrupt_inside_tell(conn) -> None:
+        if inside or threading.current_thread() is not threading.main_thread():
+            return
+        frame = sys._getframe()
+        while frame is not None and not (frame.f_code.co_name == "tell" and "optuna" in frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is not None:
+            inside.append(frame.f_code.co_filename)
+            os.kill(os.getpid(), signal.SIGINT)
+    args = ["sweep", "train", "--study", "commit", "--param", "x=float:-5:5", "--objective", "score:maximize",
+            "--trials", "6", "--jobs", "2", "--pruner", "none"]
+    monkeypatch.chdir(tunable)
+    event.listen(Engine, "commit", interrupt_inside_tell)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            mlnb.cli.main(args)
+    finally:
+        event.remove(Engine, "commit", interrupt_inside_tell)
+    err = capsys.readouterr().err
+    assert inside and exit_.value.code == 1, err
+    assert "Run the same command again to resume study 'commit'" in err and "internal error" not in err, err
+    study = optuna.load_study(study_name="commit", storage=optuna_storage(store_of(tunable)))
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING not in states, states
+    resumed = run_cli(*args, "--json", cwd=tunable, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["counts"]["complete"] == 6
 
 
 def test_trials_run_on_a_real_dask_local_cluster(tunable):
