@@ -55,6 +55,12 @@ class Executor:
         "Gets ready for work ahead of the first `submit` (nothing to do by default); returns the executor."
         return self
 
+    def start(self) -> Executor:
+        """Makes the workers ready now (connects to them, or creates them), or raises why it cannot: a caller
+        with many tasks to hand out calls it first, so one reason is reported once, not by every task.
+        `submit` calls it too. Returns the executor."""
+        return self
+
     def interrupt(self) -> None:
         "Asks every running callable to stop (a KeyboardInterrupt inside it)."
 
@@ -245,11 +251,28 @@ class DaskExecutor(Executor):
         self._cluster = None
         self._pending: set = set()
         self._starting = threading.Lock()
+        self._failed: Exception | None = None  # why connecting failed: raised again, not retried
+
+    def warm(self) -> DaskExecutor:
+        "Connects (or starts the local cluster: seconds) in the background, while the caller prepares the work."
+        def connect() -> None:
+            try:
+                self.start()
+            except Exception:  # noqa: BLE001 - kept in `_failed`: the caller's `start()` raises it
+                pass
+        threading.Thread(target=connect, name="mlnb-dask-connect", daemon=True).start()
+        return self
 
     def start(self) -> DaskExecutor:
         "Connects to the scheduler, or starts a local cluster."
         with self._starting:
-            self._connect()
+            if self._failed is not None:
+                raise self._failed
+            try:
+                self._connect()
+            except Exception as e:
+                self._failed = e
+                raise
         return self
 
     def _connect(self) -> None:
@@ -261,7 +284,7 @@ class DaskExecutor(Executor):
                 raise missing_dependency("distributed", "The Dask executor") from None
             if self.scheduler:
                 try:
-                    self._client = Client(self.scheduler, timeout=30)
+                    self._client = Client(self.scheduler, timeout=10)
                 except OSError as e:
                     raise MlnbError(f"Cannot reach the Dask scheduler at {self.scheduler} ({e}). Check the address, "
                                     "or drop --scheduler to start a local cluster.") from None

@@ -189,6 +189,8 @@ class SweepRunner:
                 done = existing is not None and spec.timeout is None and len(finished_trials(existing)) >= spec.trials
                 if done:  # nothing to run: no steps, and no new study run to record
                     before = []
+                else:  # an unreachable Dask scheduler: said once, before any step or trial
+                    self.executor.start()
                 if before:  # the steps before the swept ones: from the cache, or run once now
                     self.on_event("upstream", {"steps": before})
                     prep = PipelineRunner(self.project, store=self.store, executor=self.executor, lock=False,

@@ -17,7 +17,7 @@ import psutil
 
 import mlnb
 import mlnb.cli
-from conftest import MLNB, run_cli, wait_for
+from conftest import MLNB, free_port, run_cli, wait_for
 from mlnb.sweep import optuna_storage
 from test_pipeline import notebook, project, store_of
 
@@ -313,6 +313,51 @@ def test_trials_run_on_a_real_dask_local_cluster(tunable):
     piped = run_cli("run", "--executor", "dask", "--force", "--json", "-q", cwd=tunable, timeout=300)
     assert piped.returncode == 0, piped.stderr
     assert {s["status"] for s in json.loads(piped.stdout)["steps"]} == {"finished"}
+
+
+@pytest.fixture
+def dask_scheduler():
+    "A real Dask scheduler on 127.0.0.1 with two single-threaded worker processes; yields its address."
+    from distributed import Client
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(MLNB).parent / "dask")
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    servers = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                                **quiet)]
+    try:
+        servers.append(subprocess.Popen([dask, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                                         "--no-dashboard", "--host", "127.0.0.1"], **quiet))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for server in reversed(servers):
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def test_trials_run_on_a_dask_scheduler_given_by_its_address(tunable, dask_scheduler):
+    from distributed import Client
+    args = ["train", "--param", "x=float:-5:5", "--objective", "score:maximize", "--trials", "3", "--jobs", "2",
+            "--pruner", "none", "--executor", "dask"]
+    result = sweep(tunable, *args, "--study", "remote", "--scheduler", dask_scheduler, "--json", timeout=400)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["counts"] == {"complete": 3}
+    with Client(dask_scheduler, timeout=30) as client:  # the steps ran on that cluster's workers
+        done = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.task_prefixes["execute_step"].state_counts["memory"])
+    assert done >= 3, done
+    # an address nothing listens on: one line, once, before any step or trial (each trial waited 30 s for it)
+    unreachable = sweep(tunable, *args, "--study", "nowhere", "--scheduler", f"tcp://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.strip().startswith("error: Cannot reach the Dask scheduler at tcp://127.0.0.1:"), \
+        unreachable.stderr
+    assert "trial" not in unreachable.stderr and len(unreachable.stderr.strip().splitlines()) == 1, unreachable.stderr
+    listed = sweep(tunable, "list", "--json")
+    assert "nowhere" not in listed.stdout, listed.stdout
 
 
 def test_trial_kernels_are_forked_from_a_zygote_that_did_the_notebooks_imports(tmp_path):
