@@ -364,25 +364,30 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
                           activate=False, tags={"objectives": [o.spec for o in objectives]})
     started, status = time.monotonic(), "finished"
     done = len(finished_trials(opt))  # counted once: asking the storage every trial would cost O(trials)
-    try:
-        while done < trials and (timeout is None or time.monotonic() - started < timeout):
-            trial = opt.ask()
-            params = {p.name: p.suggest(trial) for p in space}
-            _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna)
-            done += 1
-    except KeyboardInterrupt:
-        status = "killed"
-        raise
-    finally:
-        study_run.end(status)
+    from mlnb.executors import StopRequests
+    # Ctrl-C (a kernel's interrupt): raised in `fn` or between trials, never inside a store or Optuna write
+    with StopRequests() as stops:
+        try:
+            while done < trials and (timeout is None or time.monotonic() - started < timeout):
+                stops.check()
+                trial = opt.ask()
+                params = {p.name: p.suggest(trial) for p in space}
+                _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna, stops)
+                done += 1
+        except KeyboardInterrupt:
+            status = "killed"
+            raise
+        finally:
+            study_run.end(status)
     return StudyResult(opt, study_run.id, trial_rows(opt))
 
-def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna) -> None:
+def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna, stops) -> None:
     token = _TRIAL.set(trial)
     run = start_run(f"{name}#{trial.number}", params=params, store=store, kind="trial", parent=study_run)
     trial.set_user_attr("mlnb_run_id", run.id)
     try:
-        result = fn(params)
+        with stops.waiting():
+            result = fn(params)
         if trial.user_attrs.get("mlnb_pruned"):
             raise optuna.TrialPruned()
         if isinstance(result, Mapping):
