@@ -227,6 +227,11 @@ class PipelineRunner:
             self.hashes = FileHashes(self.project.state_dir / "file-hashes.json")
             self.artifacts = artifacts_for(self.store)
             flat = {f"{n}.{k}": v for n, p in plans.items() for k, v in p.effective.items()}
+            self.executor = self.shared_executor
+            if plans and self.executor is None and self.executor_options.get("scheduler"):
+                # a Dask scheduler that cannot be reached: said before any run is recorded
+                from mlnb.executors import get_executor
+                self.executor = get_executor(self.executor_name, **self._executor_options()).start()
             self.pipeline_run = start_run(self.run_name, params=flat, store=self.store,
                                           kind=self.kind, parent=self.parent, activate=False,
                                           tags={"steps": selected, **self.tags})
@@ -268,7 +273,6 @@ class PipelineRunner:
         self.state: dict[str, str] = {name: "pending" for name in plans}
         self.outcomes: dict[str, StepOutcome] = {}
         self.running: dict[Any, tuple[str, Any, float]] = {}
-        self.executor = self.shared_executor
         interrupted = False
         # While steps run, Ctrl-C or SIGTERM stops the kernels and records the runs killed: raised where the
         # loop waits, never inside a store write (see `StopRequests`)

@@ -358,6 +358,10 @@ def test_trials_run_on_a_dask_scheduler_given_by_its_address(tunable, dask_sched
     assert "trial" not in unreachable.stderr and len(unreachable.stderr.strip().splitlines()) == 1, unreachable.stderr
     listed = sweep(tunable, "list", "--json")
     assert "nowhere" not in listed.stdout, listed.stdout
+    recorded = len(store_of(tunable).list_runs())  # `mlnb run` too: one line, and no run recorded
+    run = run_cli("run", "--executor", "dask", "--scheduler", f"tcp://127.0.0.1:{free_port()}", cwd=tunable)
+    assert run.returncode == 1 and run.stderr.startswith("error: Cannot reach the Dask scheduler"), run.stderr
+    assert len(store_of(tunable).list_runs()) == recorded
 
 
 def test_trial_kernels_are_forked_from_a_zygote_that_did_the_notebooks_imports(tmp_path):
