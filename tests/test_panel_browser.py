@@ -99,6 +99,9 @@ def _check_panel(page, shot: str) -> None:
     page.select_option(".mlnb-run-select select", label=trains)
     page.wait_for_function("document.querySelectorAll('.mlnb-curves .js-plotly-plot .scatterlayer .trace').length == 2",
                            timeout=60_000)
+    # the params table arrives in a widget message after the curves': wait for it, then read it
+    page.wait_for_function("(document.querySelector('.mlnb-param-diff') || {}).innerText?.includes('alpha')",
+                           timeout=60_000)
     diff = page.locator(".mlnb-param-diff").inner_text()
     assert "alpha" in diff and "0.01" in diff and "0.0001" in diff
     page.screenshot(path=str(SHOTS / f"{shot}-compare.png"), full_page=True)
