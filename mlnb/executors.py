@@ -103,7 +103,7 @@ class StopRequests:
     def check(self) -> None:
         "Raises KeyboardInterrupt (its message: the signal's name) for a signal held and not raised yet."
         if self.received is not None and not self.raised:
-            self.raised, self._waiting = True, False
+            self.raised = True
             raise KeyboardInterrupt(signal.Signals(self.received).name)
 
     @contextmanager
@@ -149,8 +149,8 @@ def _call_interruptibly(fn: Callable, args: tuple) -> Any:
 def _end_with_owner(owner: int) -> None:
     """Ends this worker once `owner`, the process whose pool it is in, is gone. Killed outright (SIGKILL,
     the OOM killer), the owner cannot shut its pool down, and its workers waited for work forever, each
-    with a kernel started ahead. A callable still running is interrupted first (a step shuts its kernel
-    down and records its run killed), for up to 30 s."""
+    with a kernel started ahead. A callable still running is interrupted first, for up to 30 s: a step
+    shuts its kernel down and removes its files. (Its run is recorded by the owner, so it reads crashed.)"""
     try:
         gone = os.pidfd_open(owner)  # readable once the owner has exited
         select.select([gone], [], [])
