@@ -420,10 +420,13 @@ def stop_requested(run: Run | None = None) -> bool:
     """Returns whether someone asked the active run (or `run`) to stop early: a sweep pruning its trial.
 
     The first True is acknowledged on the run (tag `mlnb.stopped`): the sweep records a trial
-    pruned only if its notebook saw the request, not one that ran to its end anyway."""
+    pruned only if its notebook saw the request, not one that ran to its end anyway. The metrics
+    buffered so far are written first (~0.1 ms): the sweep judges the trial on them as soon as they
+    are asked about, not a flush interval (1 s, several epochs of a small model) later."""
     run = run or active_run() or (_current_run() if os.environ.get("MLNB_RUN_ID") else None)
     if run is None:
         return False
+    run._flush_quietly()
     tags = run.store.get_tags(run.id)
     if not tags.get("mlnb.prune"):
         return False
