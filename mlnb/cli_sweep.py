@@ -78,6 +78,8 @@ class _Progress:
             self.done += info["result"] != "killed"
             detail = (_values({"values": info["values"]}, self.objectives) if info["values"]
                       else (info["error"] or ""))
+            if info.get("prune_unseen"):  # flagged, but its notebook ended before it asked again
+                detail += " (ran to its end before it saw the prune)"
             click.echo(f"  [{self.done}/{self.target}] trial {info['number']:<4} {info['result']:<9} {detail}", err=True)
         elif kind == "interrupt":
             click.echo("interrupted: stopping the running trials (kernels shut down)...", err=True)
@@ -201,6 +203,22 @@ def show_sweep(study, as_json, store_url) -> None:
     loaded, _store = _load(study, store_url)  # the store stays open while the study is read
     _show(loaded, as_json)
 
+def _current_params(project, step: str) -> dict[str, str]:
+    "Returns how `step`'s params read now, shown: mlnb.yaml's values, else the notebook's defaults (so marked)."
+    from mlnb.errors import MlnbError
+    from mlnb.notebook import parse_parameters
+    config = project.config.pipeline.get(step)
+    if config is None:
+        return {}
+    shown = {}
+    try:
+        for p in parse_parameters(project.root / config.notebook).params.values():
+            if p.has_default and p.literal_default:
+                shown[p.name] = f"{fmt_value(p.default, 30)} (notebook default)"
+    except (MlnbError, OSError):  # an unreadable notebook: mlnb.yaml's values only
+        pass
+    return {**shown, **{name: fmt_value(value, 30) for name, value in config.params.items()}}
+
 @sweep.command("apply")
 @click.argument("study")
 @click.option("--trial", "number", type=int, help="The trial to apply (required for several objectives).")
@@ -219,9 +237,9 @@ def apply_sweep(study, number, dry_run, store_url) -> None:
     loaded, _ = _load(study, store_url)
     chosen, updates = trial_updates(loaded, number)
     for step, params in updates.items():
-        before = project.config.pipeline[step].params if step in project.config.pipeline else {}
+        before = _current_params(project, step)
         for name, value in params.items():
-            click.echo(f"{step}.{name}: {fmt_value(before.get(name), 30)} -> {fmt_value(value, 30)}")
+            click.echo(f"{step}.{name}: {before.get(name, '-')} -> {fmt_value(value, 30)}")
     if dry_run:
         click.echo(f"(dry run: trial {chosen} not applied)")
         return

@@ -459,7 +459,8 @@ class SweepRunner:
         if spec.timeout is not None:  # no last trial is known
             self._get_ready_to_rank()
         self.on_event("trial_end", {"number": trial.number, "result": result, "error": error,
-                                    "values": values if result == "complete" else None, "run_id": trial_run_id})
+                                    "values": values if result == "complete" else None, "run_id": trial_run_id,
+                                    "prune_unseen": state.pruned and result == "complete"})
 
 def _import_ranking() -> None:
     "Imports what `param_importances` needs (scikit-learn's forests: ~1.5 s of CPU)."

@@ -79,6 +79,11 @@ def test_a_sweep_from_the_command_line_tracks_every_trial(tunable):
     assert "best trial" in shown.stdout and best["run_id"][:8] in shown.stdout and "param importance" in shown.stdout
     listed = json.loads(sweep(tunable, "list", "--json").stdout)
     assert [(s["study"], s["trials"]) for s in listed] == [("s1", 6)]
+    # what apply would change: mlnb.yaml's value for x; kind is not in mlnb.yaml, so the notebook's default
+    dry = sweep(tunable, "apply", "s1", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"train.x: 0 -> {best['params']['x']:.4g}" in dry.stdout, dry.stdout
+    assert f"train.kind: b (notebook default) -> {best['params']['kind']}" in dry.stdout, dry.stdout
 
 
 def test_multi_objective_sweep_has_a_pareto_front_and_apply_writes_the_chosen_trial(tunable):
@@ -434,12 +439,16 @@ def test_multi_objective_trials_dominated_at_the_same_epoch_are_pruned(tmp_path)
         mine = abs(t["params"]["x"] - 2)
         assert dominators and all(abs(complete[n]["params"]["x"] - 2) < mine for n in dominators), (reason, t)
 
-    # a notebook that never asks whether to stop runs to its end: its trial is complete, not pruned
+    # a notebook that never asks whether to stop runs to its end: its trial is complete, not pruned, and
+    # the progress line says the prune came too late for it
     deaf = sweep(root, "train", "--study", "deaf", "--param", "x=float:-5:5", "--param", "listen=categorical:false",
                  "--objective", "score:maximize", "--objective", "cost:minimize", "--trials", "8", "--jobs", "1",
-                 "--sampler", "random", "--seed", "4", "--json")
+                 "--sampler", "random", "--seed", "4")
     assert deaf.returncode == 0, deaf.stderr
-    deaf_data = json.loads(deaf.stdout)
+    deaf_data = json.loads(run_cli("sweep", "show", "deaf", "--json", cwd=root).stdout)
     assert deaf_data["counts"] == {"complete": 8}, deaf_data["counts"]
     flagged = [t for t in deaf_data["trials"] if store.get_tags(store.children(t["run_id"])[0].id).get("mlnb.prune")]
     assert flagged and all(store.get_run(t["run_id"]).status == "finished" for t in flagged)
+    late = [int(line.split("trial ")[1].split()[0]) for line in deaf.stderr.splitlines()
+            if line.endswith("(ran to its end before it saw the prune)") and " complete " in line]
+    assert sorted(late) == sorted(t["number"] for t in flagged), deaf.stderr
