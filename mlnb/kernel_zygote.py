@@ -37,8 +37,32 @@ def _code_lines(source: str) -> str:
     "Returns a cell's source with IPython-only lines (magics, shell escapes) blanked, so `ast` can read it."
     return "\n".join("" if re.match(r"\s*[%!?]", line) else line for line in source.splitlines())
 
+def _calls_nothing(*nodes: ast.AST | None) -> bool:
+    "True when evaluating `nodes` calls no function (literals, names, attributes, operators)."
+    return not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom))
+                   for node in nodes if node is not None for n in ast.walk(node))
+
+def _inert(node: ast.stmt) -> bool:
+    """True for a statement that cannot change what a later import does: a docstring, `pass`, a constant
+    bound to a name (`SEED = 42`, `FEATURES = ["a", "b"]`), a function defined (not called) without
+    decorators or computed defaults. Anything else (a call, `os.environ[...] = ...`, `sys.path` edits,
+    an `if`) may, so the imports after it are left to the kernel."""
+    if isinstance(node, ast.Pass) or (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+        return True
+    if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        names = all(isinstance(n, (ast.Name, ast.Tuple, ast.List, ast.Store, ast.Starred)) for t in targets
+                    for n in ast.walk(t))
+        return names and _calls_nothing(node.value, getattr(node, "annotation", None))
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        a = node.args
+        annotations = [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x]
+        return not node.decorator_list and _calls_nothing(*a.defaults, *a.kw_defaults, *annotations, node.returns)
+    return False
+
 def leading_imports(cells: list[str]) -> list[str]:
-    "Returns the modules named by the import statements the cells start with, up to the first other statement."
+    """Returns the modules named by the import statements the cells start with, up to the first statement
+    that is neither an import nor inert (`_inert`)."""
     found: list[str] = []
     for source in cells:
         try:
@@ -50,9 +74,7 @@ def leading_imports(cells: list[str]) -> list[str]:
                 found += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.append(node.module)
-            elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-                continue  # a docstring
-            else:
+            elif not _inert(node):
                 return found
     return found
 
