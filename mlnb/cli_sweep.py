@@ -260,15 +260,27 @@ def list_sweeps(as_json, store_url) -> None:
     from mlnb.store import open_store
     from mlnb.sweep import optuna_storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summaries = optuna.get_all_study_summaries(optuna_storage(open_store(store_url)))
-    rows = [{"study": s.study_name, "trials": s.n_trials, "directions": [d.name.lower() for d in s.directions],
-             "best": s.best_trial.values if s.best_trial else None} for s in summaries]
+    storage = optuna_storage(open_store(store_url))
+    rows = []
+    for s in optuna.get_all_study_summaries(storage):
+        signature = s.user_attrs.get("mlnb_signature", {})
+        front = None
+        if len(s.directions) > 1:  # no single best: the size of its Pareto front
+            front = len(optuna.load_study(study_name=s.study_name, storage=storage).best_trials)
+        rows.append({"study": s.study_name, "step": signature.get("step"), "trials": s.n_trials,
+                     "objectives": signature.get("objectives"), "directions": [d.name.lower() for d in s.directions],
+                     "best": s.best_trial.values if s.best_trial else None, "pareto_front_size": front})
     if as_json:
         echo_json(rows)
         return
     if not rows:
         click.echo("No studies yet. Start one with 'mlnb sweep'.")
         return
-    click.echo(format_table(["STUDY", "TRIALS", "DIRECTIONS", "BEST"],
-                            [[r["study"], r["trials"], ",".join(r["directions"]),
-                              ", ".join(fmt_value(v) for v in r["best"]) if r["best"] else "-"] for r in rows]))
+
+    def best(r: dict) -> str:
+        if r["pareto_front_size"] is not None:
+            return f"Pareto front of {r['pareto_front_size']}" if r["pareto_front_size"] else "-"
+        return ", ".join(fmt_value(v) for v in r["best"]) if r["best"] else "-"
+    click.echo(format_table(["STUDY", "STEP", "TRIALS", "OBJECTIVES", "BEST"],
+                            [[r["study"], r["step"] or "-", r["trials"],
+                              ", ".join(r["objectives"] or r["directions"]), best(r)] for r in rows]))

@@ -93,6 +93,8 @@ def test_multi_objective_sweep_has_a_pareto_front_and_apply_writes_the_chosen_tr
     data = json.loads(result.stdout)
     front = data["pareto_front"]
     assert front and all(len(t["values"]) == 2 and t["run_id"] for t in front)
+    listed = sweep(tunable, "list")
+    assert f"score:maximize, size:minimize  Pareto front of {len(front)}" in listed.stdout, listed.stdout
     refused = sweep(tunable, "apply", "mo")
     assert refused.returncode == 1 and "choose a trial of its Pareto front with --trial" in refused.stderr
     chosen = front[0]
