@@ -67,6 +67,10 @@ class _Progress:
             resumed = f", resuming after {info['done']} finished trial(s)" if info["done"] else ""
             if info["done"] >= info["target"] and info.get("timeout") is None:
                 resumed = f", all finished already: nothing to run (--trials N for more than {info['done']})"
+            if info.get("grid") is not None and info["target"] == info["grid"]:
+                resumed = f" (every point of the grid){resumed}"
+                if info["done"] >= info["target"] and info.get("timeout") is None:
+                    resumed = " (every point of the grid), all finished already: nothing to run"
             run = f" (run {info['run_id'][:8]})" if info["run_id"] else ""
             click.echo(f"study {info['study']}{run}: {info['target']} trials{resumed}", err=True)
         elif kind == "trial_start":

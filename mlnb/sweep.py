@@ -21,10 +21,10 @@ class SweepError(MlnbError):
 
 # %% auto #0
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
-           'optuna_storage', 'make_sampler', 'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study',
-           'existing_study', 'finished_trials', 'fail_interrupted', 'current_trial', 'StudyResult', 'trial_rows',
-           'optimize', 'param_importances', 'importance_inputs', 'importances_of', 'remember_importances',
-           'known_importances', 'study_importances']
+           'optuna_storage', 'make_sampler', 'grid_points', 'open_points', 'ask_trial', 'check_pruner', 'make_pruner',
+           'value_at', 'ParetoPruner', 'open_study', 'existing_study', 'finished_trials', 'fail_interrupted',
+           'current_trial', 'StudyResult', 'trial_rows', 'optimize', 'param_importances', 'importance_inputs',
+           'importances_of', 'remember_importances', 'known_importances', 'study_importances']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -180,21 +180,55 @@ def make_sampler(name: str | None, space: Sequence[Param], n_objectives: int, se
     name = (name or ("tpe" if n_objectives == 1 else "nsga2")).lower()
     if name not in _SAMPLERS:
         raise SweepError(f"Unknown sampler {name!r}.{did_you_mean(name, _SAMPLERS)} Samplers: {one_of(_SAMPLERS)}.")
-    if name == "grid":
-        grid = {}
-        for p in space:
-            if p.kind == "categorical":
-                grid[p.name] = list(p.choices)
-            elif p.kind == "int":
-                grid[p.name] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
-            elif p.step is not None:
-                count = round((p.high - p.low) / p.step) + 1
-                grid[p.name] = [p.low + i * p.step for i in range(count)]
-            else:
-                raise SweepError(f"The grid sampler needs finite choices: give {p.name!r} a step "
-                                 f"({p.kind}:{p.low:g}:{p.high:g}:STEP) or make it categorical.")
-        return optuna.samplers.GridSampler(grid, seed=seed)
+    if name == "grid":  # every trial's params are fixed by `ask_trial`; the sampler only fills what is not
+        grid_points(space)
+        return optuna.samplers.RandomSampler(seed=seed)
     return getattr(optuna.samplers, _SAMPLERS[name])(seed=seed)
+
+def grid_points(space: Sequence[Param], seed: int | None = None) -> list[dict[str, Any]]:
+    """Returns every combination of a grid sweep's values, shuffled by `seed` (a study of fewer trials than
+    points then covers the grid evenly, not its first rows); SweepError for a dimension without finite values."""
+    import itertools
+    import random
+    values = {}
+    for p in space:
+        if p.kind == "categorical":
+            values[p.name] = list(p.choices)
+        elif p.kind == "int":
+            values[p.name] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+        elif p.step is not None:
+            count = round((p.high - p.low) / p.step) + 1
+            values[p.name] = [round(p.low + i * p.step, 12) for i in range(count)]  # 0.3, not 0.30000000000000004
+        else:
+            raise SweepError(f"The grid sampler needs finite choices: give {p.name!r} a step "
+                             f"({p.kind}:{p.low:g}:{p.high:g}:STEP) or make it categorical.")
+    points = [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+    random.Random(seed).shuffle(points)
+    return points
+
+def _point_key(params: Mapping[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+def open_points(study, grid: list[dict[str, Any]], running: bool = True) -> list[dict[str, Any]]:
+    """Returns the grid's points no trial holds: none finished there (an interrupted trial does not count,
+    so a resumed sweep runs its point again) and, with `running`, none is running there."""
+    import optuna
+    held = [t.params for t in finished_trials(study)]
+    if running:
+        held += [t.params for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    keys = {_point_key(params) for params in held}
+    return [p for p in grid if _point_key(p) not in keys]
+
+def ask_trial(study, grid: list[dict[str, Any]] | None = None):
+    """Returns a new trial of `study`: from its sampler, or for a grid sweep at the next open point (None when
+    there is none). Optuna's own GridSampler is not used: it counts an interrupted trial's point as done, and
+    ends the grid with `study.stop()`, which raises outside `study.optimize`."""
+    if grid is not None:
+        points = open_points(study, grid)
+        if not points:
+            return None
+        study.enqueue_trial(points[0])
+    return study.ask()
 
 def check_pruner(name: str | None, n_objectives: int = 1) -> str:
     """Returns the pruner's name (median by default for one objective, pareto for several), after
@@ -363,6 +397,8 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
     study_run = start_run(name, params={p.name: p.spec for p in space}, store=store, kind="study",
                           activate=False, tags={"objectives": [o.spec for o in objectives]})
     started, status = time.monotonic(), "finished"
+    grid = grid_points(space, seed) if (sampler or "").lower() == "grid" else None
+    trials = min(trials, len(grid)) if grid is not None else trials
     done = len(finished_trials(opt))  # counted once: asking the storage every trial would cost O(trials)
     from mlnb.executors import StopRequests
     # Ctrl-C (a kernel's interrupt): raised in `fn` or between trials, never inside a store or Optuna write
@@ -370,7 +406,9 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
         try:
             while done < trials and (timeout is None or time.monotonic() - started < timeout):
                 stops.check()
-                trial = opt.ask()
+                trial = ask_trial(opt, grid)
+                if trial is None:  # every point of the grid is taken
+                    break
                 params = {p.name: p.suggest(trial) for p in space}
                 _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna, stops)
                 done += 1

@@ -20,7 +20,7 @@ from .errors import RunNotFound, did_you_mean, one_of
 from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
-                        check_pruner, existing_study, objective_values, optuna_storage,
+                        ask_trial, check_pruner, existing_study, grid_points, open_points, objective_values, optuna_storage,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,
                         parse_objective, remember_importances, trial_rows)
 
@@ -165,6 +165,8 @@ class SweepRunner:
             self.trial_steps = check_sweep(pipeline, spec)
             self.pruner = check_pruner(spec.pruner, len(spec.objectives))  # its name, the default filled in
             self.targets = _targets(pipeline, spec)
+            self.grid = grid_points(spec.space, spec.seed) if (spec.sampler or "").lower() == "grid" else None
+            self.target = min(spec.trials, len(self.grid)) if self.grid is not None else spec.trials
             before = sorted(set().union(*(pipeline.upstream_of(s) for s in self.trial_steps)) - set(self.trial_steps))
             jobs = max(1, spec.jobs or 1)
             options = {"jobs": jobs, **({"scheduler": spec.scheduler} if spec.scheduler else {})}
@@ -186,7 +188,9 @@ class SweepRunner:
                 storage = optuna_storage(self.store)
                 existing = existing_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step,
                                           storage=storage)
-                done = existing is not None and spec.timeout is None and len(finished_trials(existing)) >= spec.trials
+                done = existing is not None and spec.timeout is None and (
+                    len(finished_trials(existing)) >= self.target
+                    or (self.grid is not None and not open_points(existing, self.grid, running=False)))
                 if done:  # nothing to run: no steps, and no new study run to record
                     before = []
                 else:  # an unreachable Dask scheduler: said once, before any step or trial
@@ -208,7 +212,8 @@ class SweepRunner:
                     activate=False, tags={"objectives": [o.spec for o in spec.objectives], "step": spec.step})
                 run_id = self.study_run.id if self.study_run else _latest_study_run(self.study, self.store)
                 self.on_event("study", {"study": spec.study, "run_id": run_id,
-                                        "done": len(finished_trials(self.study)), "target": spec.trials,
+                                        "done": len(finished_trials(self.study)), "target": self.target,
+                                        "grid": len(self.grid) if self.grid is not None else None,
                                         "interrupted_before": resumed,
                                         "timeout": spec.timeout})
                 status = self._loop(optuna, jobs) if self.study_run else "finished"
@@ -297,12 +302,14 @@ class SweepRunner:
                 while True:
                     budget = spec.timeout is None or time.monotonic() - started < spec.timeout
                     while budget and len(running) < jobs:
-                        to_start = spec.trials - len(finished_trials(self.study)) - len(running)
+                        to_start = self.target - len(finished_trials(self.study)) - len(running)
                         if to_start < 1:
                             break
-                        handle, trial = self._launch(pool, last=spec.timeout is None and to_start == 1,
-                                                     follow=spec.timeout is not None or to_start > jobs)
-                        running[handle] = trial
+                        launched = self._launch(pool, last=spec.timeout is None and to_start == 1,
+                                                follow=spec.timeout is not None or to_start > jobs)
+                        if launched is None:  # a grid with no open point left
+                            break
+                        running[launched[0]] = launched[1]
                     if not running:
                         return "finished"
                     with stops.waiting():
@@ -319,11 +326,15 @@ class SweepRunner:
             finally:
                 pool.shutdown(wait=True)
 
-    def _launch(self, pool: cf.ThreadPoolExecutor, last: bool = False, follow: bool = True) -> tuple[cf.Future, _Trial]:
-        """Starts a trial; `last`: no other will start after it (from then on, cores free up: see `trial_start`);
-        `follow`: its worker may run another trial after it (so it starts that trial's kernel ahead)."""
+    def _launch(self, pool: cf.ThreadPoolExecutor, last: bool = False,
+                follow: bool = True) -> tuple[cf.Future, _Trial] | None:
+        """Starts a trial (None: a grid sweep has no open point); `last`: no other will start after it (from then
+        on, cores free up: see `trial_start`); `follow`: its worker may run another trial after it (so it starts
+        that trial's kernel ahead)."""
         spec = self.spec
-        trial = self.study.ask()
+        trial = ask_trial(self.study, self.grid)
+        if trial is None:
+            return None
         params = {p.name: p.suggest(trial) for p in spec.space}
         state = _Trial(trial, params, trial.number, folder=f".mlnb/trials/{spec.study}/{trial.number}")
         overrides = [f"{self.targets[name]}.{name.rpartition('.')[2]}={json.dumps(value)}"

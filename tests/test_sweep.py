@@ -86,6 +86,24 @@ def test_a_sweep_from_the_command_line_tracks_every_trial(tunable):
     assert f"train.kind: b (notebook default) -> {best['params']['kind']}" in dry.stdout, dry.stdout
 
 
+def test_a_grid_sweep_runs_each_point_once_then_stops(tunable):
+    # more trials than points: Optuna's GridSampler ended the study with study.stop(), an internal error here
+    args = ["train", "--study", "g", "--param", "x=float:0:1:0.5", "--param", "kind=categorical:a,b",
+            "--objective", "score:maximize", "--sampler", "grid", "--trials", "10", "--jobs", "2", "--pruner", "none"]
+    result = sweep(tunable, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["counts"] == {"complete": 6}, data["counts"]
+    points = {(t["params"]["x"], t["params"]["kind"]) for t in data["trials"]}
+    assert points == {(x, k) for x in (0.0, 0.5, 1.0) for k in "ab"}, points
+    again = sweep(tunable, *args)
+    assert again.returncode == 0 and "6 trials (every point of the grid), all finished already" in again.stderr, \
+        again.stderr
+    refused = sweep(tunable, "train", "--study", "g2", "--param", "x=float:0:1", "--objective", "score:maximize",
+                    "--sampler", "grid")
+    assert refused.returncode == 1 and "The grid sampler needs finite choices: give 'x' a step" in refused.stderr
+
+
 def test_multi_objective_sweep_has_a_pareto_front_and_apply_writes_the_chosen_trial(tunable):
     result = sweep(tunable, "train", "--study", "mo", "--param", "x=float:-5:5", "--objective", "score:maximize",
                    "--objective", "size:minimize", "--trials", "6", "--jobs", "2", "--seed", "3", "--json")
