@@ -63,16 +63,18 @@ class _Progress:
         if kind == "upstream":
             click.echo(f"preparing the steps before the sweep: {', '.join(info['steps'])}", err=True)
         elif kind == "study":
-            self.done, self.target = info["done"], info["target"]
-            resumed = f", resuming after {info['done']} finished trial(s)" if info["done"] else ""
-            if info["done"] >= info["target"] and info.get("timeout") is None:
-                resumed = f", all finished already: nothing to run (--trials N for more than {info['done']})"
-            if info.get("grid") is not None and info["target"] == info["grid"]:
-                resumed = f" (every point of the grid){resumed}"
-                if info["done"] >= info["target"] and info.get("timeout") is None:
-                    resumed = " (every point of the grid), all finished already: nothing to run"
+            self.done, self.target = done, target = info["done"], info["target"]
+            timeout, grid = info.get("timeout"), info.get("grid")
+            what = (f"trials for {timeout:g} s" if target is None
+                    else f"up to {target} trials in {timeout:g} s" if timeout is not None else f"{target} trials")
+            what += " (every point of the grid)" if grid is not None and target == grid else ""
+            if target is not None and done >= target and timeout is None:
+                what += ", all finished already: nothing to run" + (
+                    "" if grid == target else f" (--trials N for more than {done})")
+            elif done:
+                what += f", resuming after {done} finished trial(s)"
             run = f" (run {info['run_id'][:8]})" if info["run_id"] else ""
-            click.echo(f"study {info['study']}{run}: {info['target']} trials{resumed}", err=True)
+            click.echo(f"study {info['study']}{run}: {what}", err=True)
         elif kind == "trial_start":
             click.echo(f"  trial {info['number']:<4} running   {_fmt_params(info['params'])}", err=True)
         elif kind == "prune":
@@ -84,7 +86,8 @@ class _Progress:
                       else (info["error"] or ""))
             if info.get("prune_unseen"):  # flagged, but its notebook ended before it asked again
                 detail += " (ran to its end before it saw the prune)"
-            click.echo(f"  [{self.done}/{self.target}] trial {info['number']:<4} {info['result']:<9} {detail}", err=True)
+            count = f"{self.done}/{self.target}" if self.target is not None else f"{self.done}"
+            click.echo(f"  [{count}] trial {info['number']:<4} {info['result']:<9} {detail}", err=True)
         elif kind == "interrupt":
             click.echo("interrupted: stopping the running trials (kernels shut down)...", err=True)
 
@@ -94,8 +97,9 @@ class _Progress:
 @click.option("--param", "params", multiple=True, metavar="NAME=KIND:...", help="A search dimension (repeatable).")
 @click.option("--objective", "objectives", multiple=True, metavar="METRIC:DIRECTION",
               help="What to optimise, e.g. val_auc:maximize (repeatable: several make a Pareto front).")
-@click.option("--trials", type=int, help="How many finished trials the study should have.")
-@click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
+@click.option("--trials", type=int,
+              help="How many finished trials the study should have (default 20; with --timeout alone, no limit).")
+@click.option("--timeout", type=float, help="Stop starting trials after this many seconds (alone: as many trials as fit).")
 @click.option("--sampler", help="tpe (default for one objective), nsga2 (several), random, grid.")
 @click.option("--pruner", help="One objective: median (default), hyperband, none. Several: pareto (default), none.")
 @click.option("--prune-metric", help="The metric pruning watches (default: the first objective's).")

@@ -380,10 +380,11 @@ def trial_rows(study) -> list[dict[str, Any]]:
             for t in study.get_trials(deepcopy=False)]
 
 def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[str, Any],
-             objectives: Sequence[Objective | str] = ("value:minimize",), trials: int = 100, *,
+             objectives: Sequence[Objective | str] = ("value:minimize",), trials: int | None = None, *,
              study: str | None = None, store: str | Store | None = None, sampler: str | None = None,
              pruner: str | None = None, timeout: float | None = None, seed: int | None = None) -> StudyResult:
-    "Returns the result of a study whose trials run `fn(params)` as tracked mlnb runs."
+    """Returns the result of a study whose trials run `fn(params)` as tracked mlnb runs, until it has `trials`
+    finished ones (default 100; with only a `timeout`, as many as it allows)."""
     import optuna
     from mlnb.tracking import start_run
     store = store if isinstance(store, Store) else open_store(store)
@@ -398,13 +399,15 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
                           activate=False, tags={"objectives": [o.spec for o in objectives]})
     started, status = time.monotonic(), "finished"
     grid = grid_points(space, seed) if (sampler or "").lower() == "grid" else None
-    trials = min(trials, len(grid)) if grid is not None else trials
+    trials = trials if trials is not None else (None if timeout is not None else 100)
+    if grid is not None:
+        trials = min(trials or len(grid), len(grid))
     done = len(finished_trials(opt))  # counted once: asking the storage every trial would cost O(trials)
     from mlnb.executors import StopRequests
     # Ctrl-C (a kernel's interrupt): raised in `fn` or between trials, never inside a store or Optuna write
     with StopRequests() as stops:
         try:
-            while done < trials and (timeout is None or time.monotonic() - started < timeout):
+            while (trials is None or done < trials) and (timeout is None or time.monotonic() - started < timeout):
                 stops.check()
                 trial = ask_trial(opt, grid)
                 if trial is None:  # every point of the grid is taken

@@ -35,7 +35,7 @@ class SweepSpec:
     step: str
     space: list[Param]
     objectives: list[Objective]
-    trials: int = 20
+    trials: int | None = None    # None: 20, or with a timeout alone as many as it allows (`trial_target`)
     timeout: float | None = None
     sampler: str | None = None
     pruner: str | None = None
@@ -44,6 +44,13 @@ class SweepSpec:
     executor: str = "local"
     scheduler: str | None = None
     seed: int | None = None
+
+    @property
+    def trial_target(self) -> int | None:
+        "The finished trials the study should reach: `trials`; without it 20, or no limit (None) with a timeout."
+        if self.trials is not None:
+            return self.trials
+        return None if self.timeout is not None else 20
 
 _SWEEP_KEYS = {"study", "step", "params", "objectives", "trials", "timeout", "sampler", "pruner", "prune_metric",
                "jobs", "executor", "scheduler", "seed"}
@@ -71,7 +78,8 @@ def sweep_from_config(project: Project, name: str) -> SweepSpec:
     try:
         return SweepSpec(study=raw.get("study") or name, step=raw["step"],
                          space=[param_from_config(k, v) for k, v in raw["params"].items()],
-                         objectives=[parse_objective(o) for o in objectives], trials=int(raw.get("trials", 20)),
+                         objectives=[parse_objective(o) for o in objectives],
+                         trials=None if raw.get("trials") is None else int(raw["trials"]),
                          timeout=raw.get("timeout"), sampler=raw.get("sampler"), pruner=raw.get("pruner"),
                          prune_metric=raw.get("prune_metric"), jobs=raw.get("jobs"),
                          executor=raw.get("executor", "local"), scheduler=raw.get("scheduler"), seed=raw.get("seed"))
@@ -103,8 +111,9 @@ def check_sweep(pipeline: Pipeline, spec: SweepSpec) -> list[str]:
     if spec.step not in pipeline.steps:
         raise SweepError(f"No step {spec.step!r} to sweep.{did_you_mean(spec.step, pipeline.steps)} "
                          f"Steps: {one_of(pipeline.steps)}.")
-    if spec.trials < 1 and not spec.timeout:
-        raise SweepError("A sweep needs --trials (at least 1) or --timeout.")
+    if spec.trials is not None and spec.trials < 1:
+        raise SweepError(f"--trials {spec.trials}: a sweep needs at least 1 trial (or leave --trials out and give "
+                         "--timeout: as many trials as fit in that time).")
     check_pruner(spec.pruner, len(spec.objectives))  # a pruner that cannot watch these objectives: refused now
     targets = _targets(pipeline, spec)
     first = {targets[p.name] for p in spec.space}
@@ -166,7 +175,9 @@ class SweepRunner:
             self.pruner = check_pruner(spec.pruner, len(spec.objectives))  # its name, the default filled in
             self.targets = _targets(pipeline, spec)
             self.grid = grid_points(spec.space, spec.seed) if (spec.sampler or "").lower() == "grid" else None
-            self.target = min(spec.trials, len(self.grid)) if self.grid is not None else spec.trials
+            self.target = spec.trial_target  # None: no limit but the time budget
+            if self.grid is not None:
+                self.target = min(self.target or len(self.grid), len(self.grid))
             before = sorted(set().union(*(pipeline.upstream_of(s) for s in self.trial_steps)) - set(self.trial_steps))
             jobs = max(1, spec.jobs or 1)
             options = {"jobs": jobs, **({"scheduler": spec.scheduler} if spec.scheduler else {})}
@@ -189,7 +200,7 @@ class SweepRunner:
                 existing = existing_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step,
                                           storage=storage)
                 done = existing is not None and spec.timeout is None and (
-                    len(finished_trials(existing)) >= self.target
+                    (self.target is not None and len(finished_trials(existing)) >= self.target)
                     or (self.grid is not None and not open_points(existing, self.grid, running=False)))
                 if done:  # nothing to run: no steps, and no new study run to record
                     before = []
@@ -302,7 +313,8 @@ class SweepRunner:
                 while True:
                     budget = spec.timeout is None or time.monotonic() - started < spec.timeout
                     while budget and len(running) < jobs:
-                        to_start = self.target - len(finished_trials(self.study)) - len(running)
+                        to_start = (jobs - len(running) if self.target is None
+                                    else self.target - len(finished_trials(self.study)) - len(running))
                         if to_start < 1:
                             break
                         launched = self._launch(pool, last=spec.timeout is None and to_start == 1,

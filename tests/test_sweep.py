@@ -104,6 +104,18 @@ def test_a_grid_sweep_runs_each_point_once_then_stops(tunable):
     assert refused.returncode == 1 and "The grid sampler needs finite choices: give 'x' a step" in refused.stderr
 
 
+def test_a_time_budget_alone_runs_trials_until_it_is_spent(tunable):
+    result = sweep(tunable, "train", "--study", "t", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                   "--timeout", "3", "--pruner", "none")
+    assert result.returncode == 0, result.stderr
+    assert "study t (run " in result.stderr and "): trials for 3 s" in result.stderr, result.stderr
+    counted = [line for line in result.stderr.splitlines() if line.startswith("  [")]
+    assert counted and all("/" not in line.split("]")[0] for line in counted), result.stderr  # no target: [n]
+    refused = sweep(tunable, "train", "--study", "t0", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                    "--trials", "0")
+    assert refused.returncode == 1 and "--trials 0: a sweep needs at least 1 trial" in refused.stderr, refused.stderr
+
+
 def test_multi_objective_sweep_has_a_pareto_front_and_apply_writes_the_chosen_trial(tunable):
     result = sweep(tunable, "train", "--study", "mo", "--param", "x=float:-5:5", "--objective", "score:maximize",
                    "--objective", "size:minimize", "--trials", "6", "--jobs", "2", "--seed", "3", "--json")
