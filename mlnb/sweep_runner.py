@@ -75,6 +75,11 @@ def sweep_from_config(project: Project, name: str) -> SweepSpec:
     objectives = [objectives] if isinstance(objectives, str) else list(objectives)
     if not objectives:
         raise SweepError(f"{where}: give 'objectives:', e.g. [val_auc:maximize]")
+    for key, kind in (("trials", int), ("jobs", int), ("seed", int), ("timeout", float)):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)):
+            raise SweepError(f"{where}: {key!r} must be {'a whole number' if kind is int else 'a number of seconds'}, "
+                             f"not {value!r}.")
     try:
         return SweepSpec(study=raw.get("study") or name, step=raw["step"],
                          space=[param_from_config(k, v) for k, v in raw["params"].items()],

@@ -167,6 +167,10 @@ def test_a_sweep_declared_in_mlnb_yaml_and_resumed_to_more_trials(tunable):
     assert "trials: 5 complete" in again.stdout
     assert [r.id for r in store_of(tunable).list_runs(kind="study")] == [r.id for r in studies]  # none recorded
     assert f"(run {studies[0].id[:8]})" in again.stderr  # the study run its last trials ran under
+    config["sweeps"]["knob"]["trials"] = "abc"
+    (tunable / "mlnb.yaml").write_text(yaml.safe_dump(config))
+    bad = sweep(tunable, "knob")
+    assert bad.returncode == 1 and "sweeps.knob: 'trials' must be a whole number, not 'abc'." in bad.stderr, bad.stderr
 
 
 def test_trials_the_pruner_gives_up_on_stop_early_and_read_pruned(tunable):
