@@ -116,6 +116,11 @@ def infer_task(target) -> str:
         return "multiclass"
     return "regression"
 
+def _target_scale(target) -> dict[str, float]:
+    values = target.astype(float).dropna()
+    std = float(values.std(ddof=0)) if len(values) else 0.0
+    return {"target_mean": float(values.mean()) if len(values) else 0.0, "target_std": std if std > 0 else 1.0}
+
 @dataclass
 class TabularPreprocessor:
     "Median-impute and standardise numeric columns, mode-impute and one-hot the others; fitted on training rows."
@@ -129,6 +134,8 @@ class TabularPreprocessor:
     categories: dict[str, list[str]]
     modes: dict[str, str]
     classes_: np.ndarray | None
+    target_mean: float | None = None  # regression: the training target's mean and spread, which TabularMLP
+    target_std: float | None = None   # learns to predict in units of (so 20 epochs suffice, whatever its scale)
 
     @classmethod
     def fit(cls, train, target: str, task: str | None = None, categorical: Sequence[str] | None = None):
@@ -150,7 +157,8 @@ class TabularPreprocessor:
                    categories={c: sorted(train[c].dropna().astype(str).unique()) for c in cats},
                    modes={c: (train[c].dropna().astype(str).mode().iloc[0] if train[c].notna().any() else "")
                           for c in cats},
-                   classes_=(np.array(sorted(train[target].dropna().unique(), key=str)) if task != "regression" else None))
+                   classes_=(np.array(sorted(train[target].dropna().unique(), key=str)) if task != "regression" else None),
+                   **(_target_scale(train[target]) if task == "regression" else {}))
 
     @property
     def feature_names(self) -> list[str]:
@@ -229,7 +237,8 @@ class TabularMLP(pl.LightningModule):
     "A multilayer perceptron for binary, multi-class and regression targets."
 
     def __init__(self, n_features: int, task: str = "binary", n_outputs: int = 1, hidden: Sequence[int] = (64, 32),
-                 dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0, activation: str = "relu"):
+                 dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0, activation: str = "relu",
+                 target_mean: float | None = None, target_std: float | None = None):
         super().__init__()
         if task not in ("binary", "multiclass", "regression"):
             raise ValueError(f"task must be binary, multiclass or regression, not {task!r}")
@@ -242,6 +251,10 @@ class TabularMLP(pl.LightningModule):
             width = int(size)
         layers.append(nn.Linear(width, 1 if task != "multiclass" else n_outputs))
         self.net = nn.Sequential(*layers)
+        # regression: the net predicts (y - mean) / std; forward() answers in the target's units. Without
+        # target_mean/target_std, `fit` takes them from a TabularDataModule's preprocessor.
+        self.register_buffer("target_mean", torch.tensor(float(target_mean or 0.0)))
+        self.register_buffer("target_std", torch.tensor(float(target_std or 1.0)))
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -250,6 +263,8 @@ class TabularMLP(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
+        if self.hparams.task == "regression":
+            return out.squeeze(-1) * self.target_std + self.target_mean
         return out.squeeze(-1) if self.hparams.task != "multiclass" else out
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -257,7 +272,7 @@ class TabularMLP(pl.LightningModule):
             return nn.functional.binary_cross_entropy_with_logits(out, y.float())
         if self.hparams.task == "multiclass":
             return nn.functional.cross_entropy(out, y)
-        return nn.functional.mse_loss(out, y.float())
+        return nn.functional.mse_loss(out, y.float()) / self.target_std ** 2  # in the net's (standardised) units
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -265,7 +280,16 @@ class TabularMLP(pl.LightningModule):
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for name in ("target_mean", "target_std"):  # a checkpoint saved before the target scale was kept
+            checkpoint.get("state_dict", {}).setdefault(name, getattr(self, name).clone())
+
     def on_fit_start(self) -> None:
+        scale = getattr(getattr(self.trainer, "datamodule", None), "preprocessor", None)
+        if (self.hparams.task == "regression" and self.hparams.target_mean is None
+                and getattr(scale, "target_mean", None) is not None):
+            self.target_mean.fill_(scale.target_mean)
+            self.target_std.fill_(scale.target_std)
         if self.logger is not None:
             self.logger.log_metrics({"n_params": float(self.n_params)}, step=0)
 
@@ -331,7 +355,7 @@ class TabularPredictor:
     def model(self) -> TabularMLP:
         if self._model is None:
             self._model = TabularMLP(**self.hparams)
-            self._model.load_state_dict(self.weights)
+            self._model.load_state_dict({**self._model.state_dict(), **self.weights})  # older pickles: no target scale
             self._model.eval()
         return self._model
 
