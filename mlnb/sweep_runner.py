@@ -119,6 +119,8 @@ def check_sweep(pipeline: Pipeline, spec: SweepSpec) -> list[str]:
     if spec.trials is not None and spec.trials < 1:
         raise SweepError(f"--trials {spec.trials}: a sweep needs at least 1 trial (or leave --trials out and give "
                          "--timeout: as many trials as fit in that time).")
+    if spec.jobs is not None and spec.jobs < 1:
+        raise SweepError(f"--jobs {spec.jobs}: give how many trials run at once (1 or more).")
     check_pruner(spec.pruner, len(spec.objectives))  # a pruner that cannot watch these objectives: refused now
     targets = _targets(pipeline, spec)
     first = {targets[p.name] for p in spec.space}

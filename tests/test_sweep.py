@@ -114,6 +114,9 @@ def test_a_time_budget_alone_runs_trials_until_it_is_spent(tunable):
     refused = sweep(tunable, "train", "--study", "t0", "--param", "x=float:-5:5", "--objective", "score:maximize",
                     "--trials", "0")
     assert refused.returncode == 1 and "--trials 0: a sweep needs at least 1 trial" in refused.stderr, refused.stderr
+    refused = sweep(tunable, "train", "--study", "t0", "--param", "x=float:-5:5", "--objective", "score:maximize",
+                    "--jobs", "0")
+    assert refused.returncode == 1 and "--jobs 0: give how many trials run at once" in refused.stderr, refused.stderr
 
 
 def test_multi_objective_sweep_has_a_pareto_front_and_apply_writes_the_chosen_trial(tunable):
