@@ -372,6 +372,48 @@ class StudyResult:
         numbers = {t.number for t in self.study.best_trials}
         return [t for t in trial_rows(self.study) if t["number"] in numbers]
 
+    @property
+    def objectives(self) -> list[str]:
+        "Returns the objective metrics' names, in the order of each trial's values."
+        specs = (self.study.user_attrs.get("mlnb_signature") or {}).get("objectives") or []
+        names = [s.rpartition(":")[0] or s for s in specs]
+        return names if len(names) == len(self.study.directions) else [f"value{i}" for i in range(len(names) or 1)]
+
+    def frame(self):
+        "Returns the trials as a DataFrame: number, state (killed for an interrupted one), objectives, params., run_id."
+        import pandas as pd
+        names = self.objectives
+        return pd.DataFrame([{"number": t["number"], "state": t["status"] or t["state"],
+                              **dict(zip(names, t["values"] or [None] * len(names), strict=True)),
+                              **{f"params.{k}": v for k, v in t["params"].items()}, "run_id": t["run_id"]}
+                             for t in self.trials])
+
+    def _summary(self) -> tuple[str, list[dict[str, Any]]]:
+        import collections
+        counts = collections.Counter(t["status"] or t["state"] for t in self.trials)
+        try:
+            best = self.best if counts.get("complete") else []
+        except ValueError:  # no completed trial
+            best = []
+        what = "best trial" if len(self.study.directions) == 1 else "Pareto front"
+        return (f"study {self.study.study_name!r}: {len(self.trials)} trials ("
+                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"); {what}:"), best
+
+    def __repr__(self) -> str:
+        head, best = self._summary()
+        lines = [f"  trial {t['number']}: " + ", ".join(f"{n}={v:.4g}" for n, v in zip(self.objectives, t["values"],
+                 strict=True)) + " with " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                      for k, v in t["params"].items()) + f" (run {t['run_id'][:8]})"
+                 for t in best]
+        return "\n".join([head, *(lines or ["  none completed"])])
+
+    def _repr_html_(self) -> str:
+        import html
+        head, best = self._summary()
+        table = (self.frame().loc[lambda f: f["number"].isin([t["number"] for t in best])].to_html(index=False)
+                 if best else "<p>none completed</p>")
+        return f"<p>{html.escape(head)}</p>{table}"
+
 def trial_rows(study) -> list[dict[str, Any]]:
     "Returns every trial of a study as plain data, with the mlnb run that ran it."
     return [{"number": t.number, "state": t.state.name.lower(), "values": t.values, "params": t.params,
