@@ -386,7 +386,7 @@ class TabularPredictor:
 
 # %% ../nbs/21_lightning.ipynb #a649914d
 class PruningCallback(pl.Callback):
-    "Stops training when the sweep (or the given Optuna trial) prunes this trial."
+    "Stops training when the sweep (or the given Optuna trial, or the one `mlnb.sweep.optimize` runs) prunes this trial."
 
     def __init__(self, monitor: str = "val_loss", trial=None):
         super().__init__()
@@ -400,12 +400,16 @@ class PruningCallback(pl.Callback):
         if value is None:
             return
         value = float(value)
-        if self.trial is not None:
+        trial = self.trial
+        if trial is None:  # inside mlnb.sweep.optimize: its trial (a sweep over notebooks flags the run instead)
+            from mlnb.sweep import current_trial
+            trial = current_trial()
+        if trial is not None:
             if math.isfinite(value):
-                self.trial.report(value, trainer.current_epoch)
-            stop = self.trial.should_prune()
+                trial.report(value, trainer.current_epoch)
+            stop = trial.should_prune()
             if stop:
-                self.trial.set_user_attr("mlnb_pruned", True)
+                trial.set_user_attr("mlnb_pruned", True)
         else:
             from mlnb.tracking import stop_requested
             stop = stop_requested()
