@@ -134,14 +134,19 @@ def parse_objective(spec: str) -> Objective:
                          f"{did_you_mean(direction.lower(), ['minimize', 'maximize'])}")
     return Objective(metric, _DIRECTIONS[direction.lower()])
 
-def objective_values(metrics: Mapping[str, Any], objectives: Sequence[Objective], where: str) -> list[float]:
-    "Returns the objectives' values from a run's metric summaries, or raises SweepError listing what was logged."
+def objective_values(metrics: Mapping[str, Any], objectives: Sequence[Objective], where: str,
+                     outputs: Mapping[str, Any] | None = None) -> list[float]:
+    """Returns the objectives' values from a run's metric summaries (the last value of each), else from a number
+    it recorded with `mlnb.output` (`outputs`: the run record's); raises SweepError listing what was logged."""
     values = []
     for objective in objectives:
         entry = metrics.get(objective.metric)
+        out = (outputs or {}).get(objective.metric) or {}
+        if entry is None and out.get("kind") == "json" and type(out.get("value")) in (int, float):
+            entry = out["value"]
         if entry is None:
-            raise SweepError(f"{where} did not log the objective metric {objective.metric!r}."
-                             f"{did_you_mean(objective.metric, metrics)} It logged: {one_of(metrics)}.")
+            raise SweepError(f"{where} did not log the objective metric {objective.metric!r} (nor output a number by "
+                             f"that name).{did_you_mean(objective.metric, metrics)} It logged: {one_of(metrics)}.")
         value = entry["last"] if isinstance(entry, Mapping) else entry
         if value is None or not math.isfinite(float(value)):
             raise SweepError(f"{where} logged {objective.metric} = {value}, which cannot be optimised.")

@@ -453,7 +453,8 @@ class SweepRunner:
         if status in ("finished", "cached"):
             source = self.store.get_run(step.source_run_id or step.run_id)
             try:
-                values = objective_values(source.metrics, spec.objectives, f"trial {trial.number} ({spec.step})")
+                values = objective_values(source.metrics, spec.objectives, f"trial {trial.number} ({spec.step})",
+                                          outputs=source.outputs)
             except SweepError as e:
                 status, error = "failed", str(e)
         if step is not None:  # before tell(): a finished trial cannot be annotated

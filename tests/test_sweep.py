@@ -86,6 +86,17 @@ def test_a_sweep_from_the_command_line_tracks_every_trial(tunable):
     assert f"train.kind: b (notebook default) -> {best['params']['kind']}" in dry.stdout, dry.stdout
 
 
+def test_an_objective_the_notebook_records_with_output(tmp_path):
+    root = project(tmp_path, {"train": {"notebook": "train.ipynb"}}, name="out")
+    notebook(root / "train.ipynb", "x: float = 0.0", "import mlnb\nmlnb.output('score', -(x - 2) ** 2)")
+    result = sweep(root, "train", "--study", "o", "--param", "x=float:0:4", "--objective", "score:maximize",
+                   "--trials", "2", "--pruner", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    trials = json.loads(result.stdout)["trials"]
+    assert [t["state"] for t in trials] == ["complete", "complete"], trials
+    assert all(t["values"] == [pytest.approx(-(t["params"]["x"] - 2) ** 2)] for t in trials), trials
+
+
 def test_a_grid_sweep_runs_each_point_once_then_stops(tunable):
     # more trials than points: Optuna's GridSampler ended the study with study.stop(), an internal error here
     args = ["train", "--study", "g", "--param", "x=float:0:1:0.5", "--param", "kind=categorical:a,b",
