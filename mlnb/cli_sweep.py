@@ -185,6 +185,13 @@ def _show(study, as_json: bool, importances: dict | None = None) -> None:
         return
     click.echo(f"study {study.study_name}: step {signature.get('step') or '-'}, objectives {', '.join(objectives)}")
     click.echo("trials: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    failed = [t for t in rows if t["state"] == "fail" and t["status"] != "killed"]
+    if failed:  # why, for the last few: the rest is in each trial's run (mlnb runs show RUN)
+        click.echo(f"failed trials ({'the last 3 of ' if len(failed) > 3 else ''}{len(failed)}):")
+        for t in failed[-3:]:
+            error = (t["error"] or "no error recorded").strip().splitlines()[0]
+            click.echo(f"  trial {t['number']} (run {(t['run_id'] or '-')[:8]}): "
+                       f"{error if len(error) <= 160 else error[:157] + '...'}")
     if not best:
         click.echo("No completed trial yet.")
         return

@@ -239,6 +239,9 @@ def test_a_missing_objective_metric_or_a_raising_notebook_fails_the_trial_not_th
     [trial] = json.loads(missing.stdout)["trials"]
     assert trial["state"] == "fail" and "did not log the objective metric 'val_auc'" in trial["error"]
     assert "It logged: score, size" in trial["error"]
+    shown = sweep(tunable, "show", "m")  # why it failed, without opening the run
+    assert "failed trials (1):" in shown.stdout and f"trial 0 (run {trial['run_id'][:8]}): trial 0 (train) did not " \
+        "log the objective metric 'val_auc'" in shown.stdout, shown.stdout
 
 
 def test_a_study_name_reused_with_another_space_is_refused_and_left_untouched(tunable):
