@@ -166,14 +166,11 @@ def _load(name: str, store_url: str | None):
         raise MlnbError(f"No study {name!r} in the store.{did_you_mean(name, names)} Studies: {one_of(names)}.") from None
 
 def _show(study, as_json: bool, importances: dict | None = None) -> None:
-    from mlnb.sweep import study_importances, trial_rows
+    from mlnb.sweep import study_importances, trial_counts, trial_rows
     signature = study.user_attrs.get("mlnb_signature", {})
     objectives = signature.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     rows = trial_rows(study)
-    counts: dict[str, int] = {}
-    for t in rows:
-        state = "killed" if t["status"] == "killed" else t["state"]
-        counts[state] = counts.get(state, 0) + 1
+    counts = trial_counts(rows)
     best_numbers = {t.number for t in study.best_trials} if any(t["state"] == "complete" for t in rows) else set()
     best = [t for t in rows if t["number"] in best_numbers]
     if importances is None:  # not given by the sweep just run: the one stored, if no trial completed since

@@ -191,15 +191,11 @@ def _torch_logits(module: Any):
     class Logits(torch.nn.Module):  # SHAP's DeepExplainer wants a (rows, outputs) tensor
         def __init__(self, inner):
             super().__init__()
-            self.inner = getattr(inner, "net", inner)
-            # mlnb's TabularMLP learns a regression target in standard units: answer in the target's own
-            hparams = getattr(inner, "hparams", None) or {}
-            self.scale = (inner.target_std, inner.target_mean) if hparams.get("task") == "regression" else None
+            self.inner = inner  # its own forward: a TabularMLP answers a regression in the target's units
 
         def forward(self, x):
             out = self.inner(x)
-            out = out if out.ndim == 2 else out.unsqueeze(-1)
-            return out if self.scale is None else out * self.scale[0] + self.scale[1]
+            return out if out.ndim == 2 else out.unsqueeze(-1)
     return Logits(module).eval()
 
 def explain(model: Any, X: pd.DataFrame, rows: Sequence[int] | None = None, *, background: pd.DataFrame | None = None,

@@ -21,10 +21,11 @@ class SweepError(MlnbError):
 
 # %% auto #0
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
-           'optuna_storage', 'make_sampler', 'grid_points', 'open_points', 'ask_trial', 'check_pruner', 'make_pruner',
-           'value_at', 'ParetoPruner', 'open_study', 'existing_study', 'finished_trials', 'fail_interrupted',
-           'current_trial', 'StudyResult', 'trial_rows', 'optimize', 'param_importances', 'importance_inputs',
-           'importances_of', 'remember_importances', 'known_importances', 'study_importances']
+           'optuna_storage', 'make_sampler', 'grid_points', 'grid_of', 'trial_target', 'open_points', 'ask_trial',
+           'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study', 'existing_study', 'finished_trials',
+           'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts', 'trial_rows', 'optimize',
+           'param_importances', 'importance_inputs', 'importances_of', 'remember_importances', 'known_importances',
+           'study_importances']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -211,16 +212,25 @@ def grid_points(space: Sequence[Param], seed: int | None = None) -> list[dict[st
     random.Random(seed).shuffle(points)
     return points
 
+def grid_of(space: Sequence[Param], sampler: str | None, seed: int | None = None) -> list[dict[str, Any]] | None:
+    "Returns the points of a grid sweep (`sampler` grid), None for any other sampler."
+    return grid_points(space, seed) if (sampler or "").lower() == "grid" else None
+
+def trial_target(trials: int | None, timeout: float | None, grid: list | None = None, default: int = 20) -> int | None:
+    """Returns how many finished trials a study should reach: `trials`; without it `default`, or no limit (None)
+    with a time budget alone; a grid's points at most."""
+    target = trials if trials is not None else (None if timeout is not None else default)
+    return target if grid is None else min(target or len(grid), len(grid))
+
 def _point_key(params: Mapping[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
-def open_points(study, grid: list[dict[str, Any]], running: bool = True) -> list[dict[str, Any]]:
+def open_points(study, grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Returns the grid's points no trial holds: none finished there (an interrupted trial does not count,
-    so a resumed sweep runs its point again) and, with `running`, none is running there."""
+    so a resumed sweep runs its point again) and none is running there."""
     import optuna
     held = [t.params for t in finished_trials(study)]
-    if running:
-        held += [t.params for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    held += [t.params for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
     keys = {_point_key(params) for params in held}
     return [p for p in grid if _point_key(p) not in keys]
 
@@ -382,7 +392,8 @@ class StudyResult:
         "Returns the objective metrics' names, in the order of each trial's values."
         specs = (self.study.user_attrs.get("mlnb_signature") or {}).get("objectives") or []
         names = [s.rpartition(":")[0] or s for s in specs]
-        return names if len(names) == len(self.study.directions) else [f"value{i}" for i in range(len(names) or 1)]
+        n = len(self.study.directions)
+        return names if len(names) == n else [f"value{i}" for i in range(n)]
 
     def frame(self):
         "Returns the trials as a DataFrame: number, state (killed for an interrupted one), objectives, params., run_id."
@@ -394,8 +405,7 @@ class StudyResult:
                              for t in self.trials])
 
     def _summary(self) -> tuple[str, list[dict[str, Any]]]:
-        import collections
-        counts = collections.Counter(t["status"] or t["state"] for t in self.trials)
+        counts = trial_counts(self.trials)
         try:
             best = self.best if counts.get("complete") else []
         except ValueError:  # no completed trial
@@ -406,10 +416,11 @@ class StudyResult:
 
     def __repr__(self) -> str:
         head, best = self._summary()
-        lines = [f"  trial {t['number']}: " + ", ".join(f"{n}={v:.4g}" for n, v in zip(self.objectives, t["values"],
-                 strict=True)) + " with " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                      for k, v in t["params"].items()) + f" (run {t['run_id'][:8]})"
-                 for t in best]
+
+        def shown(values: Mapping[str, Any]) -> str:
+            return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        lines = [f"  trial {t['number']}: {shown(dict(zip(self.objectives, t['values'], strict=True)))} "
+                 f"with {shown(t['params'])} (run {t['run_id'][:8]})" for t in best]
         return "\n".join([head, *(lines or ["  none completed"])])
 
     def _repr_html_(self) -> str:
@@ -418,6 +429,14 @@ class StudyResult:
         table = (self.frame().loc[lambda f: f["number"].isin([t["number"] for t in best])].to_html(index=False)
                  if best else "<p>none completed</p>")
         return f"<p>{html.escape(head)}</p>{table}"
+
+def trial_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    "Returns how many of `trial_rows` ended each way: complete, pruned, fail, or killed (an interrupted one)."
+    counts: dict[str, int] = {}
+    for t in rows:
+        state = t["status"] or t["state"]
+        counts[state] = counts.get(state, 0) + 1
+    return counts
 
 def trial_rows(study) -> list[dict[str, Any]]:
     "Returns every trial of a study as plain data, with the mlnb run that ran it."
@@ -445,10 +464,8 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
     study_run = start_run(name, params={p.name: p.spec for p in space}, store=store, kind="study",
                           activate=False, tags={"objectives": [o.spec for o in objectives]})
     started, status = time.monotonic(), "finished"
-    grid = grid_points(space, seed) if (sampler or "").lower() == "grid" else None
-    trials = trials if trials is not None else (None if timeout is not None else 100)
-    if grid is not None:
-        trials = min(trials or len(grid), len(grid))
+    grid = grid_of(space, sampler, seed)
+    trials = trial_target(trials, timeout, grid, default=100)
     done = len(finished_trials(opt))  # counted once: asking the storage every trial would cost O(trials)
     from mlnb.executors import StopRequests
     # Ctrl-C (a kernel's interrupt): raised in `fn` or between trials, never inside a store or Optuna write

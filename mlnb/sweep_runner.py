@@ -20,7 +20,7 @@ from .errors import RunNotFound, did_you_mean, one_of
 from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
-                        ask_trial, check_pruner, existing_study, grid_points, open_points, objective_values, optuna_storage,
+                        ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values, optuna_storage,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,
                         parse_objective, remember_importances, trial_rows)
 
@@ -48,9 +48,7 @@ class SweepSpec:
     @property
     def trial_target(self) -> int | None:
         "The finished trials the study should reach: `trials`; without it 20, or no limit (None) with a timeout."
-        if self.trials is not None:
-            return self.trials
-        return None if self.timeout is not None else 20
+        return trial_target(self.trials, self.timeout)
 
 _SWEEP_KEYS = {"study", "step", "params", "objectives", "trials", "timeout", "sampler", "pruner", "prune_metric",
                "jobs", "executor", "scheduler", "seed"}
@@ -75,11 +73,11 @@ def sweep_from_config(project: Project, name: str) -> SweepSpec:
     objectives = [objectives] if isinstance(objectives, str) else list(objectives)
     if not objectives:
         raise SweepError(f"{where}: give 'objectives:', e.g. [val_auc:maximize]")
-    for key, kind in (("trials", int), ("jobs", int), ("seed", int), ("timeout", float)):
+    for key, types, what in (("trials", int, "a whole number"), ("jobs", int, "a whole number"),
+                             ("seed", int, "a whole number"), ("timeout", (int, float), "a number of seconds")):
         value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)):
-            raise SweepError(f"{where}: {key!r} must be {'a whole number' if kind is int else 'a number of seconds'}, "
-                             f"not {value!r}.")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise SweepError(f"{where}: {key!r} must be {what}, not {value!r}.")
     try:
         return SweepSpec(study=raw.get("study") or name, step=raw["step"],
                          space=[param_from_config(k, v) for k, v in raw["params"].items()],
@@ -181,10 +179,8 @@ class SweepRunner:
             self.trial_steps = check_sweep(pipeline, spec)
             self.pruner = check_pruner(spec.pruner, len(spec.objectives))  # its name, the default filled in
             self.targets = _targets(pipeline, spec)
-            self.grid = grid_points(spec.space, spec.seed) if (spec.sampler or "").lower() == "grid" else None
-            self.target = spec.trial_target  # None: no limit but the time budget
-            if self.grid is not None:
-                self.target = min(self.target or len(self.grid), len(self.grid))
+            self.grid = grid_of(spec.space, spec.sampler, spec.seed)
+            self.target = trial_target(spec.trials, spec.timeout, self.grid)  # None: no limit but the time budget
             before = sorted(set().union(*(pipeline.upstream_of(s) for s in self.trial_steps)) - set(self.trial_steps))
             jobs = max(1, spec.jobs or 1)
             options = {"jobs": jobs, **({"scheduler": spec.scheduler} if spec.scheduler else {})}
@@ -206,9 +202,8 @@ class SweepRunner:
                 storage = optuna_storage(self.store)
                 existing = existing_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step,
                                           storage=storage)
-                done = existing is not None and spec.timeout is None and (
-                    (self.target is not None and len(finished_trials(existing)) >= self.target)
-                    or (self.grid is not None and not open_points(existing, self.grid, running=False)))
+                done = (existing is not None and self.target is not None and spec.timeout is None
+                        and len(finished_trials(existing)) >= self.target)
                 if done:  # nothing to run: no steps, and no new study run to record
                     before = []
                 else:  # an unreachable Dask scheduler: said once, before any step or trial
