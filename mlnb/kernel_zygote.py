@@ -156,7 +156,10 @@ def _run_helper(conn: socket.socket, function: str) -> int:
         fn = getattr(importlib.import_module(module), name)
     except BaseException as e:  # noqa: BLE001 - the answer to the call (not before it: the caller is still sending)
         failed = f"{type(e).__name__}: {e}"
-    line = stream.readline()
+    try:
+        line = stream.readline()
+    except OSError:  # the caller hung up without reading its answer (the pid): nothing to serve
+        return 0
     if not line:  # the caller went away
         return 0
     try:
@@ -223,11 +226,7 @@ def serve(socket_path: str, modules: list[str]) -> None:
                         continue
                     pid = os.fork()
                     if pid == 0:
-                        listener.close()
-                        if "helper" in request:
-                            os._exit(_run_helper(conn, request["helper"]))
-                        conn.close()
-                        os._exit(_run_kernel(request))
+                        _serve_child(listener, conn, request)
                     (helpers if "helper" in request else children).add(pid)
                     try:
                         conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
@@ -245,6 +244,23 @@ def serve(socket_path: str, modules: list[str]) -> None:
             time.sleep(0.02)
         listener.close()
         Path(socket_path).unlink(missing_ok=True)
+
+def _serve_child(listener: socket.socket, conn: socket.socket, request: dict) -> None:
+    """What a forked child of `serve` runs: a helper or a kernel, then `os._exit`, whatever happens. An exception must
+    never reach `serve`'s own cleanup in the child: that would unlink the zygote's socket and end its other kernels."""
+    code = 1
+    try:
+        listener.close()
+        if "helper" in request:
+            code = _run_helper(conn, request["helper"])
+        else:
+            conn.close()
+            code = _run_kernel(request)
+    except BaseException:  # noqa: BLE001 - reported on stderr, then the child exits like any failed one
+        import traceback
+        traceback.print_exc()
+    finally:
+        os._exit(code)
 
 def main() -> None:
     "Entry point of the zygote process: `python -c 'from mlnb.kernel_zygote import main; main()' SOCKET MODULES_JSON`."
