@@ -254,20 +254,31 @@ class SqlAlchemyDatabase(Database):
         import sqlalchemy as sa
         self._sa = sa
         self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
+        self._local = threading.local()
 
     def errors(self) -> tuple[type[BaseException], ...]:
         import psycopg
         return (psycopg.Error, self._sa.exc.DBAPIError)
 
-    def _run(self, fn: Callable[[Tx], Any]) -> Any:
+    def _run(self, fn: Callable[[Tx], Any], snapshot: bool) -> Any:
+        joined = getattr(self._local, "tx", None)
+        if joined is not None:  # a read or write already open on this thread: join it (as on SQLite)
+            return fn(joined)
         with self.engine.connect() as conn, conn.begin():
-            return fn(Tx(conn.connection.driver_connection.cursor(), "postgresql"))
+            tx = Tx(conn.connection.driver_connection.cursor(), "postgresql")
+            if snapshot:  # every statement of the read sees one snapshot (under READ COMMITTED, each its own)
+                tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            self._local.tx = tx
+            try:
+                return fn(tx)
+            finally:
+                self._local.tx = None
 
     def read(self, fn: Callable[[Tx], Any]) -> Any:
-        return _retry(self, lambda: self._run(fn))
+        return _retry(self, lambda: self._run(fn, snapshot=True))
 
     def write(self, fn: Callable[[Tx], Any]) -> Any:
-        return _retry(self, lambda: self._run(fn))
+        return _retry(self, lambda: self._run(fn, snapshot=False))
 
     def close(self) -> None:
         self.engine.dispose()

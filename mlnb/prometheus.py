@@ -19,39 +19,37 @@ class StoreCollector:
     def describe(self) -> list:
         return []  # no fixed set of series: prometheus_client then does not call collect() at registration
 
-    def collect(self):
+    def collect(self) -> list:
+        """Every family, read in one transaction: a scrape is one snapshot of the store (read piece by piece, a
+        step and its schedule's occurrence could end between two reads: the occurrence's success without its step)."""
+        return self.store.read(self._families, "reading the metrics")
+
+    def _families(self, tx) -> list:
         from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
         now = time.time()
         runs = GaugeMetricFamily("mlnb_runs", "Runs in the store by kind and status", labels=["kind", "status"])
-        for (kind, status), count in sorted(self._run_counts(now).items()):
+        for (kind, status), count in sorted(self._run_counts(tx, now).items()):
             runs.add_metric([kind, status], count)
-        yield runs
         steps = SummaryMetricFamily("mlnb_step_duration_seconds", "Durations of finished step runs", labels=["step"])
         last = GaugeMetricFamily("mlnb_step_last_duration_seconds", "Duration of the newest finished run of a step",
                                  labels=["step"])
-        for name, count, total, newest in self._steps():
+        for name, count, total, newest in self._steps(tx):
             steps.add_metric([name], count_value=count, sum_value=total)
             last.add_metric([name], newest)
-        yield steps
-        yield last
-        yield from self._schedules()
-        yield from self._drift()
+        return [runs, steps, last, *self._schedules(tx), *self._drift()]
 
-    def _run_counts(self, now: float) -> dict[tuple[str, str], int]:
-        rows = self.store.read(lambda tx: tx.query("SELECT kind, status, COUNT(*) FROM mlnb_runs WHERE status <> "
-                                                   "'running' GROUP BY kind, status"))
+    def _run_counts(self, tx, now: float) -> dict[tuple[str, str], int]:
+        rows = tx.query("SELECT kind, status, COUNT(*) FROM mlnb_runs WHERE status <> 'running' GROUP BY kind, status")
         counts = {(k or "run", s): n for k, s, n in rows}
-        running = self.store.read(lambda tx: tx.query("SELECT kind, heartbeat, heartbeat_interval FROM mlnb_runs "
-                                                      "WHERE status = 'running'"))
+        running = tx.query("SELECT kind, heartbeat, heartbeat_interval FROM mlnb_runs WHERE status = 'running'")
         for kind, beat, interval in running:
             key = (kind or "run", effective_status("running", beat, interval, now))
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def _steps(self) -> list[tuple[str, int, float, float]]:
-        rows = self.store.read(lambda tx: tx.query(
-            "SELECT name, end_time - start_time FROM mlnb_runs WHERE kind = 'step' AND status = 'finished' AND "
-            "end_time IS NOT NULL ORDER BY start_time"))
+    def _steps(self, tx) -> list[tuple[str, int, float, float]]:
+        rows = tx.query("SELECT name, end_time - start_time FROM mlnb_runs WHERE kind = 'step' AND status = 'finished' "
+                        "AND end_time IS NOT NULL ORDER BY start_time")
         stats: dict[str, list[float]] = {}
         for name, seconds in rows:
             entry = stats.setdefault(name, [0, 0.0, 0.0])
@@ -60,29 +58,27 @@ class StoreCollector:
             entry[2] = seconds
         return [(name, int(c), t, n) for name, (c, t, n) in sorted(stats.items())]
 
-    def _schedules(self):
+    def _schedules(self, tx):
         from prometheus_client.core import GaugeMetricFamily
         counts = GaugeMetricFamily("mlnb_schedule_occurrences", "Occurrences of each schedule by status",
                                    labels=["schedule", "status"])
-        for schedule, status, n in self.store.read(lambda tx: tx.query(
-                "SELECT schedule, status, COUNT(*) FROM mlnb_schedule_occurrences GROUP BY schedule, status "
-                "ORDER BY schedule, status")):
+        for schedule, status, n in tx.query("SELECT schedule, status, COUNT(*) FROM mlnb_schedule_occurrences "
+                                            "GROUP BY schedule, status ORDER BY schedule, status"):
             counts.add_metric([schedule, status], n)
         yield counts
         success = GaugeMetricFamily("mlnb_schedule_last_success_timestamp_seconds",
                                     "When the newest finished run of each schedule ended (UNIX time)",
                                     labels=["schedule"])
-        for schedule, ended in self.store.read(lambda tx: tx.query(
-                "SELECT schedule, MAX(ended_at) FROM mlnb_schedule_occurrences WHERE status = 'finished' "
-                "GROUP BY schedule ORDER BY schedule")):
+        for schedule, ended in tx.query("SELECT schedule, MAX(ended_at) FROM mlnb_schedule_occurrences "
+                                        "WHERE status = 'finished' GROUP BY schedule ORDER BY schedule"):
             success.add_metric([schedule], ended)
         yield success
         late = GaugeMetricFamily("mlnb_schedule_last_lateness_seconds",
                                  "Seconds between the newest occurrence's time and its claim", labels=["schedule"])
-        for schedule, lateness in self.store.read(lambda tx: tx.query(
+        for schedule, lateness in tx.query(
                 "SELECT o.schedule, o.claimed_at - o.scheduled_time FROM mlnb_schedule_occurrences o JOIN "
                 "(SELECT schedule, MAX(scheduled_time) AS t FROM mlnb_schedule_occurrences GROUP BY schedule) m "
-                "ON o.schedule = m.schedule AND o.scheduled_time = m.t ORDER BY o.schedule")):
+                "ON o.schedule = m.schedule AND o.scheduled_time = m.t ORDER BY o.schedule"):
             late.add_metric([schedule], lateness)
         yield late
 
@@ -92,7 +88,7 @@ class StoreCollector:
                                   labels=["reference"])
         psi = GaugeMetricFamily("mlnb_drift_psi", "Population stability index per feature, newest monitoring run",
                                 labels=["reference", "feature"])
-        newest = self.store.list_runs(kind="monitor", limit=1)
+        newest = self.store.list_runs(kind="monitor", limit=1)  # joins the scrape's transaction
         if newest:
             record = newest[0]
             reference = str(record.params.get("reference", ""))

@@ -196,8 +196,9 @@ def test_the_scheduler_serves_prometheus_metrics(quick):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=120)
-    assert re.search(r'mlnb_runs\{kind="pipeline",status="finished"\} \d', text)
-    assert re.search(r'mlnb_step_duration_seconds_count\{step="step"\} [1-9]', text)
+    assert re.search(r'mlnb_runs\{kind="pipeline",status="finished"\} \d', text), text
+    # one scrape is one snapshot: the occurrence's success comes with its step's run, never before it
+    assert re.search(r'mlnb_step_duration_seconds_count\{step="step"\} [1-9]', text), text
     assert re.search(r'mlnb_schedule_occurrences\{schedule="quick",status="finished"\} [1-9]', text)
     assert re.search(r'mlnb_drift_psi\{feature="a",reference="train"\} \d', text)
     assert re.search(r'mlnb_drift_share\{reference="train"\} 0\.3', text)  # a of a, b, plan drifted
