@@ -60,7 +60,11 @@ def reviewed(tmp_path_factory) -> Path:
 
 
 def _serve(cmd: list[str], port: int, cwd: Path, env: dict, path: str = "/") -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    "Starts a server whose output goes to a file (a pipe nobody reads would stop it once full): see `_log_tail`."
+    log = cwd.parent / f"server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
 
     def up():
         try:
@@ -68,10 +72,22 @@ def _serve(cmd: list[str], port: int, cwd: Path, env: dict, path: str = "/") -> 
             return True
         except OSError as e:
             if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read().decode()[-3000:]) from e
+                raise AssertionError(_log_tail(proc)) from e
             return getattr(e, "code", None) in (302, 403)  # up, asking for the token
     wait_for(up, timeout=90, interval=0.3)
     return proc
+
+
+def _log_tail(proc: subprocess.Popen) -> str:
+    return f"the server's output ({proc.log}), last lines:\n" + proc.log.read_text(errors="replace")[-4000:]
+
+
+def _check_served_panel(page, shot: str, server: subprocess.Popen) -> None:
+    "`_check_panel`, failing with the server's last output (what its kernel said, if it hung)."
+    try:
+        _check_panel(page, shot)
+    except Exception as e:
+        raise AssertionError(f"{e}\n{_log_tail(server)}") from e
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -149,7 +165,7 @@ def test_the_panel_in_jupyterlab(reviewed, tmp_path):
                                "window.jupyterapp.shell.currentWidget.sessionContext.session && "
                                "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=90_000)
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        _check_panel(page, "jupyterlab")
+        _check_served_panel(page, "jupyterlab", lab)
     finally:
         browser.close()
         manager.stop()
@@ -162,11 +178,12 @@ def test_the_panel_as_a_web_app(reviewed):
     manager, browser = _browser()
     try:
         page = browser.new_page(viewport={"width": 1500, "height": 2200})
-        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/?token={token}", timeout=10).status == 200
         # Voila streams the page while its kernel runs the notebook: "load" comes only when every cell has
         # run (over 30 s, Playwright's default, on a loaded machine). _check_panel waits for what matters.
-        page.goto(f"http://127.0.0.1:{port}/?token={token}", wait_until="commit", timeout=120_000)
-        _check_panel(page, "voila")
+        # (Each request for the page starts a kernel that runs the panel: one page, one kernel, here.)
+        response = page.goto(f"http://127.0.0.1:{port}/?token={token}", wait_until="commit", timeout=120_000)
+        assert response.status == 200, response.status
+        _check_served_panel(page, "voila", ui)
     finally:
         browser.close()
         manager.stop()
