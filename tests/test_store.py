@@ -118,16 +118,16 @@ def test_threads_write_concurrently_without_losing_points(store):
 def test_a_read_is_one_snapshot_and_a_read_inside_it_joins_it(store):
     "What a Prometheus scrape relies on: a run that ends while the scrape reads is in all of it or in none."
     run_id = store.create_run(name="r")
-    def status_count(tx) -> int:
+    def finished_count(tx) -> int:
         return tx.scalar("SELECT COUNT(*) FROM mlnb_runs WHERE status = 'finished'")
     def reading(tx) -> tuple[int, int, int]:
-        before = status_count(tx)
+        before = finished_count(tx)
         ender = threading.Thread(target=store.end_run, args=(run_id, "finished"))  # its own connection
         ender.start()
         ender.join()
-        return before, status_count(tx), len(store.list_runs(status="finished"))  # the last one: a nested read
+        return before, finished_count(tx), len(store.list_runs(status="finished"))  # the last one: a nested read
     assert store.read(reading) == (0, 0, 0)
-    assert store.read(status_count) == 1
+    assert store.read(finished_count) == 1
 
 
 def test_tracking_api_on_each_backend(store_url, tmp_path, monkeypatch):
