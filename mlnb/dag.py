@@ -31,6 +31,7 @@ class Step:
     inputs: list[str] = field(default_factory=list)
     products: dict[str, str] = field(default_factory=dict)   # name -> project-relative path
     cache: bool = True                                         # False: always run, never restored
+    timeout: float | None = None                               # seconds its notebook may run (None: no limit)
 
     def rel(self, root: Path) -> str:
         "Returns the notebook path relative to the project root."
@@ -73,7 +74,8 @@ class Pipeline:
                                       "'_' only.")
             self.steps[name] = Step(name=name, notebook=(self.root / spec.notebook).resolve(), params=dict(spec.params),
                                     needs=list(spec.needs), inputs=list(spec.inputs),
-                                    products=_products(spec.products), cache=spec.cache)
+                                    products=_products(spec.products), cache=spec.cache,
+                                    timeout=spec.timeout)
         for step in self.steps.values():
             for need in step.needs:
                 if need not in self.steps:

@@ -362,7 +362,8 @@ class PipelineRunner:
             (self.root / path).parent.mkdir(parents=True, exist_ok=True)
         task = StepTask(step=name, run_id=run.id, notebook=str(step.notebook),
                         executed=str(self.report_dir / f"{name}.ipynb"), html=str(self.report_dir / f"{name}.html"),
-                        cwd=str(self.root), params=plan.params, env=env, warm=self.executor_name == "local",
+                        cwd=str(self.root), params=plan.params, env=env, timeout=step.timeout,
+                        warm=self.executor_name == "local",
                         ahead=self.steps_follow or any(s == "pending" for n, s in self.state.items() if n != name))
         if self.executor is None:
             self.executor = get_executor(self.executor_name, **self._executor_options())

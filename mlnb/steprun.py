@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -249,14 +250,15 @@ def _shutdown(km, now: bool = False) -> None:
     except Exception:  # noqa: BLE001 - a kernel that is already gone is shut down
         pass
 
-def _run_silently(km, code: str) -> None:
-    "Runs `code` in the kernel without output, history or an execution count."
+def _run_silently(km, code: str, timeout: float | None = None) -> None:
+    """Runs `code` in the kernel without output, history or an execution count; `timeout`: seconds to wait for
+    the kernel to answer, at each stage (None: 120 s to be ready, 60 s to run)."""
     from jupyter_core.utils import run_sync
     client = km.client()
     client.start_channels()
     try:
-        run_sync(client.wait_for_ready)(timeout=120)
-        reply = run_sync(client.execute_interactive)(code, silent=True, store_history=False, timeout=60)
+        run_sync(client.wait_for_ready)(timeout=timeout or 120)
+        reply = run_sync(client.execute_interactive)(code, silent=True, store_history=False, timeout=timeout or 60)
         if reply["content"].get("status") != "ok":
             raise RuntimeError(f"the kernel refused mlnb's setup code: {reply['content'].get('evalue')}")
     finally:
@@ -291,9 +293,10 @@ def _enter_step(km, task: StepTask) -> None:
     _run_silently(km, f"import os as _mlnb_os\n_mlnb_os.environ.update({dict(task.env)!r})\n"
                       f"_mlnb_os.chdir({task.cwd!r})\ndel _mlnb_os")
 
-def _leave_step(km) -> None:
-    "Has mlnb inside the kernel write its buffered metrics, so they are stored before the step's run ends."
-    _run_silently(km, "import sys as _mlnb_sys\n_mlnb_t = _mlnb_sys.modules.get('mlnb.tracking')\n"
+def _leave_step(km, timeout: float | None = None) -> None:
+    """Has mlnb inside the kernel write its buffered metrics, so they are stored before the step's run ends
+    (`timeout`: see `_run_silently`)."""
+    _run_silently(km, timeout=timeout, code="import sys as _mlnb_sys\n_mlnb_t = _mlnb_sys.modules.get('mlnb.tracking')\n"
                       "if _mlnb_t is not None:\n    _mlnb_t.flush_all()\ndel _mlnb_sys, _mlnb_t")
 
 _RETIRING: list = []
@@ -390,6 +393,27 @@ def _source_cell_number(executed: dict | None, cell_index: int | None) -> int | 
     injected = sum(1 for c in cells[:cell_index] if "injected-parameters" in c.get("metadata", {}).get("tags", []))
     return cell_index - injected + 1
 
+def _quiet_timeout_lines(record) -> bool:
+    "A logging filter: drops nbclient's lines about a cell timeout (the step's error says it, with the right seconds)."
+    return not str(record.msg).startswith(("Timeout waiting for execute reply", "Interrupting kernel"))
+
+def _past_timeout(timeout: float) -> str:
+    return f"the step ran past its timeout ({timeout:g} s) and was stopped; raise timeout: in mlnb.yaml if it needs longer"
+
+def _time_limit(timeout: float | None) -> tuple[float, dict[str, Any]]:
+    """Returns the monotonic deadline `timeout` seconds from now (inf: no limit) and the nbclient options that
+    hold the whole notebook to it: each cell may run what is left, and a cell still running then is interrupted
+    (not the kernel killed: it is free again, so what the step logged before is flushed to its run)."""
+    if timeout is None:
+        return math.inf, {}
+    import logging
+    logging.getLogger("papermill").addFilter(_quiet_timeout_lines)  # nbclient logs through papermill's logger
+    deadline = time.monotonic() + timeout
+    stopped = _past_timeout(timeout)  # what the cell's error says (nbclient's own would be "Cell execution timed out")
+    return deadline, {"timeout_func": lambda cell: max(deadline - time.monotonic(), 0.001), "interrupt_on_timeout": True,
+                      "error_on_timeout": {"ename": "TimeoutError", "evalue": stopped, "traceback": [stopped]}}
+
+
 def execute_step(task: StepTask) -> StepResult:
     "Returns the result of executing `task`'s notebook with papermill (never raises for a failing notebook)."
     from mlnb.executors import quiet_slow_imports
@@ -404,7 +428,7 @@ def execute_step(task: StepTask) -> StepResult:
     Path(task.executed).parent.mkdir(parents=True, exist_ok=True)
     from jupyter_core.utils import run_sync
     km = _take_kernel_ahead() if task.warm else None
-    deaf = None
+    deaf, deadline = None, math.inf
     result.phases["kernel_ahead"] = float(km is not None)
     try:
         if km is not None:
@@ -413,10 +437,10 @@ def execute_step(task: StepTask) -> StepResult:
         else:
             kernel = {"kernel_manager_class": _ipc_kernel_manager()}
         result.phases["ready"] = time.perf_counter() - start
+        deadline, limit = _time_limit(task.timeout)
         papermill.execute_notebook(
             task.notebook, task.executed, parameters=task.params, kernel_name=ensure_kernel(), language="python",
-            cwd=task.cwd, progress_bar=False, log_output=False, request_save_on_cell_execute=False,
-            execution_timeout=task.timeout, **kernel)
+            cwd=task.cwd, progress_bar=False, log_output=False, request_save_on_cell_execute=False, **limit, **kernel)
     except PapermillExecutionError as e:
         executed = _read_json(task.executed)
         if e.ename == "SystemExit" and str(e.evalue).strip() in ("", "0", "None"):
@@ -425,6 +449,9 @@ def execute_step(task: StepTask) -> StepResult:
             result.status = "failed"
             result.cell = _source_cell_number(executed, e.cell_index)
             result.error = f"{e.ename}: {e.evalue}".strip()
+            # the interrupted cell shows KeyboardInterrupt (or nothing, when it caught it)
+            if time.monotonic() >= deadline and e.ename in ("KeyboardInterrupt", "CellExecutionError"):
+                result.error = f"TimeoutError: {_past_timeout(task.timeout)}"
     except KeyboardInterrupt:
         result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
         deaf = _deafen()  # a second Ctrl-C (a terminal sends the workers one too) must not cut the stop short
@@ -432,11 +459,12 @@ def execute_step(task: StepTask) -> StepResult:
     except Exception as e:  # noqa: BLE001 - a dead kernel, a timeout, a bad notebook: all are step failures
         result.status = "failed"
         name = type(e).__name__
-        if name == "DeadKernelError":
+        if name == "CellTimeoutError" and time.monotonic() >= deadline:  # the cell went on despite the interrupt
+            result.error = (f"TimeoutError: {_past_timeout(task.timeout)} (the cell ignored the interrupt: its kernel was "
+                            "shut down)")
+        elif name == "DeadKernelError":
             result.error = ("DeadKernelError: the kernel died while running the step (the notebook killed its own "
                             "process, or it ran out of memory)")
-        elif name == "CellTimeoutError":
-            result.error = f"CellTimeoutError: a cell ran longer than the step's timeout ({task.timeout}s)"
         else:
             result.error = f"{name}: {e}"
     finally:
@@ -451,7 +479,8 @@ def execute_step(task: StepTask) -> StepResult:
         if km is not None:
             try:
                 if result.status != "killed" and run_sync(km.is_alive)():
-                    _leave_step(km)
+                    # a kernel still busy in the cell that ran out of time may never answer: brief
+                    _leave_step(km, timeout=5 if time.monotonic() >= deadline else None)
             except Exception:  # noqa: BLE001 - the kernel's own exit flushes too
                 pass
             if task.warm and task.ahead and result.status != "killed":

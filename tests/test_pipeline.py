@@ -228,6 +228,37 @@ def test_sys_exit_zero_is_not_a_failure_and_a_killed_kernel_is(tmp_path):
     assert result.returncode == 1
 
 
+def test_a_step_past_its_timeout_is_stopped_in_its_cell_and_keeps_what_it_logged(tmp_path):
+    """`timeout:` bounds a step's whole notebook: the cell running at the deadline is interrupted (the kernel
+    lives on, so what the step logged is stored), the step fails naming the cell, and what needs it is skipped.
+    A cell that swallows the interrupt is stopped too, with its kernel. Both notebooks would otherwise run for
+    10 minutes, past the command's own limit here."""
+    root = project(tmp_path, {
+        "slow": {"notebook": "slow.ipynb", "timeout": 3},
+        "after": {"notebook": "after.ipynb", "needs": ["slow"]},
+        "stubborn": {"notebook": "stubborn.ipynb", "timeout": 2},
+    })
+    logged = "import mlnb\nmlnb.log_metric('loss', 0.5)\nmlnb.output('seen', n)"
+    notebook(root / "slow.ipynb", "n: int = 1", logged, "import time\nfor i in range(6000):\n    time.sleep(0.1)")
+    notebook(root / "stubborn.ipynb", "n: int = 2", logged,
+             "import time\nfor i in range(6000):\n    try:\n        time.sleep(0.1)\n    except KeyboardInterrupt:\n        pass")
+    notebook(root / "after.ipynb", "z: int = 0", "pass")
+    result = mlnb_run(root, timeout=240)
+    assert result.returncode == 1
+    steps = outcome(result)["by_step"]
+    assert {n: s["status"] for n, s in steps.items()} == {"slow": "failed", "after": "skipped", "stubborn": "failed"}
+    assert steps["slow"]["error"].startswith("TimeoutError: the step ran past its timeout (3 s) and was stopped; "
+                                             "raise timeout: in mlnb.yaml if it needs longer (cell 3 of slow.ipynb; ")
+    assert "(2 s)" in steps["stubborn"]["error"] and "ignored the interrupt" in steps["stubborn"]["error"]
+    assert "error: step 'slow' failed: TimeoutError" in result.stderr and "Timeout waiting" not in result.stderr
+    executed = json.loads(Path(steps["slow"]["executed"]).read_text())
+    assert "KeyboardInterrupt" in json.dumps(executed["cells"][-1]["outputs"])  # the report shows where it stopped
+    store = store_of(root)
+    for name, n in (("slow", 1), ("stubborn", 2)):
+        run = store.get_run(steps[name]["run_id"])
+        assert run.status == "failed" and run.metrics["loss"]["last"] == 0.5 and run.outputs["seen"]["value"] == n
+
+
 def test_a_product_the_step_did_not_write_fails_it(tmp_path):
     root = project(tmp_path, {"lazy": {"notebook": "lazy.ipynb", "products": {"model": "models/m.pkl"}}})
     notebook(root / "lazy.ipynb", "product: dict = {}", "pass")
@@ -287,6 +318,7 @@ def test_param_errors_stop_before_any_kernel_starts(tmp_path, case, expected):
     ("not_json", "is not valid JSON"),
     ("cycle", "cycle: a -> b -> a"),
     ("typo", "unknown field 'pipeline.a.notebok'. Did you mean 'notebook'?"),
+    ("timeout", "mlnb.yaml:2: pipeline.a.timeout: Input should be greater than 0 (got 0)"),
 ])
 def test_broken_projects_are_one_clear_line(tmp_path, case, expected):
     root = tmp_path / "broken"
@@ -299,6 +331,7 @@ def test_broken_projects_are_one_clear_line(tmp_path, case, expected):
         "not_json": "pipeline:\n  a: {notebook: a.ipynb}\n",
         "cycle": "pipeline:\n  a: {notebook: a.ipynb, needs: [b]}\n  b: {notebook: b.ipynb, needs: [a]}\n",
         "typo": "pipeline:\n  a: {notebok: a.ipynb}\n",
+        "timeout": "pipeline:\n  a: {notebook: a.ipynb, timeout: 0}\n",
     }[case]
     (root / "mlnb.yaml").write_text(config)
     if case == "not_json":

@@ -242,6 +242,15 @@ def test_a_missing_objective_metric_or_a_raising_notebook_fails_the_trial_not_th
     shown = sweep(tunable, "show", "m")  # why it failed, without opening the run
     assert "failed trials (1):" in shown.stdout and f"trial 0 (run {trial['run_id'][:8]}): trial 0 (train) did not " \
         "log the objective metric 'val_auc'" in shown.stdout, shown.stdout
+    # A trial past its step's `timeout:` is stopped and failed, and the next one runs.
+    config = yaml.safe_load((tunable / "mlnb.yaml").read_text())
+    config["pipeline"]["train"]["timeout"] = 3
+    (tunable / "mlnb.yaml").write_text(yaml.safe_dump(config))
+    slow = sweep(tunable, "train", "--study", "t", "--param", "pause=float:600:601", "--objective", "score:maximize",
+                 "--trials", "2", "--jobs", "1", "--json")
+    trials = json.loads(slow.stdout)["trials"]
+    assert [t["state"] for t in trials] == ["fail", "fail"], slow.stderr
+    assert all(t["error"].startswith("TimeoutError: the step ran past its timeout (3 s)") for t in trials)
 
 
 def test_a_study_name_reused_with_another_space_is_refused_and_left_untouched(tunable):
