@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['leading_imports', 'notebook_preload', 'serve', 'main', 'ZygoteError', 'Zygote', 'ZygoteHelper', 'ForkedProcess',
-           'zygote_kernel_manager']
+__all__ = ['leading_imports', 'notebook_preload', 'serve', 'main', 'ZygoteError', 'pid_alive', 'Zygote', 'ZygoteHelper',
+           'ForkedProcess', 'zygote_kernel_manager']
 
 # %% ../nbs/11a_kernel_zygote.ipynb #4d2002b0
 _UNSAFE_TO_FORK = {"tensorflow", "jax", "jaxlib"}  # start threads at import: a fork of them can hang
@@ -284,12 +284,18 @@ def _reap(children: set[int]) -> set[int]:
 class ZygoteError(RuntimeError):
     "The zygote could not be started or did not answer."
 
-def _pid_alive(pid: int) -> bool:
-    "True while process `pid` runs (a zombie does not)."
+def pid_alive(pid: int) -> bool:
+    "True while process `pid` runs (a zombie, ended but not yet reaped, does not)."
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    except (OSError, IndexError):  # no /proc here: it exists
+        return True
 
 class Zygote:
     "A warm parent process that forks kernels on request."
@@ -342,7 +348,7 @@ class Zygote:
     def alive(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return self.pid is not None and _pid_alive(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def _request(self, request: dict, timeout: float) -> tuple[socket.socket, int]:
         "Sends `request` (waiting for a launched zygote to listen); returns the open connection and the child's pid."

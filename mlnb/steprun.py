@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['KERNEL_NAME', 'WORKER_PRELOAD', 'kernel_dir', 'ensure_kernel', 'kernel_env', 'render_html', 'start_kernel_ahead',
-           'warm_reports', 'prepare_worker', 'StepTask', 'StepResult', 'execute_step']
+__all__ = ['KERNEL_NAME', 'WORKER_PRELOAD', 'kernel_dir', 'ensure_kernel', 'kernel_env', 'kernel_folder', 'render_html',
+           'start_kernel_ahead', 'warm_reports', 'prepare_worker', 'StepTask', 'StepResult', 'execute_step']
 
 # %% ../nbs/12_steprun.ipynb #874a4fdc
 KERNEL_NAME = "mlnb"
@@ -49,14 +50,30 @@ def kernel_env() -> dict[str, str]:
 
 # %% ../nbs/12_steprun.ipynb #d0ef5520
 _CLASSES: dict[str, type] = {}
+_SWEPT: list[bool] = []  # once this process has removed the kernel folders of dead processes
+
+def kernel_folder() -> str:
+    """Returns a new private folder for one kernel's sockets, connection file and history, named after this
+    process. A process killed outright (SIGKILL, the OOM killer) cannot remove its kernels' folders: the first
+    kernel folder a later process makes removes those of processes that no longer run."""
+    import re
+    import tempfile
+
+    from mlnb.kernel_zygote import pid_alive
+    root = tempfile.gettempdir()
+    if not _SWEPT:
+        _SWEPT.append(True)
+        for name in os.listdir(root):
+            owner = re.fullmatch(r"mlnb-kernel-(\d{1,7})-\w{8}", name)  # as mkdtemp names them below
+            if owner and not pid_alive(int(owner.group(1))) and os.path.isdir(os.path.join(root, name)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"mlnb-kernel-{os.getpid()}-", dir=root)
 
 def _ipc_kernel_manager():
     "Returns a jupyter_client kernel manager class: IPC transport on private socket paths, quick readiness."
     if "manager" in _CLASSES:
         return _CLASSES["manager"]
     import asyncio
-    import tempfile
-    import uuid
     from queue import Empty
 
     import zmq
@@ -109,7 +126,11 @@ def _ipc_kernel_manager():
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             kwargs.setdefault("transport", "ipc")
-            kwargs.setdefault("ip", os.path.join(tempfile.gettempdir(), f"mlnb-kernel-{uuid.uuid4().hex[:16]}"))
+            self.folder = None  # the kernel's own folder, when it is given no socket path
+            if "ip" not in kwargs:
+                self.folder = kernel_folder()
+                kwargs["ip"] = os.path.join(self.folder, "ipc")
+                kwargs.setdefault("connection_file", os.path.join(self.folder, "kernel.json"))
             super().__init__(**kwargs)
             self.client_factory = QuickReadyClient
 
@@ -126,6 +147,8 @@ def _ipc_kernel_manager():
             if not restart:
                 for leftover in (self.history_file, f"{self.history_file}-journal"):
                     Path(leftover).unlink(missing_ok=True)
+                if self.folder is not None:
+                    shutil.rmtree(self.folder, ignore_errors=True)
 
         _settled = False  # during a shutdown: jupyter_client's own interrupt is skipped (see below)
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -326,11 +327,15 @@ def test_a_sweep_killed_outright_leaves_no_process_behind_and_resumes(tunable):
     proc.kill()
     proc.wait(timeout=30)
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes), timeout=60)
+    pids = {str(p.pid) for p in processes}
+    left = [f for f in Path(tempfile.gettempdir()).glob("mlnb-kernel-*") if f.name.split("-")[2] in pids]
+    assert left, "the killed workers' kernel folders (sockets, connection files), which no one else removes"
     cfg["pipeline"]["train"]["params"].update({"epochs": 2, "pause": 0.0})
     (tunable / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
     resumed = run_cli(*args, "--json", cwd=tunable, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["counts"]["complete"] == 5
+    assert not [f for f in left if f.exists()], "the next sweep's workers remove the dead processes' kernel folders"
 
 
 def test_ctrl_c_landing_inside_an_optuna_commit_stops_the_sweep_cleanly(tunable, monkeypatch, capsys):
