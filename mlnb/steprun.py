@@ -423,18 +423,26 @@ def _quiet_timeout_lines(record) -> bool:
 def _past_timeout(timeout: float) -> str:
     return f"the step ran past its timeout ({timeout:g} s) and was stopped; raise timeout: in mlnb.yaml if it needs longer"
 
-def _time_limit(timeout: float | None) -> tuple[float, dict[str, Any]]:
-    """Returns the monotonic deadline `timeout` seconds from now (inf: no limit) and the nbclient options that
-    hold the whole notebook to it: each cell may run what is left, and a cell still running then is interrupted
-    (not the kernel killed: it is free again, so what the step logged before is flushed to its run)."""
+def _time_limit(timeout: float | None) -> tuple[Any, dict[str, Any]]:
+    """Returns a function giving the monotonic deadline (inf: none yet) and the nbclient options that hold the
+    notebook's cells to `timeout` seconds together, counted from the first cell (a kernel's start does not count):
+    each cell may run what is left, and a cell still running then is interrupted (not the kernel killed: it is
+    free again, so what the step logged before is flushed to its run)."""
     if timeout is None:
-        return math.inf, {}
+        return lambda: math.inf, {}
     import logging
     logging.getLogger("papermill").addFilter(_quiet_timeout_lines)  # nbclient logs through papermill's logger
-    deadline = time.monotonic() + timeout
+    began: list[float] = []
+
+    def left(cell) -> float:
+        if not began:
+            began.append(time.monotonic())
+        return max(began[0] + timeout - time.monotonic(), 0.001)
+
     stopped = _past_timeout(timeout)  # what the cell's error says (nbclient's own would be "Cell execution timed out")
-    return deadline, {"timeout_func": lambda cell: max(deadline - time.monotonic(), 0.001), "interrupt_on_timeout": True,
-                      "error_on_timeout": {"ename": "TimeoutError", "evalue": stopped, "traceback": [stopped]}}
+    return (lambda: began[0] + timeout if began else math.inf), {
+        "timeout_func": left, "interrupt_on_timeout": True,
+        "error_on_timeout": {"ename": "TimeoutError", "evalue": stopped, "traceback": [stopped]}}
 
 
 def execute_step(task: StepTask) -> StepResult:
@@ -451,7 +459,7 @@ def execute_step(task: StepTask) -> StepResult:
     Path(task.executed).parent.mkdir(parents=True, exist_ok=True)
     from jupyter_core.utils import run_sync
     km = _take_kernel_ahead() if task.warm else None
-    deaf, deadline = None, math.inf
+    deaf, deadline = None, lambda: math.inf
     result.phases["kernel_ahead"] = float(km is not None)
     try:
         if km is not None:
@@ -473,7 +481,7 @@ def execute_step(task: StepTask) -> StepResult:
             result.cell = _source_cell_number(executed, e.cell_index)
             result.error = f"{e.ename}: {e.evalue}".strip()
             # the interrupted cell shows KeyboardInterrupt (or nothing, when it caught it)
-            if time.monotonic() >= deadline and e.ename in ("KeyboardInterrupt", "CellExecutionError"):
+            if time.monotonic() >= deadline() and e.ename in ("KeyboardInterrupt", "CellExecutionError"):
                 result.error = f"TimeoutError: {_past_timeout(task.timeout)}"
     except KeyboardInterrupt:
         result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
@@ -482,7 +490,7 @@ def execute_step(task: StepTask) -> StepResult:
     except Exception as e:  # noqa: BLE001 - a dead kernel, a timeout, a bad notebook: all are step failures
         result.status = "failed"
         name = type(e).__name__
-        if name == "CellTimeoutError" and time.monotonic() >= deadline:  # the cell went on despite the interrupt
+        if name == "CellTimeoutError" and time.monotonic() >= deadline():  # the cell went on despite the interrupt
             result.error = (f"TimeoutError: {_past_timeout(task.timeout)} (the cell ignored the interrupt: its kernel was "
                             "shut down)")
         elif name == "DeadKernelError":
@@ -503,7 +511,7 @@ def execute_step(task: StepTask) -> StepResult:
             try:
                 if result.status != "killed" and run_sync(km.is_alive)():
                     # a kernel still busy in the cell that ran out of time may never answer: brief
-                    _leave_step(km, timeout=5 if time.monotonic() >= deadline else None)
+                    _leave_step(km, timeout=5 if time.monotonic() >= deadline() else None)
             except Exception:  # noqa: BLE001 - the kernel's own exit flushes too
                 pass
             if task.warm and task.ahead and result.status != "killed":
