@@ -42,7 +42,7 @@ def _models():
         inputs: list[str] = Field(default_factory=list)
         products: dict[str, str] | list[str] = Field(default_factory=dict)
         cache: bool = True  # false: run every time (a step that reads a database, scores with a moving alias)
-        timeout: float | None = Field(default=None, gt=0)  # seconds the whole notebook may run; then it is stopped
+        timeout: float | None = Field(default=None, gt=0)  # seconds its cells may run together; then it is stopped
 
     class ProjectConfig(Strict):
         name: str | None = None

@@ -31,7 +31,7 @@ class Step:
     inputs: list[str] = field(default_factory=list)
     products: dict[str, str] = field(default_factory=dict)   # name -> project-relative path
     cache: bool = True                                         # False: always run, never restored
-    timeout: float | None = None                               # seconds its notebook may run (None: no limit)
+    timeout: float | None = None                               # seconds its cells may run together (None: no limit)
 
     def rel(self, root: Path) -> str:
         "Returns the notebook path relative to the project root."
