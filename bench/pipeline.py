@@ -12,7 +12,10 @@ command a user types:
   middle param      a param of c changed: only c, d and g should run
 Every figure is a ratio to the baseline: all 7 notebooks run one after another with
 papermill.execute_notebook in one Python process. All tools execute the notebooks with the same
-kernel (mlnb's venv Python), so the comparison is of the orchestration, not of the kernel.
+kernel (mlnb's venv Python); mlnb forks its step kernels warm from a zygote that has imported
+pandas (the others boot one per notebook, and so does mlnb with MLNB_FORK_KERNELS=0).
+Then the template project's pipeline (8 steps, PyTorch among them) with step kernels forked vs
+booted, the same mlnb otherwise.
 """
 from __future__ import annotations
 
@@ -152,6 +155,22 @@ def executed_steps(folder: Path) -> list[list[str]]:
     return [sorted(r.name for r in store.children(p.id) if r.status == "finished") for p in pipelines]
 
 
+def template_runs(repeats: int = 2) -> dict[str, list[float]]:
+    """Seconds of `mlnb run --force` on the template project (`mlnb init`: 8 steps with pandas, scikit-learn,
+    Lightning and SHAP) with step kernels forked from the run's zygote and booted one by one (MLNB_FORK_KERNELS=0,
+    what running each notebook with papermill does), alternated, after one untimed run that makes the store."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-template-")) / "demo"
+    subprocess.run([str(VENV / "mlnb"), "init", str(folder)], check=True, capture_output=True)
+    cmd = [str(VENV / "mlnb"), "run", "-q", "--force"]
+    timed(cmd, folder)
+    times: dict[str, list[float]] = {"forked": [], "booted": []}
+    for i in range(repeats):
+        for mode in (("forked", "booted") if i % 2 == 0 else ("booted", "forked")):
+            times[mode].append(timed(cmd, folder, {"MLNB_FORK_KERNELS": "0"} if mode == "booted" else None))
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench-python", default=str(ROOT / ".venv-bench" / "bin" / "python"))
@@ -188,6 +207,13 @@ def main() -> None:
         cells = [f"{results[t][case] / base:.2f}x ({results[t][case]:.2f} s)" for t in tools]
         lines.append(f"| {case} | " + " | ".join(cells) + f" | {targets[case]} |")
     lines += ["", f"mlnb executed exactly: {ran[0]} / {ran[1]} / {ran[2]} / {ran[3]}."]
+    kernels = template_runs()
+    forked, booted = (sum(kernels[m]) / len(kernels[m]) for m in ("forked", "booted"))
+    lines += ["", "The template project's pipeline (`mlnb init`: 8 steps with pandas, scikit-learn, Lightning and SHAP), "
+              "`mlnb run --force`, mean of 2 each, alternated:", "",
+              "| step kernels | seconds | ratio |", "|---|---|---|",
+              f"| forked from the run's zygote (default) | {forked:.2f} s | {forked / booted:.2f}x |",
+              f"| booted one by one (`MLNB_FORK_KERNELS=0`) | {booted:.2f} s | 1.00x |"]
     table = "\n".join(lines)
     print(table)
     if args.write_readme:

@@ -173,22 +173,40 @@ def _run_helper(conn: socket.socket, function: str) -> int:
         return 1
     return 0
 
-def _preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
-    "Imports `modules`; returns those kept and, for the others, why they were skipped."
+def _import_one(name: str, loaded: list[str], skipped: dict[str, str]) -> bool:
+    """Imports module `name`, noting it in `loaded` (or why not in `skipped`); False when it started a thread:
+    then nothing more may be imported (a fork of a process with threads can hang)."""
     import threading
-    loaded, skipped = [], {}
-    for name in modules:
-        before = set(sys.modules)
-        try:
-            importlib.import_module(name)
-        except BaseException as e:  # noqa: BLE001 - the kernel will import it itself and report the error
-            skipped[name] = f"{type(e).__name__}: {e}"
-            continue
-        if threading.active_count() > 1:
-            return loaded, {**skipped, name: "starts a thread when imported (unsafe to fork): preloading stopped"}
-        if name not in before:
-            loaded.append(name)
-    return loaded, skipped
+    before = set(sys.modules)
+    try:
+        importlib.import_module(name)
+    except BaseException as e:  # noqa: BLE001 - the kernel will import it itself and report the error
+        skipped[name] = f"{type(e).__name__}: {e}"
+        return True
+    if threading.active_count() > 1:
+        skipped[name] = "starts a thread when imported (unsafe to fork): preloading stopped"
+        return False
+    if name not in before:
+        loaded.append(name)
+    return True
+
+def _with_mlnb_api(modules: list[str]) -> list[str]:
+    "Returns `modules` with what `import mlnb` defers right after `mlnb`."
+    return list(dict.fromkeys(m for name in modules for m in ([name, *_MLNB_API] if name == "mlnb" else [name])))
+
+def _waits(request: dict, todo: list[str]) -> bool:
+    """True while `request` waits for a module the zygote has yet to import: any of them, unless it names the ones
+    it needs (`after`: a step's notebook's imports)."""
+    after = request.get("after")
+    return bool(todo) if after is None else any(m in todo for m in _with_mlnb_api(after))
+
+def _read_request(conn: socket.socket) -> dict | None:
+    "Returns the request a caller sent on `conn` (None, the connection closed, if it went away before asking)."
+    try:
+        return json.loads(conn.makefile().readline())
+    except (OSError, ValueError):
+        conn.close()
+        return None
 
 def serve(socket_path: str, modules: list[str]) -> None:
     "The zygote's main loop (see above)."
@@ -199,40 +217,49 @@ def serve(socket_path: str, modules: list[str]) -> None:
     gc.disable()  # imports make few cycles but many objects: the collector's passes cost ~20% of their time
     import ipykernel.ipkernel
     import ipykernel.kernelapp  # noqa: F401
-    loaded, skipped = _preload([*_KERNEL_MODULES, *modules, *(_MLNB_API if "mlnb" in modules else [])])
-    gc.freeze()  # see above: kernels never walk the preloaded objects again (nor the few cycles imports leave)
-    gc.enable()
+    loaded: list[str] = []
+    skipped: dict[str, str] = {}
+    todo = _with_mlnb_api(modules)  # imported while the zygote listens, one by one
+    for name in _KERNEL_MODULES:  # what every kernel needs: before the zygote listens
+        if not _import_one(name, loaded, skipped):
+            todo = []
+            break
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
     listener.listen(16)
-    sys.stdout.write(json.dumps({"pid": os.getpid(), "loaded": loaded, "skipped": skipped}) + "\n")
-    sys.stdout.flush()
-    os.dup2(2, 1)  # from now on the kernels' stdout goes where the zygote's stderr goes
+    _say({"pid": os.getpid(), "listening": True})
     children: set[int] = set()
     helpers: set[int] = set()  # not ended with the kernels: each exits once its caller has its answer
+    waiting: list[tuple[socket.socket, dict]] = []  # requests for modules still to import
+    imported = False
     try:
         while True:
-            ready, _, _ = select.select([listener, 0], [], [], 0.05)
+            ready, _, _ = select.select([listener, 0], [], [], 0 if todo else 0.05)
             children -= _reap(children)
             helpers -= _reap(helpers)
             if 0 in ready and not os.read(0, 4096):
                 return
-            if listener in ready:
+            while listener in ready:  # every caller now: a module's import can take seconds
                 conn, _ = listener.accept()
+                request = _read_request(conn)
+                if request is not None:
+                    waiting.append((conn, request))
+                ready = select.select([listener], [], [], 0)[0]
+            for conn, request in [w for w in waiting if not _waits(w[1], todo)]:
+                waiting.remove((conn, request))
                 with conn:
-                    try:
-                        request = json.loads(conn.makefile().readline())
-                    except (OSError, ValueError):  # the caller went away before asking
-                        continue
-                    pid = os.fork()
-                    if pid == 0:
-                        _serve_child(listener, conn, request)
-                    (helpers if "helper" in request else children).add(pid)
-                    try:
-                        conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
-                    except OSError:  # the caller went away before its answer (interrupted, or died): no one
-                        os.kill(pid, signal.SIGKILL)  # will use this child; the zygote serves the others on
+                    _fork(listener, conn, request, children, helpers, [c for c, _ in waiting])
+            if todo and not _import_one(todo.pop(0), loaded, skipped):
+                todo.clear()
+            if not todo and not imported:
+                imported = True
+                gc.freeze()  # see above: kernels never walk the preloaded objects again (nor the few cycles imports leave)
+                gc.enable()
+                _say({"pid": os.getpid(), "loaded": loaded, "skipped": skipped})
+                os.dup2(2, 1)  # from now on the kernels' stdout goes where the zygote's stderr goes
     finally:
+        for conn, _ in waiting:
+            conn.close()
         for pid in children:
             try:
                 os.killpg(pid, signal.SIGTERM)
@@ -245,12 +272,35 @@ def serve(socket_path: str, modules: list[str]) -> None:
         listener.close()
         Path(socket_path).unlink(missing_ok=True)
 
+def _say(message: dict) -> None:
+    "Writes one JSON line to the zygote's owner."
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+def _fork(listener: socket.socket, conn: socket.socket, request: dict, children: set[int], helpers: set[int],
+          others: list[socket.socket]) -> None:
+    "Forks the child `request` asks for and answers its pid on `conn` (`others`: connections the child must not hold)."
+    pid = os.fork()
+    if pid == 0:
+        for other in others:  # another caller's: a child holding it open would hide that caller's helper exiting
+            other.close()
+        _serve_child(listener, conn, request)
+    (helpers if "helper" in request else children).add(pid)
+    try:
+        conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+    except OSError:  # the caller went away before its answer (interrupted, or died): no one
+        os.kill(pid, signal.SIGKILL)  # will use this child; the zygote serves the others on
+
 def _serve_child(listener: socket.socket, conn: socket.socket, request: dict) -> None:
     """What a forked child of `serve` runs: a helper or a kernel, then `os._exit`, whatever happens. An exception must
     never reach `serve`'s own cleanup in the child: that would unlink the zygote's socket and end its other kernels."""
     code = 1
     try:
         listener.close()
+        if not gc.isenabled():  # forked while the zygote still imports (see `serve`)
+            gc.freeze()
+            gc.enable()
+            os.dup2(2, 1)  # the zygote's stdout is its owner's pipe
         if "helper" in request:
             code = _run_helper(conn, request["helper"])
         else:
@@ -323,7 +373,7 @@ class Zygote:
         return {"socket_path": self.socket_path, "pid": self.pid}
 
     def launch(self) -> Zygote:
-        "Launches the zygote and returns at once; it listens once its imports are done."
+        "Launches the zygote and returns at once; it listens once ipykernel is imported, and imports the rest then."
         self.process = subprocess.Popen(
             [sys.executable, "-Xfrozen_modules=off", "-c", "from mlnb.kernel_zygote import main; main()", self.socket_path,
              json.dumps(self.modules)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env,
@@ -335,14 +385,23 @@ class Zygote:
         "Launches the zygote and returns once it has imported everything and listens."
         if self.process is None:
             self.launch()
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        line = self.process.stdout.readline() if ready else b""
-        if not line:
+        if not self._hear(timeout):
             self.close()
             raise ZygoteError("the kernel zygote did not start (its error is above, on stderr)")
-        report = json.loads(line)
-        self.loaded, self.skipped, self.pid_reported = report["loaded"], report["skipped"], True
         return self
+
+    def _hear(self, timeout: float) -> bool:
+        "Reads what the zygote says for up to `timeout` s (it listens, then what it loaded); True once it has loaded all."
+        deadline = time.monotonic() + timeout
+        while not self.pid_reported:
+            ready, _, _ = select.select([self.process.stdout], [], [], max(deadline - time.monotonic(), 0))
+            line = self.process.stdout.readline() if ready else b""
+            if not line:
+                return False
+            report = json.loads(line)
+            if "loaded" in report:
+                self.loaded, self.skipped, self.pid_reported = report["loaded"], report["skipped"], True
+        return True
 
     @property
     def alive(self) -> bool:
@@ -383,11 +442,14 @@ class Zygote:
         return conn, json.loads(reply)["pid"]
 
     def fork(self, connection_file: str, env: dict[str, str], cwd: str, timeout: float = 120,
-             argv: list[str] | tuple[str, ...] = ()) -> int:
-        """Returns the pid of a new kernel that serves `connection_file` (waiting for a launched zygote to listen);
-        `argv`: more command-line options for the kernel (`--Class.trait=value`)."""
-        conn, pid = self._request({"connection_file": connection_file, "env": dict(env), "cwd": str(cwd),
-                                   "argv": list(argv)}, timeout)
+             argv: list[str] | tuple[str, ...] = (), after: list[str] | None = None) -> int:
+        """Returns the pid of a new kernel that serves `connection_file`, forked once the zygote has imported every
+        module, or only those of `after` it preloads (a step's imports: see `notebook_preload`); `argv`: more
+        command-line options for the kernel (`--Class.trait=value`)."""
+        request = {"connection_file": connection_file, "env": dict(env), "cwd": str(cwd), "argv": list(argv)}
+        if after is not None:
+            request["after"] = list(after)
+        conn, pid = self._request(request, timeout)
         conn.close()
         return pid
 
@@ -401,10 +463,9 @@ class Zygote:
         "Ends the zygote (and any kernel of it still running), if this process launched it."
         if self.process is None:
             return
-        listening = self.pid_reported or select.select([self.process.stdout], [], [], 0)[0]
         try:
-            if not listening:  # still importing: it has no kernels yet, nothing to wait for
-                self.process.kill()
+            if not self._hear(0):  # still importing (it only notices its stdin between two imports): its kernels,
+                self.process.kill()  # if it forked any, are ended by their managers, or exit when it is gone
             self.process.stdin.close()
             self.process.wait(timeout=10)  # it ends the kernels still running, then itself
         except (OSError, subprocess.TimeoutExpired):
@@ -481,14 +542,15 @@ class ForkedProcess:
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 
-def zygote_kernel_manager(km_class: type, zygote: Zygote, **kwargs: Any):
-    "Returns a kernel manager (of `km_class`) whose kernel will be forked by `zygote`."
+def zygote_kernel_manager(km_class: type, zygote: Zygote, after: list[str] | None = None, **kwargs: Any):
+    "Returns a kernel manager (of `km_class`) whose kernel will be forked by `zygote` (`after`: see `Zygote.fork`)."
     from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
     class ForkedProvisioner(LocalProvisioner):
         async def launch_kernel(self, cmd: list[str], **kw: Any):
             at = cmd.index("-f")  # what follows the connection file: the kernel manager's extra_arguments
-            pid = zygote.fork(cmd[at + 1], kw.get("env") or os.environ, kw.get("cwd") or os.getcwd(), argv=cmd[at + 2:])
+            pid = zygote.fork(cmd[at + 1], kw.get("env") or os.environ, kw.get("cwd") or os.getcwd(), argv=cmd[at + 2:],
+                              after=after)
             self.process = ForkedProcess(pid)
             self.pid = self.pgid = pid  # the kernel leads its own session
             self.cwd = kw.get("cwd") or os.getcwd()

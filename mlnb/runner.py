@@ -271,6 +271,7 @@ class PipelineRunner:
         from mlnb.executors import StopRequests, get_executor
         self.results: dict[str, RunRecord] = dict(reused)
         self.state: dict[str, str] = {name: "pending" for name in plans}
+        self.plans, self.zygote, self.preloads = plans, None, {}
         self.outcomes: dict[str, StepOutcome] = {}
         self.running: dict[Any, tuple[str, Any, float]] = {}
         interrupted = False
@@ -294,6 +295,8 @@ class PipelineRunner:
             finally:
                 if self.executor is not None and self.shared_executor is None:
                     self.executor.shutdown()
+                if self.zygote is not None:
+                    self.zygote.close()
         for name in plans:
             if self.state[name] == "pending":
                 reason = "the run was interrupted" if interrupted else "a step it needs did not finish"
@@ -360,13 +363,15 @@ class PipelineRunner:
                "MLNB_UPSTREAM": json.dumps({n: self.results[n].id for n in step.needs}), **self.step_env}
         for path in step.products.values():  # the step only has to write its files, not make their folders
             (self.root / path).parent.mkdir(parents=True, exist_ok=True)
+        if self.executor is None:
+            self.zygote = self._launch_zygote()
+            self.executor = get_executor(self.executor_name, **self._executor_options())
         task = StepTask(step=name, run_id=run.id, notebook=str(step.notebook),
                         executed=str(self.report_dir / f"{name}.ipynb"), html=str(self.report_dir / f"{name}.html"),
                         cwd=str(self.root), params=plan.params, env=env, timeout=step.timeout,
                         warm=self.executor_name == "local",
-                        ahead=self.steps_follow or any(s == "pending" for n, s in self.state.items() if n != name))
-        if self.executor is None:
-            self.executor = get_executor(self.executor_name, **self._executor_options())
+                        ahead=self.steps_follow or any(s == "pending" for n, s in self.state.items() if n != name),
+                        preload=self._preload(name) if self.zygote is not None else None)
         handle = self.executor.submit(execute_step, task)
         self.running[handle] = (name, run, time.perf_counter())
         self.state[name] = "running"
@@ -377,9 +382,28 @@ class PipelineRunner:
         options.setdefault("jobs", self.jobs)
         if self.executor_name == "local":
             from mlnb.steprun import WORKER_PRELOAD
-            options.setdefault("prepare", "mlnb.steprun:prepare_worker")
+            options.setdefault("prepare", ("mlnb.steprun:prepare_worker", {"zygote": self.zygote.address, "ahead": False})
+                               if self.zygote is not None else "mlnb.steprun:prepare_worker")
             options.setdefault("preload", WORKER_PRELOAD)
         return options
+
+    def _preload(self, name: str) -> list[str]:
+        "Returns the installed modules step `name`'s notebook starts by importing."
+        if name not in self.preloads:
+            from mlnb.kernel_zygote import notebook_preload
+            self.preloads[name] = notebook_preload(self.plans[name].step.notebook, self.root)
+        return self.preloads[name]
+
+    def _launch_zygote(self):
+        """Returns the kernel zygote this run's steps fork their kernels from, launched now: it imports what the steps
+        still to run start by importing, in the order they run, and each step's kernel is forked once the zygote has
+        that step's imports. None when another executor's workers run the steps (a sweep's, which has its own zygote,
+        or Dask's) or with MLNB_FORK_KERNELS=0."""
+        if self.executor_name != "local" or self.shared_executor is not None or self.executor_options.get("prepare"):
+            return None
+        from mlnb.steprun import launch_zygote
+        return launch_zygote(list(dict.fromkeys(m for name, state in self.state.items() if state == "pending"
+                                                for m in self._preload(name))))
 
     def _restore(self, hit: RunRecord, step: Step) -> bool:
         "Puts a cached run's products back in place (only where the file differs); False if a blob is gone."

@@ -18,7 +18,8 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['KERNEL_NAME', 'WORKER_PRELOAD', 'kernel_dir', 'ensure_kernel', 'kernel_env', 'kernel_folder', 'render_html',
-           'start_kernel_ahead', 'warm_reports', 'prepare_worker', 'StepTask', 'StepResult', 'execute_step']
+           'start_kernel_ahead', 'warm_reports', 'launch_zygote', 'prepare_worker', 'StepTask', 'StepResult',
+           'execute_step']
 
 # %% ../nbs/12_steprun.ipynb #874a4fdc
 KERNEL_NAME = "mlnb"
@@ -256,6 +257,21 @@ def start_kernel_ahead() -> None:
 
 
 
+def _forked_kernel(task):
+    """Returns a kernel for `task` forked from this worker's zygote once it has imported what the notebook starts
+    by importing, in the step's folder, with the step's environment (set in os.environ); None if the zygote is gone."""
+    from jupyter_core.utils import run_sync
+
+    from mlnb.kernel_zygote import ZygoteError, zygote_kernel_manager
+    km = zygote_kernel_manager(_ipc_kernel_manager(), _AHEAD["zygote"], after=task.preload, kernel_name=ensure_kernel())
+    try:
+        run_sync(km.start_kernel)(env={**os.environ, **kernel_env()}, cwd=task.cwd)
+        return km
+    except ZygoteError as e:
+        _AHEAD["zygote"] = None
+        print(f"mlnb: kernels will boot one by one ({e})", file=sys.stderr)
+        return None
+
 def _take_kernel_ahead():
     "Returns the kernel started ahead (None if there is none or it died)."
     from jupyter_core.utils import run_sync
@@ -341,12 +357,22 @@ def warm_reports() -> None:
 
 WORKER_PRELOAD = ("mlnb.worker_preload",)  # what step workers' fork server imports (LocalExecutor's preload)
 
-def prepare_worker(zygote: dict | None = None) -> None:
+def launch_zygote(modules: list[str]):
+    """Returns a kernel zygote, launched now, that preloads `modules` for the kernels of the steps this process's
+    workers run (see `prepare_worker`); None when MLNB_FORK_KERNELS=0 (then every kernel boots)."""
+    if os.environ.get("MLNB_FORK_KERNELS", "1") == "0":
+        return None
+    from mlnb.kernel_zygote import Zygote
+    return Zygote(modules, env={**os.environ, **kernel_env()}).launch()
+
+def prepare_worker(zygote: dict | None = None, ahead: bool = True) -> None:
     """Readies an executor worker for steps: a kernel started ahead, papermill and nbconvert imported.
 
     With `zygote` (a `Zygote.address`), the worker's kernels are forked from that kernel zygote. A fork
     waits for the zygote to finish its imports, so then the worker imports first and asks for its kernel
-    last (the wait overlaps the work); a booted kernel is launched first, to boot while the worker imports."""
+    last (the wait overlaps the work); a booted kernel is launched first, to boot while the worker imports.
+    With `ahead=False` no kernel is started ahead: each step's kernel is forked when the step starts, once the
+    zygote has what its notebook imports (`StepTask.preload`)."""
     import threading
     from multiprocessing.util import Finalize
 
@@ -365,13 +391,13 @@ def prepare_worker(zygote: dict | None = None) -> None:
     if zygote:
         from mlnb.kernel_zygote import Zygote
         _AHEAD["zygote"] = Zygote.attach(**zygote)
-    else:
+    elif ahead:
         start_kernel_ahead()
     import papermill  # noqa: F401
     if "exporter" not in _CLASSES:  # not forked warm from the fork server (mlnb.worker_preload)
         _CLASSES["warming"] = thread = threading.Thread(target=warm_reports, name="mlnb-warm-reports", daemon=True)
         thread.start()
-    if zygote:
+    if zygote and ahead:
         start_kernel_ahead()
 
 # %% ../nbs/12_steprun.ipynb #323696d4
@@ -389,6 +415,7 @@ class StepTask:
     timeout: float | None = None
     warm: bool = False       # use the kernel this worker started ahead
     ahead: bool = True       # and, with warm, start the next one when this step ends (False: no step follows)
+    preload: list[str] | None = None  # the notebook's imports: fork its kernel once the worker's zygote has them
 
 @dataclass
 class StepResult:
@@ -461,12 +488,13 @@ def execute_step(task: StepTask) -> StepResult:
     km = _take_kernel_ahead() if task.warm else None
     deaf, deadline = None, lambda: math.inf
     result.phases["kernel_ahead"] = float(km is not None)
+    forked = km is None and task.preload is not None and _AHEAD.get("zygote") is not None
     try:
-        if km is not None:
+        if forked:
+            km = _forked_kernel(task)  # None: the zygote is gone, papermill boots a kernel
+        elif km is not None:
             _enter_step(km, task)
-            kernel = {"km": km}
-        else:
-            kernel = {"kernel_manager_class": _ipc_kernel_manager()}
+        kernel = {"km": km} if km is not None else {"kernel_manager_class": _ipc_kernel_manager()}
         result.phases["ready"] = time.perf_counter() - start
         deadline, limit = _time_limit(task.timeout)
         papermill.execute_notebook(
@@ -514,7 +542,7 @@ def execute_step(task: StepTask) -> StepResult:
                     _leave_step(km, timeout=5 if time.monotonic() >= deadline() else None)
             except Exception:  # noqa: BLE001 - the kernel's own exit flushes too
                 pass
-            if task.warm and task.ahead and result.status != "killed":
+            if task.warm and task.ahead and result.status != "killed" and task.preload is None:
                 try:
                     start_kernel_ahead()  # the next kernel boots while this one shuts down
                 except Exception:  # noqa: BLE001 - the next step will start its own kernel

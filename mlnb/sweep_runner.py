@@ -296,13 +296,10 @@ class SweepRunner:
     def _launch_zygote(self, pipeline: Pipeline):
         """Returns the kernel zygote the trials' kernels are forked from, launched now (it imports what the
         trial notebooks start by importing while the sweep sets up), or None when MLNB_FORK_KERNELS=0."""
-        if os.environ.get("MLNB_FORK_KERNELS", "1") == "0":
-            return None
-        from mlnb.kernel_zygote import Zygote, notebook_preload
-        from mlnb.steprun import kernel_env
-        preload = list(dict.fromkeys(m for step in self.trial_steps
-                                     for m in notebook_preload(pipeline.steps[step].notebook, self.project.root)))
-        return Zygote(preload, env={**os.environ, **kernel_env()}).launch()
+        from mlnb.kernel_zygote import notebook_preload
+        from mlnb.steprun import launch_zygote
+        return launch_zygote(list(dict.fromkeys(m for step in self.trial_steps for m in
+                                                notebook_preload(pipeline.steps[step].notebook, self.project.root))))
 
     def _loop(self, optuna, jobs: int) -> str:
         from mlnb.executors import StopRequests

@@ -175,6 +175,39 @@ def test_independent_steps_run_in_parallel(tmp_path):
     assert x.start_time < y.end_time and y.start_time < x.end_time  # their runs overlap in time
 
 
+def test_step_kernels_are_forked_warm_from_a_zygote_or_booted_on_request(tmp_path):
+    # `late` starts by importing a module outside the project that notes the process importing it: forked from
+    # the run's zygote, its kernel finds it imported already, by another process; each step runs in a process of
+    # its own; MLNB_FORK_KERNELS=0 boots every kernel, which imports the module itself.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "mlnb_test_marker.py").write_text("import os\nIMPORTED_BY = os.getpid()\n")
+    root = project(tmp_path, {"early": {"notebook": "early.ipynb", "products": {"out": "early.json"}},
+                              "late": {"notebook": "late.ipynb", "needs": ["early"], "products": {"out": "late.json"}}})
+    record = """
+             parent = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode().replace("\\0", " ")
+             marker = sys.modules.get("mlnb_test_marker")
+             open(product["out"], "w").write(json.dumps({"pid": os.getpid(), "parent": parent,
+                                                         "imported_by": marker and marker.IMPORTED_BY}))
+             """
+    notebook(root / "early.ipynb", "product: dict = {}", "import json, os, sys", record)
+    notebook(root / "late.ipynb", "product: dict = {}\nupstream: dict = {}", "import json, os, sys\nimport mlnb_test_marker",
+             record)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+    for fork in ("1", "0"):
+        result = run_cli("run", "--json", "-q", "--force", cwd=root, env={**env, "MLNB_FORK_KERNELS": fork}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        early, late = (json.loads((root / f"{name}.json").read_text()) for name in ("early", "late"))
+        assert early["pid"] != late["pid"]
+        if fork == "1":
+            assert "mlnb.kernel_zygote" in early["parent"] and "mlnb.kernel_zygote" in late["parent"], (early, late)
+            assert late["imported_by"] not in (None, late["pid"]), late  # preloaded, by the zygote
+        else:
+            assert "kernel_zygote" not in early["parent"] + late["parent"], (early, late)
+            assert late["imported_by"] == late["pid"], late
+        assert early["imported_by"] is None or fork == "1", early  # a booted kernel only has what it imports
+
+
 def test_selection_only_from_until_and_resume(small):
     assert mlnb_run(small, "--until", "b").returncode == 0
     assert set(statuses(mlnb_run(small, "--until", "b"))) == {"a", "b"}
@@ -356,8 +389,15 @@ def test_a_second_run_in_the_same_project_refuses_or_waits(tmp_path):
     assert store_of(root).read(lambda tx: tx.scalar("PRAGMA integrity_check")) == "ok"
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _kernels_under(pid: int) -> list[int]:
-    "Returns pids of ipykernel processes descending from process `pid`."
+    "Returns pids of kernel processes descending from process `pid`: booted ones, and those a kernel zygote forked."
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -368,13 +408,12 @@ def _kernels_under(pid: int) -> list[int]:
             children.setdefault(parent, []).append(int(entry.name))
     found, stack = [], [pid]
     while stack:
-        for child in children.get(stack.pop(), []):
+        parent = stack.pop()
+        for child in children.get(parent, []):
             stack.append(child)
-            try:
-                if b"ipykernel" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                pass
+            forked = b"kernel_zygote" in _cmdline(parent) and b"kernel_zygote" in _cmdline(child)
+            if forked or b"ipykernel" in _cmdline(child):
+                found.append(child)
     return found
 
 
