@@ -421,6 +421,7 @@ class Zygote:
                 conn.settimeout(30)
                 conn.connect(self.socket_path)
                 conn.sendall(data)
+                conn.settimeout(max(deadline - time.monotonic(), 1))  # the answer waits for the modules it needs
                 reply = b""
                 while not reply.endswith(b"\n"):  # byte by byte: what follows the reply is the child's
                     byte = conn.recv(1)
@@ -428,11 +429,14 @@ class Zygote:
                         break
                     reply += byte
                 break
-            except (FileNotFoundError, ConnectionRefusedError):  # still importing
+            except (FileNotFoundError, ConnectionRefusedError):  # not listening yet (importing ipykernel)
                 conn.close()
                 if time.monotonic() > deadline:
                     raise ZygoteError(f"no kernel zygote listens at {self.socket_path}") from None
                 time.sleep(0.02)
+            except TimeoutError:  # stuck in an import: the caller boots its kernel instead
+                conn.close()
+                raise ZygoteError(f"the kernel zygote did not answer within {timeout:g} s") from None
             except BaseException:
                 conn.close()
                 raise
