@@ -160,6 +160,7 @@ class PipelineRunner:
         self.store = store
         # An Executor instance is shared (a sweep's trials use one pool) and not shut down here.
         self.shared_executor = None if isinstance(executor, str) else executor
+        self.zygote = None  # the kernel zygote of this run's own local workers (see `_launch_zygote`)
         self.executor_name = executor if isinstance(executor, str) else executor.name
         self.jobs = jobs
         self.executor_options = dict(executor_options or {})
