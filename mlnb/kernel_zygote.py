@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['leading_imports', 'notebook_preload', 'serve', 'main', 'ZygoteError', 'pid_alive', 'Zygote', 'ZygoteHelper',
-           'ForkedProcess', 'zygote_kernel_manager']
+__all__ = ['leading_imports', 'edits_before_import', 'notebook_preload', 'notebook_forks_warm', 'serve', 'main', 'ZygoteError',
+           'pid_alive', 'Zygote', 'ZygoteHelper', 'ForkedProcess', 'zygote_kernel_manager']
 
 # %% ../nbs/11a_kernel_zygote.ipynb #4d2002b0
 _UNSAFE_TO_FORK = {"tensorflow", "jax", "jaxlib"}  # start threads at import: a fork of them can hang
@@ -78,6 +78,28 @@ def leading_imports(cells: list[str]) -> list[str]:
                 return found
     return found
 
+_IMPORT_SETUP = re.compile(r"os\.environ\s*\[[^\]]*\]\s*=(?!=)|os\.environ\.(?:update|setdefault|pop|clear)\(|os\.putenv\("
+                           r"|sys\.path\.(?:insert|append|extend)\(|sys\.path\s*=(?!=)|^\s*%(?:set_)?env\b", re.M)
+
+def edits_before_import(cells: list[str]) -> bool:
+    """True when the cells change the environment or `sys.path` before an import statement (`os.environ[
+    "OMP_NUM_THREADS"] = "1"`, then `import numpy`). A pipeline's zygote preloads what all its steps import: such
+    a notebook's kernel, forked from it, would find numpy imported without the change, so it is booted instead."""
+    setup = None
+    for i, source in enumerate(cells):
+        if setup is None:
+            match = _IMPORT_SETUP.search(source)
+            if match is None:
+                continue
+            setup = (i, source.count("\n", 0, match.start()) + 1)
+        try:
+            tree = ast.parse(_code_lines(source))
+        except SyntaxError:
+            continue
+        if any(isinstance(n, (ast.Import, ast.ImportFrom)) and (i, n.lineno) > setup for n in ast.walk(tree)):
+            return True
+    return False
+
 def _installed(module: str, project: Path) -> bool:
     "Returns True when `module`'s package is installed in the environment (not a file of the project)."
     top = module.split(".")[0]
@@ -93,13 +115,19 @@ def _installed(module: str, project: Path) -> bool:
     places += list(spec.submodule_search_locations or [])
     return all(not Path(p).resolve().is_relative_to(project.resolve()) for p in places)
 
+def _code_cells(notebook: str | Path) -> list[str]:
+    from mlnb.notebook import cell_source, cell_tags, read_notebook
+    return [cell_source(c) for c in read_notebook(notebook)["cells"]
+            if c.get("cell_type") == "code" and "parameters" not in cell_tags(c)]
+
 def notebook_preload(notebook: str | Path, project: str | Path) -> list[str]:
     "Returns the installed modules `notebook` starts by importing: what a zygote for its trials preloads."
-    from mlnb.notebook import cell_source, cell_tags, read_notebook
-    cells = [cell_source(c) for c in read_notebook(notebook)["cells"]
-             if c.get("cell_type") == "code" and "parameters" not in cell_tags(c)]
-    modules = [m for m in leading_imports(cells) if _installed(m, Path(project))]
+    modules = [m for m in leading_imports(_code_cells(notebook)) if _installed(m, Path(project))]
     return list(dict.fromkeys(["mlnb", *modules]))
+
+def notebook_forks_warm(notebook: str | Path) -> bool:
+    "False when `notebook` must get a booted kernel in a pipeline (see `edits_before_import`)."
+    return not edits_before_import(_code_cells(notebook))
 
 # %% ../nbs/11a_kernel_zygote.ipynb #c83ac878
 def _reseed_child() -> None:

@@ -388,11 +388,13 @@ class PipelineRunner:
             options.setdefault("preload", WORKER_PRELOAD)
         return options
 
-    def _preload(self, name: str) -> list[str]:
-        "Returns the installed modules step `name`'s notebook starts by importing."
+    def _preload(self, name: str) -> list[str] | None:
+        """Returns the installed modules step `name`'s notebook starts by importing, or None when its kernel must
+        boot: the notebook changes the environment or `sys.path` before an import (see `edits_before_import`)."""
         if name not in self.preloads:
-            from mlnb.kernel_zygote import notebook_preload
-            self.preloads[name] = notebook_preload(self.plans[name].step.notebook, self.root)
+            from mlnb.kernel_zygote import notebook_forks_warm, notebook_preload
+            notebook = self.plans[name].step.notebook
+            self.preloads[name] = notebook_preload(notebook, self.root) if notebook_forks_warm(notebook) else None
         return self.preloads[name]
 
     def _launch_zygote(self):
@@ -404,7 +406,7 @@ class PipelineRunner:
             return None
         from mlnb.steprun import launch_zygote
         return launch_zygote(list(dict.fromkeys(m for name, state in self.state.items() if state == "pending"
-                                                for m in self._preload(name))))
+                                                for m in self._preload(name) or [])))
 
     def _restore(self, hit: RunRecord, step: Step) -> bool:
         "Puts a cached run's products back in place (only where the file differs); False if a blob is gone."

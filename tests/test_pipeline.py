@@ -181,12 +181,14 @@ def test_independent_steps_run_in_parallel(tmp_path):
 def test_step_kernels_are_forked_warm_from_a_zygote_or_booted_on_request(tmp_path):
     # `late` starts by importing a module outside the project that notes the process importing it: forked from
     # the run's zygote, its kernel finds it imported already, by another process; each step runs in a process of
-    # its own; MLNB_FORK_KERNELS=0 boots every kernel, which imports the module itself.
+    # its own; MLNB_FORK_KERNELS=0 boots every kernel, which imports the module itself. `setup` changes the
+    # environment before importing it (as one sets OMP_NUM_THREADS before numpy): its kernel is always booted.
     site = tmp_path / "site"
     site.mkdir()
     (site / "mlnb_test_marker.py").write_text("import os\nIMPORTED_BY = os.getpid()\n")
     root = project(tmp_path, {"early": {"notebook": "early.ipynb", "products": {"out": "early.json"}},
-                              "late": {"notebook": "late.ipynb", "needs": ["early"], "products": {"out": "late.json"}}})
+                              "late": {"notebook": "late.ipynb", "needs": ["early"], "products": {"out": "late.json"}},
+                              "setup": {"notebook": "setup.ipynb", "needs": ["early"], "products": {"out": "setup.json"}}})
     record = """
              parent = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode().replace("\\0", " ")
              marker = sys.modules.get("mlnb_test_marker")
@@ -196,12 +198,15 @@ def test_step_kernels_are_forked_warm_from_a_zygote_or_booted_on_request(tmp_pat
     notebook(root / "early.ipynb", "product: dict = {}", "import json, os, sys", record)
     notebook(root / "late.ipynb", "product: dict = {}\nupstream: dict = {}", "import json, os, sys\nimport mlnb_test_marker",
              record)
+    notebook(root / "setup.ipynb", "product: dict = {}\nupstream: dict = {}",
+             "import json, os, sys\nos.environ['MLNB_TEST_SETUP'] = '1'\nimport mlnb_test_marker", record)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
     for fork in ("1", "0"):
         result = run_cli("run", "--json", "-q", "--force", cwd=root, env={**env, "MLNB_FORK_KERNELS": fork}, timeout=300)
         assert result.returncode == 0, result.stderr
-        early, late = (json.loads((root / f"{name}.json").read_text()) for name in ("early", "late"))
+        early, late, setup = (json.loads((root / f"{name}.json").read_text()) for name in ("early", "late", "setup"))
         assert early["pid"] != late["pid"]
+        assert "kernel_zygote" not in setup["parent"] and setup["imported_by"] == setup["pid"], setup
         if fork == "1":
             assert "mlnb.kernel_zygote" in early["parent"] and "mlnb.kernel_zygote" in late["parent"], (early, late)
             assert late["imported_by"] not in (None, late["pid"]), late  # preloaded, by the zygote
