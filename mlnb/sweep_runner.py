@@ -295,11 +295,14 @@ class SweepRunner:
 
     def _launch_zygote(self, pipeline: Pipeline):
         """Returns the kernel zygote the trials' kernels are forked from, launched now (it imports what the
-        trial notebooks start by importing while the sweep sets up), or None when MLNB_FORK_KERNELS=0."""
-        from mlnb.kernel_zygote import notebook_preload
+        trial notebooks start by importing while the sweep sets up), or None when MLNB_FORK_KERNELS=0 or when a
+        trial runs several steps and one of them changes the environment before an import."""
+        from mlnb.kernel_zygote import notebook_forks_warm, notebook_preload
         from mlnb.steprun import launch_zygote
-        return launch_zygote(list(dict.fromkeys(m for step in self.trial_steps for m in
-                                                notebook_preload(pipeline.steps[step].notebook, self.project.root))))
+        notebooks = [pipeline.steps[step].notebook for step in self.trial_steps]
+        if len(notebooks) > 1 and not all(notebook_forks_warm(n) for n in notebooks):
+            return None  # one step's preload would be in every trial kernel (see `edits_before_import`): boot them
+        return launch_zygote(list(dict.fromkeys(m for n in notebooks for m in notebook_preload(n, self.project.root))))
 
     def _loop(self, optuna, jobs: int) -> str:
         from mlnb.executors import StopRequests

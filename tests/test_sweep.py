@@ -465,6 +465,23 @@ def test_trial_kernels_are_forked_from_a_zygote_that_did_the_notebooks_imports(t
     assert "multiprocessing" in booted["parent"], booted  # MLNB_FORK_KERNELS=0: the worker booted it
 
 
+def test_trials_of_several_steps_one_setting_the_environment_before_importing_boot_their_kernels(tmp_path):
+    # Trials that run `prep` then `train` would share one zygote preloading both notebooks' imports: `prep` sets
+    # OMP_NUM_THREADS before it imports numpy, which its kernel would then find loaded without it. So they boot.
+    root = project(tmp_path, {"prep": {"notebook": "prep.ipynb"},
+                              "train": {"notebook": "train.ipynb", "needs": ["prep"]}}, name="envfirst")
+    notebook(root / "prep.ipynb", "y: float = 0.0",
+             "import os\nos.environ['OMP_NUM_THREADS'] = '1'\nimport numpy, psutil, mlnb\n"
+             "mlnb.output('parent', ' '.join(psutil.Process(os.getppid()).cmdline()))")
+    notebook(root / "train.ipynb", "x: float = 0.0", "import numpy, mlnb\nmlnb.log_metric('score', x)")
+    result = sweep(root, "train", "--study", "s", "--param", "prep.y=float:0:1", "--param", "x=float:0:1",
+                   "--objective", "score:maximize", "--trials", "2", "--pruner", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    store = store_of(root)
+    parents = [store.get_run(r.id).outputs["parent"]["value"] for r in store.list_runs(kind="step") if r.name == "prep"]
+    assert len(parents) == 2 and all("multiprocessing" in p for p in parents), parents  # the worker booted them
+
+
 DOMINATED = """
 import time, mlnb
 mlnb.log_metric("cost", (x - 2) ** 2, step=0)  # logged once, like a model's size
