@@ -443,9 +443,11 @@ def _source_cell_number(executed: dict | None, cell_index: int | None) -> int | 
     injected = sum(1 for c in cells[:cell_index] if "injected-parameters" in c.get("metadata", {}).get("tags", []))
     return cell_index - injected + 1
 
-def _quiet_timeout_lines(record) -> bool:
-    "A logging filter: drops nbclient's lines about a cell timeout (the step's error says it, with the right seconds)."
-    return not str(record.msg).startswith(("Timeout waiting for execute reply", "Interrupting kernel"))
+def _quiet_nbclient_lines(record) -> bool:
+    """A logging filter: drops nbclient's lines that the step's own error says better, once: a cell past its timeout
+    (with the right seconds), a kernel that died."""
+    return not str(record.msg).startswith(("Timeout waiting for execute reply", "Interrupting kernel",
+                                           "Kernel died while waiting for execute reply"))
 
 def _past_timeout(timeout: float) -> str:
     return f"the step ran past its timeout ({timeout:g} s) and was stopped; raise timeout: in mlnb.yaml if it needs longer"
@@ -457,8 +459,6 @@ def _time_limit(timeout: float | None) -> tuple[Any, dict[str, Any]]:
     free again, so what the step logged before is flushed to its run)."""
     if timeout is None:
         return lambda: math.inf, {}
-    import logging
-    logging.getLogger("papermill").addFilter(_quiet_timeout_lines)  # nbclient logs through papermill's logger
     began: list[float] = []
 
     def left(cell) -> float:
@@ -479,6 +479,8 @@ def execute_step(task: StepTask) -> StepResult:
     import papermill
     from papermill.exceptions import PapermillExecutionError
     start = time.perf_counter()
+    import logging
+    logging.getLogger("papermill").addFilter(_quiet_nbclient_lines)  # nbclient logs through papermill's logger
     env = {**task.env, **kernel_env()}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

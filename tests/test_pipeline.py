@@ -267,6 +267,7 @@ def test_sys_exit_zero_is_not_a_failure_and_a_killed_kernel_is(tmp_path):
     assert steps["early"]["status"] == "finished"
     assert steps["dies"]["status"] == "failed" and "kernel died" in steps["dies"]["error"]
     assert result.returncode == 1
+    assert "Kernel died while waiting" not in result.stderr, result.stderr  # the step's error says it, once
 
 
 def test_a_step_past_its_timeout_is_stopped_in_its_cell_and_keeps_what_it_logged(tmp_path):
