@@ -240,32 +240,26 @@ def start_kernel_ahead() -> None:
     if _AHEAD.get("km") is not None:
         return
     from jupyter_core.utils import run_sync
-    zygote = _AHEAD.get("zygote")
-    if zygote is not None:
-        from mlnb.kernel_zygote import ZygoteError, zygote_kernel_manager
-        km = zygote_kernel_manager(_ipc_kernel_manager(), zygote, kernel_name=ensure_kernel())
-        try:
-            run_sync(km.start_kernel)(env={**os.environ, **kernel_env()})
-            _AHEAD["km"] = km
+    if _AHEAD.get("zygote") is not None:
+        _AHEAD["km"] = km = _forked_kernel()
+        if km is not None:
             return
-        except ZygoteError as e:
-            _AHEAD["zygote"] = None
-            print(f"mlnb: kernels will boot one by one ({e})", file=sys.stderr)
     km = _ipc_kernel_manager()(kernel_name=ensure_kernel())
     run_sync(km.start_kernel)(env={**os.environ, **kernel_env()})
     _AHEAD["km"] = km
 
 
 
-def _forked_kernel(task):
-    """Returns a kernel for `task` forked from this worker's zygote once it has imported what the notebook starts
-    by importing, in the step's folder, with the step's environment (set in os.environ); None if the zygote is gone."""
+def _forked_kernel(after: list[str] | None = None, **start: Any):
+    """Returns a kernel forked from this worker's zygote, with this process's environment (`after`: see
+    `Zygote.fork`; `start`: more for `start_kernel`, such as `cwd`); None once the zygote is gone (said once on
+    stderr: from then on kernels boot)."""
     from jupyter_core.utils import run_sync
 
     from mlnb.kernel_zygote import ZygoteError, zygote_kernel_manager
-    km = zygote_kernel_manager(_ipc_kernel_manager(), _AHEAD["zygote"], after=task.preload, kernel_name=ensure_kernel())
+    km = zygote_kernel_manager(_ipc_kernel_manager(), _AHEAD["zygote"], after=after, kernel_name=ensure_kernel())
     try:
-        run_sync(km.start_kernel)(env={**os.environ, **kernel_env()}, cwd=task.cwd)
+        run_sync(km.start_kernel)(env={**os.environ, **kernel_env()}, **start)
         return km
     except ZygoteError as e:
         _AHEAD["zygote"] = None
@@ -493,7 +487,8 @@ def execute_step(task: StepTask) -> StepResult:
     forked = km is None and task.preload is not None and _AHEAD.get("zygote") is not None
     try:
         if forked:
-            km = _forked_kernel(task)  # None: the zygote is gone, papermill boots a kernel
+            # once the zygote has the notebook's imports, in the step's folder (its environment is set above)
+            km = _forked_kernel(task.preload, cwd=task.cwd)  # None: the zygote is gone, papermill boots a kernel
         elif km is not None:
             _enter_step(km, task)
         kernel = {"km": km} if km is not None else {"kernel_manager_class": _ipc_kernel_manager()}
