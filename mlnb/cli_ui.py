@@ -34,10 +34,12 @@ def panel_notebook(folder: Path, store_url: str) -> Path:
     path.write_text(json.dumps(nb, indent=1))
     return path
 
-def voila_command(notebook: Path, port: int, token: str) -> list[str]:
-    "Returns the command line that serves `notebook` with Voila on 127.0.0.1:`port`."
-    return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
-            f"--Voila.token={token}", "--Voila.port_retries=0", "--theme=light"]
+def voila_command(notebook: Path, port: int, token: str, kernel_timeout: int = 30) -> list[str]:
+    """Returns the command line that serves `notebook` with Voila on 127.0.0.1:`port` (through `mlnb.panel_server`:
+    a page whose kernel has not answered in `kernel_timeout` seconds loads again once, then shows the error)."""
+    return [sys.executable, "-m", "mlnb.panel_server", str(notebook), "--no-browser", f"--port={port}",
+            "--Voila.ip=127.0.0.1", f"--Voila.token={token}", "--Voila.port_retries=0", "--theme=light",
+            f"--VoilaExecutor.startup_timeout={kernel_timeout}"]
 
 @click.command("ui")
 @click.option("--port", type=int, default=8866, show_default=True, help="Port on 127.0.0.1.")
