@@ -5,13 +5,14 @@
 # %% ../nbs/95a_panel_server.ipynb #b88444dc
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import sys
 from typing import Any
 
 # %% auto #0
-__all__ = ['RETRY_PARAM', 'failure_snippet', 'install', 'main']
+__all__ = ['RETRY_PARAM', 'REPLY_GRACE', 'failure_snippet', 'stand_in_reply', 'await_reply', 'install', 'main']
 
 # %% ../nbs/95a_panel_server.ipynb #087ed0aa
 RETRY_PARAM = "mlnb_retry"
@@ -30,6 +31,33 @@ def failure_snippet(uri: str, error: BaseException) -> str:
 def _js(text: str) -> str:
     "Returns `text` as a JavaScript string literal that is safe inside a <script> element."
     return json.dumps(text).replace("</", "<\\/")
+
+# %% ../nbs/95a_panel_server.ipynb #d1d190e5
+REPLY_GRACE = 5.0  # seconds a cell's reply may trail the kernel's "idle" for it
+
+def stand_in_reply(msg_id: str, outputs: list) -> dict:
+    "Returns the `execute_reply` Voila goes on with when a cell's never came: what the cell's `outputs` show."
+    error = next((o for o in outputs if o.get("output_type") == "error"), None)
+    content = ({"status": "error", "ename": error.get("ename", ""), "evalue": error.get("evalue", ""),
+                "traceback": error.get("traceback", [])} if error is not None else {"status": "ok"})
+    return {"msg_type": "execute_reply", "header": {"msg_type": "execute_reply"}, "parent_header": {"msg_id": msg_id},
+            "metadata": {}, "content": {**content, "execution_count": None}}
+
+async def await_reply(reply: asyncio.Future, outputs_done: asyncio.Future, grace: float) -> dict | None:
+    """Returns `reply`'s result; or None (and `reply` cancelled) when `outputs_done` (the kernel said it is idle
+    after the cell) finished without an error `grace` seconds before `reply` did."""
+    try:
+        await asyncio.wait({reply, outputs_done}, return_when=asyncio.FIRST_COMPLETED)
+        if not reply.done() and not outputs_done.cancelled() and outputs_done.exception() is None:
+            done, _ = await asyncio.wait({reply}, timeout=grace)
+            if not done:
+                reply.cancel()
+                await asyncio.wait({reply})  # its wait for the reply ends before the page goes on
+                return None
+        return await reply
+    except asyncio.CancelledError:
+        reply.cancel()
+        raise
 
 # %% ../nbs/95a_panel_server.ipynb #8a02cdf7
 async def _ending_on_failure(renderer: Any, kernel_id: str | None, snippets):
@@ -51,7 +79,9 @@ async def _ending_on_failure(renderer: Any, kernel_id: str | None, snippets):
         yield failure_snippet(handler.request.uri, e), None
 
 def install() -> None:
-    "Makes every page Voila renders in this process end with `failure_snippet` when its rendering fails."
+    """Makes every page Voila renders in this process end with `failure_snippet` when its rendering fails, and
+    go on past a cell whose reply never comes (`await_reply`)."""
+    from voila.execute import VoilaExecutor
     from voila.notebook_renderer import NotebookRenderer
     original = NotebookRenderer.generate_content_generator
     if getattr(original, "mlnb_guarded", False):
@@ -61,6 +91,19 @@ def install() -> None:
         return _ending_on_failure(self, kernel_id, original(self, kernel_id, kernel_future))
     generate_content_generator.mlnb_guarded = True
     NotebookRenderer.generate_content_generator = generate_content_generator
+    poll_for_reply = VoilaExecutor._async_poll_for_reply
+
+    async def _async_poll_for_reply(self, msg_id, cell, timeout, task_poll_output_msg, task_poll_kernel_alive):
+        reply = asyncio.ensure_future(poll_for_reply(self, msg_id, cell, timeout, task_poll_output_msg,
+                                                     task_poll_kernel_alive))
+        got = await await_reply(reply, task_poll_output_msg, REPLY_GRACE)
+        if got is not None:
+            return got
+        task_poll_kernel_alive.cancel()
+        print(f"mlnb ui: the panel's kernel ran a cell but its reply never came; the page goes on after "
+              f"{REPLY_GRACE:g} s.", file=sys.stderr, flush=True)
+        return stand_in_reply(msg_id, cell.outputs)
+    VoilaExecutor._async_poll_for_reply = _async_poll_for_reply
 
 def main() -> None:
     "`python -m mlnb.panel_server NOTEBOOK [Voila's options]`: Voila, with `install` done first."

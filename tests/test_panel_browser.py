@@ -187,10 +187,9 @@ def test_the_panel_as_a_web_app(reviewed):
         try:
             page.wait_for_selector(".mlnb-runs-table table", timeout=100_000)
         except PlaywrightTimeout:
-            # Voila's own start-up hang (1 page in 7 here on a busy day): its kernel is up and idle, but Voila's client
-            # never hears its first reply. mlnb.panel_server loads such a page again after 30 s (see the test below);
-            # should a page still hang past that, it is loaded once more, as a person would, and a panel that does
-            # not show then fails the test.
+            # The panel's hang (1 page in 7 here on a busy day): the kernel runs the cell, but its reply never reaches
+            # Voila. mlnb.panel_server goes on 5 s after the kernel is idle (see the tests below); should a page still
+            # hang, it is loaded once more, as a person would, and a panel that does not show then fails the test.
             print(f"the panel had not shown in 100 s (page {page.url}); loading it again", file=sys.stderr)
             page.reload(wait_until="commit", timeout=120_000)
         _check_served_panel(page, "voila", ui)
@@ -200,26 +199,30 @@ def test_the_panel_as_a_web_app(reviewed):
         _stop(ui)
 
 
+def _one_cell_notebook_on_kernel(tmp_path: Path, argv: list[str], source: str) -> tuple[Path, dict]:
+    "Writes a kernelspec `odd` running `argv`, and a notebook (one cell: `source`) on it; returns both for Voila."
+    data = tmp_path / "jupyter"
+    spec = data / "kernels" / "odd"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "odd", "language": "python"}))
+    served = tmp_path / "served"
+    served.mkdir()
+    cell = {"cell_type": "code", "execution_count": None, "id": "c", "metadata": {}, "outputs": [], "source": source}
+    (served / "odd.ipynb").write_text(json.dumps({
+        "cells": [cell], "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "odd", "display_name": "odd", "language": "python"}}}))
+    return served / "odd.ipynb", {"JUPYTER_PATH": str(data), "JUPYTER_DATA_DIR": str(data)}
+
+
 def test_a_page_whose_kernel_never_answers_loads_again_once_then_shows_the_error(tmp_path):
     """`mlnb ui`'s Voila (mlnb.panel_server) when a page's kernel never answers: a kernelspec whose "kernel" only
     sleeps. Voila alone would show "Running ..." forever; the page loads again once, then shows the error, and
     the terminal says so."""
     from mlnb.cli_ui import voila_command
-    data = tmp_path / "jupyter"
-    spec = data / "kernels" / "silent"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-c", "import time; time.sleep(600)", "{connection_file}"],
-        "display_name": "silent", "language": "python"}))
-    served = tmp_path / "served"
-    served.mkdir()
-    cell = {"cell_type": "code", "execution_count": None, "id": "c", "metadata": {}, "outputs": [], "source": "1 + 1"}
-    (served / "silent.ipynb").write_text(json.dumps({
-        "cells": [cell], "nbformat": 4, "nbformat_minor": 5,
-        "metadata": {"kernelspec": {"name": "silent", "display_name": "silent", "language": "python"}}}))
+    notebook, env = _one_cell_notebook_on_kernel(
+        tmp_path, [sys.executable, "-c", "import time; time.sleep(600)", "{connection_file}"], "1 + 1")
     port, token = free_port(), "mlnb-ui-token"
-    server = _serve(voila_command(served / "silent.ipynb", port, token, kernel_timeout=3), port, served,
-                    {"JUPYTER_PATH": str(data), "JUPYTER_DATA_DIR": str(data)})
+    server = _serve(voila_command(notebook, port, token, kernel_timeout=3), port, notebook.parent, env)
     manager, browser = _browser()
     try:
         page = browser.new_page()
@@ -236,3 +239,44 @@ def test_a_page_whose_kernel_never_answers_loads_again_once_then_shows_the_error
     log = server.log.read_text(errors="replace")
     assert log.count("mlnb ui: a page of the panel failed (RuntimeError") == 2, _log_tail(server)
     assert "it loads again." in log and "the page shows the error." in log, _log_tail(server)
+
+
+# An ipykernel that runs cells but never sends their execute_reply (it still publishes their outputs and its
+# "idle" status): what Voila's side of the panel's hang showed.
+REPLYLESS = """
+import sys
+from ipykernel.kernelapp import IPKernelApp
+app = IPKernelApp.instance()
+app.initialize(sys.argv[1:])
+send = app.session.send
+def send_all_but_execute_replies(stream, msg_or_type, content=None, parent=None, *args, **kwargs):
+    if msg_or_type == "execute_reply":
+        return app.session.msg("execute_reply", content, parent=parent, metadata=kwargs.get("metadata"))
+    return send(stream, msg_or_type, content, parent, *args, **kwargs)
+app.session.send = send_all_but_execute_replies
+app.start()
+"""
+
+
+def test_a_page_whose_cell_reply_never_comes_still_renders(tmp_path):
+    """A kernel that runs the page's cell but never sends its reply: Voila alone waits for it forever ("Running
+    ..."); mlnb.panel_server goes on once the kernel has said it is idle, and the page shows the cell's output."""
+    from mlnb.cli_ui import voila_command
+    notebook, env = _one_cell_notebook_on_kernel(
+        tmp_path, [sys.executable, "-c", REPLYLESS, "-f", "{connection_file}"],
+        "from IPython.display import HTML\nHTML('<b id=\"rendered\">rendered without its reply</b>')")
+    port, token = free_port(), "mlnb-ui-token"
+    server = _serve(voila_command(notebook, port, token), port, notebook.parent, env)
+    manager, browser = _browser()
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/?token={token}", wait_until="commit", timeout=60_000)
+        shown = page.wait_for_selector("#rendered", timeout=60_000)
+        assert shown.inner_text() == "rendered without its reply"
+        assert "mlnb_retry" not in page.url, page.url
+    finally:
+        browser.close()
+        manager.stop()
+        _stop(server)
+    assert "mlnb ui: the panel's kernel ran a cell but its reply never came" in server.log.read_text(errors="replace"), \
+        _log_tail(server)
