@@ -20,13 +20,17 @@ RETRY_PARAM = "mlnb_retry"
 def failure_snippet(uri: str, error: BaseException) -> str:
     """Returns the HTML that ends a page (at `uri`) whose rendering stopped on `error`: a script that loads the
     page again with `RETRY_PARAM` added, or, when the page was that retry already, one that shows the error."""
-    if f"{RETRY_PARAM}=1" not in uri.partition("?")[2].split("&"):
+    if not _retried(uri):
         again = uri + ("&" if "?" in uri else "?") + f"{RETRY_PARAM}=1"
         return f"<script>window.location.replace({_js(again)});</script>\n"
     message = (f"mlnb ui: the panel could not be shown ({type(error).__name__}: {error}). Reload the page to try "
                "again; the terminal running `mlnb ui` says more.")
     page = f'<pre class="mlnb-ui-error" style="white-space: pre-wrap; margin: 2em">{html.escape(message)}</pre>'
     return f"<script>(document.body || document.documentElement).innerHTML = {_js(page)};</script>\n"
+
+def _retried(uri: str) -> bool:
+    "True when the page at `uri` is the one load again that a failed page asked for."
+    return f"{RETRY_PARAM}=1" in uri.partition("?")[2].split("&")
 
 def _js(text: str) -> str:
     "Returns `text` as a JavaScript string literal that is safe inside a <script> element."
@@ -69,7 +73,7 @@ async def _ending_on_failure(renderer: Any, kernel_id: str | None, snippets):
     except Exception as e:  # noqa: BLE001 - shown in the page and the terminal: Voila would drop it and spin
         handler = renderer.request_handler
         print(f"mlnb ui: a page of the panel failed ({type(e).__name__}: {e}); "
-              + ("it loads again." if f"{RETRY_PARAM}=1" not in handler.request.uri else "the page shows the error."),
+              + ("the page shows the error." if _retried(handler.request.uri) else "it loads again."),
               file=sys.stderr, flush=True)
         if kernel_id is not None:
             try:
