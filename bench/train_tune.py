@@ -12,8 +12,10 @@
   4. Multi-objective pruning (the issue's stretch; Optuna has none): 16 trials of a boosting
      notebook (AUC up, model size down, both logged per epoch) with `--pruner pareto` vs `none`,
      the same sampled params: the time saved, and the hypervolume of the Pareto front kept.
+  5. Looking at a study (no target): `mlnb sweep show STUDY --json` vs Optuna's own command line,
+     `optuna best-trial`, on the same 20-trial study in an SQLite store: a new process each time.
 
-    .venv/bin/python bench/train_tune.py [--write-readme] [--only 1,2,3]
+    .venv/bin/python bench/train_tune.py [--write-readme] [--only 1,2,3,4,5]
 """
 from __future__ import annotations
 
@@ -248,10 +250,33 @@ def multi_objective_pruning(trials: int = 16) -> dict:
             "hv_ratio": result["pareto"]["hypervolume"] / result["none"]["hypervolume"]}
 
 
+def show_study(repeats: int = 7) -> dict:
+    """Times a new process that prints a study's best trial: `mlnb sweep show --json` (its importances ranked and
+    stored by a first call) and `optuna best-trial`, alternately, `repeats` times each: the medians."""
+    import mlnb.sweep
+    folder = Path(tempfile.mkdtemp())
+    url = f"sqlite:///{folder}/.mlnb/mlnb.db"
+    mlnb.sweep.optimize(lambda p: (p["x"] - 2) ** 2 + p["y"] ** 2, {"x": "float:-10:10", "y": "float:-10:10"},
+                        ["loss:minimize"], trials=20, study="s", store=url, seed=0)
+    commands = {"mlnb": [str(VENV / "mlnb"), "sweep", "show", "s", "--json", "--store", url],
+                "optuna": [str(VENV / "optuna"), "best-trial", "--study-name", "s", "--storage", url, "-f", "json"]}
+    times: dict[str, list[float]] = {"mlnb": [], "optuna": []}
+    for kind in ("mlnb", "optuna"):  # warm: the file cache, and mlnb's stored importances
+        subprocess.run(commands[kind], capture_output=True, check=True)
+    for _ in range(repeats):
+        for kind, cmd in commands.items():
+            start = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            times[kind].append(time.perf_counter() - start)
+            assert '"number"' in out.stdout, out.stdout
+    ours, theirs = statistics.median(times["mlnb"]), statistics.median(times["optuna"])
+    return {"mlnb": ours, "optuna": theirs, "ratio": ours / theirs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-readme", action="store_true")
-    parser.add_argument("--only", default="1,2,3,4")
+    parser.add_argument("--only", default="1,2,3,4,5")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     lines = ["| case | mlnb | peer | ratio | target |", "|---|---|---|---|---|"]
@@ -287,6 +312,11 @@ def main() -> None:
         lines.append(f"| {r['trials']} two-objective trials, `--pruner pareto` vs `none` ({pruned} pruned) | "
                      f"{r['pareto']['seconds']:.1f} s | {r['none']['seconds']:.1f} s | {r['time_ratio']:.2f}x the time, "
                      f"front hypervolume {r['hv_ratio']:.3f}x | (stretch: no target) |")
+    if "5" in parts:
+        r = show_study()
+        print(f"show: {r}", file=sys.stderr)
+        lines.append(f"| a 20-trial study's best trial, new process: `mlnb sweep show --json` vs `optuna best-trial` "
+                     f"(median of 7) | {r['mlnb']:.2f} s | {r['optuna']:.2f} s | {r['ratio']:.2f}x the time | |")
     table = "\n".join(lines)
     print(table)
     if args.write_readme:

@@ -174,7 +174,7 @@ def _show(study, as_json: bool, importances: dict | None = None) -> None:
     best_numbers = {t.number for t in study.best_trials} if any(t["state"] == "complete" for t in rows) else set()
     best = [t for t in rows if t["number"] in best_numbers]
     if importances is None:  # not given by the sweep just run: the one stored, if no trial completed since
-        importances = study_importances(study) if best_numbers else {}
+        importances = study_importances(study, remember=True) if best_numbers else {}
     if as_json:
         echo_json({"study": study.study_name, "step": signature.get("step"), "objectives": objectives,
                    "counts": counts, "best": best, "pareto_front": best if len(objectives) > 1 else None,

@@ -536,3 +536,19 @@ def test_multi_objective_trials_dominated_at_the_same_epoch_are_pruned(tmp_path)
     late = [int(line.split("trial ")[1].split()[0]) for line in deaf.stderr.splitlines()
             if line.endswith("(ran to its end before it saw the prune)") and " complete " in line]
     assert sorted(late) == sorted(t["number"] for t in flagged), deaf.stderr
+
+
+def test_a_study_in_a_postgresql_store_is_one_plain_optuna_opens(pg_cluster):
+    """mlnb stamps and checks the version of Optuna's tables in plain SQL (no alembic); on a real PostgreSQL
+    the tables are Optuna's own: Optuna, its alembic check included, opens them and finds the study."""
+    from mlnb.database import parse_store_url
+    from mlnb.store import open_store
+    from mlnb.sweep import optimize, optuna_schema_head
+    url = pg_cluster.create_database()
+    result = optimize(lambda p: (p["x"] - 1) ** 2, {"x": "float:-3:3"}, ["loss:minimize"], trials=4, study="pg",
+                      store=url, seed=0)
+    assert [t["state"] for t in result.trials] == ["complete"] * 4, result.trials
+    plain = optuna.storages.RDBStorage(parse_store_url(url)[1])
+    assert plain._version_manager.get_current_version() == optuna_schema_head()
+    assert [s.study_name for s in optuna.get_all_study_summaries(plain)] == ["pg"]
+    assert len(optuna.load_study(study_name="pg", storage=optuna_storage(open_store(url))).trials) == 4
