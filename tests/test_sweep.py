@@ -358,12 +358,15 @@ def test_ctrl_c_landing_inside_an_optuna_commit_stops_the_sweep_cleanly(tunable,
     args = ["sweep", "train", "--study", "commit", "--param", "x=float:-5:5", "--objective", "score:maximize",
             "--trials", "6", "--jobs", "2", "--pruner", "none"]
     monkeypatch.chdir(tunable)
+    # pytest started as a shell's background job inherits Ctrl-C ignored, which the sweep then leaves ignored
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
     event.listen(Engine, "commit", interrupt_inside_tell)
     try:
         with pytest.raises(SystemExit) as exit_:
             mlnb.cli.main(args)
     finally:
         event.remove(Engine, "commit", interrupt_inside_tell)
+        signal.signal(signal.SIGINT, ignored)
     err = capsys.readouterr().err
     assert inside and exit_.value.code == 1, err
     assert "Run the same command again to resume study 'commit'" in err and "internal error" not in err, err
