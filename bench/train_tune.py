@@ -78,6 +78,11 @@ def lightning_overhead(repeats: int = 15) -> dict:
     return {"csv": csv, "mlnb": ours, "ratio": ratio, "repeats": repeats}
 
 
+def objective_value(x: float, y: float) -> float:
+    "The in-process objective of the sweep benchmarks: a bowl with its bottom at (2, -1)."
+    return (x - 2) ** 2 + (y + 1) ** 2
+
+
 def sweep_overhead(trials: int = 200) -> dict:
     """Times `trials` trials of an in-process objective through plain Optuna and through mlnb.sweep.optimize, both TPE
     (seed 0) on a new SQLite storage, four times each in the order Optuna, mlnb, mlnb, Optuna (twice), so that a drift
@@ -86,9 +91,6 @@ def sweep_overhead(trials: int = 200) -> dict:
 
     import mlnb.sweep
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    def objective_value(x: float, y: float) -> float:
-        return (x - 2) ** 2 + (y + 1) ** 2
 
     def plain() -> float:
         storage = optuna.storages.RDBStorage(f"sqlite:///{tempfile.mkdtemp()}/optuna.db")
@@ -271,7 +273,7 @@ def show_study(repeats: int = 7) -> dict:
     import mlnb.sweep
     folder = Path(tempfile.mkdtemp())
     url = f"sqlite:///{folder}/.mlnb/mlnb.db"
-    mlnb.sweep.optimize(lambda p: (p["x"] - 2) ** 2 + p["y"] ** 2, {"x": "float:-10:10", "y": "float:-10:10"},
+    mlnb.sweep.optimize(lambda p: objective_value(p["x"], p["y"]), {"x": "float:-10:10", "y": "float:-10:10"},
                         ["loss:minimize"], trials=20, study="s", store=url, seed=0)
     commands = {"mlnb": [str(VENV / "mlnb"), "sweep", "show", "s", "--json", "--store", url],
                 "optuna": [str(VENV / "optuna"), "best-trial", "--study-name", "s", "--storage", url, "-f", "json"]}

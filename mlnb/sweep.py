@@ -291,6 +291,7 @@ def optuna_schema_head() -> str | None:
     heads = revisions - parents
     return heads.pop() if len(heads) == 1 and parents <= revisions else None
 
+@functools.cache
 def _version_table():
     "Returns alembic's version table, as alembic defines it."
     import sqlalchemy as sa
@@ -313,9 +314,9 @@ def _plain_sql_version_manager():
                 return [row[0] for row in connection.execute(sa.select(table.c.version_num))]
 
         def _init_alembic(self) -> None:
-            revisions, head = self._revisions(), optuna_schema_head()
-            if revisions:  # stamped already (Optuna's check, without alembic)
+            if self._revisions():  # stamped already (Optuna's check, without alembic)
                 return
+            head = optuna_schema_head()
             if head is None or not self._is_alembic_supported():
                 super()._init_alembic()
                 return
