@@ -4,8 +4,10 @@
      Lightning's CSVLogger, 15 adjacent pairs of fits: the median of the pairs' ratios (target: at
      most 1.05x).
   2. Sweep overhead: 200 trials of an in-process objective through mlnb.sweep.optimize vs plain
-     Optuna, both TPE on an SQLite storage, four times each in the order Optuna, mlnb, mlnb, Optuna
-     (twice) (target: at least 0.9x Optuna's trials per second).
+     Optuna, both TPE on an SQLite storage (target: at least 0.9x Optuna's trials per second); and,
+     like for like (no target), vs Optuna on an SQLite file with the settings mlnb's store uses (WAL,
+     synchronous=NORMAL). Four times each in the order Optuna, tuned Optuna, mlnb, mlnb, tuned
+     Optuna, Optuna (twice).
   3. Notebook trials: 20 trials of a small training notebook with `mlnb sweep --jobs 2` vs
      `--jobs 1` (target: at least 1.7x faster on this 2-core machine), each twice, in the order
      1, 2, 2, 1 jobs; for scale, the same 20 fits without mlnb in one process and in two; the same
@@ -84,16 +86,27 @@ def objective_value(x: float, y: float) -> float:
 
 
 def sweep_overhead(trials: int = 200) -> dict:
-    """Times `trials` trials of an in-process objective through plain Optuna and through mlnb.sweep.optimize, both TPE
-    (seed 0) on a new SQLite storage, four times each in the order Optuna, mlnb, mlnb, Optuna (twice), so that a drift
-    in this shared machine's speed hits both alike: the rates are of the sums."""
+    """Times `trials` trials of an in-process objective through plain Optuna, through Optuna on an SQLite file set up as
+    mlnb's store is (WAL, synchronous=NORMAL: no wait for the disk at a commit), and through mlnb.sweep.optimize, all
+    TPE (seed 0) on a new SQLite storage, four times each in a palindromic order (twice), so that a drift in this
+    shared machine's speed hits them alike: the rates are of the sums."""
+    import sqlite3
+
     import optuna
+    from sqlalchemy import event
 
     import mlnb.sweep
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    def plain() -> float:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tempfile.mkdtemp()}/optuna.db")
+    def plain(tuned: bool = False) -> float:
+        path = f"{tempfile.mkdtemp()}/optuna.db"
+        if tuned:  # WAL is the file's own (it stays); synchronous is each connection's
+            with sqlite3.connect(path) as db:
+                db.execute("PRAGMA journal_mode = WAL")
+        storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+        if tuned:
+            event.listen(storage.engine, "connect", lambda conn, _record: conn.execute("PRAGMA synchronous = NORMAL"))
+            storage.engine.dispose()
         study = optuna.create_study(study_name="plain", storage=storage, sampler=optuna.samplers.TPESampler(seed=0))
         start = time.perf_counter()
         study.optimize(lambda t: objective_value(t.suggest_float("x", -10, 10), t.suggest_float("y", -10, 10)),
@@ -109,11 +122,12 @@ def sweep_overhead(trials: int = 200) -> dict:
         assert len(result.trials) == trials
         return seconds
 
-    times = {"optuna": [], "mlnb": []}
-    for kind in ("optuna", "mlnb", "mlnb", "optuna") * 2:
-        times[kind].append(plain() if kind == "optuna" else ours())
-    optuna_rate, mlnb_rate = 4 * trials / sum(times["optuna"]), 4 * trials / sum(times["mlnb"])
-    return {"trials": trials, "optuna_rate": optuna_rate, "mlnb_rate": mlnb_rate, "ratio": mlnb_rate / optuna_rate,
+    times = {"optuna": [], "tuned": [], "mlnb": []}
+    for kind in ("optuna", "tuned", "mlnb", "mlnb", "tuned", "optuna") * 2:
+        times[kind].append(ours() if kind == "mlnb" else plain(tuned=kind == "tuned"))
+    rates = {k: len(v) * trials / sum(v) for k, v in times.items()}
+    return {"trials": trials, "optuna_rate": rates["optuna"], "tuned_rate": rates["tuned"], "mlnb_rate": rates["mlnb"],
+            "ratio": rates["mlnb"] / rates["optuna"], "tuned_ratio": rates["mlnb"] / rates["tuned"],
             "runs": {k: [round(t, 2) for t in v] for k, v in times.items()}}
 
 
@@ -305,9 +319,12 @@ def main() -> None:
     if "2" in parts:
         r = sweep_overhead()
         print(f"sweep: {r}", file=sys.stderr)
-        lines.append(f"| {r['trials']} in-process trials, mlnb.sweep vs Optuna (TPE, SQLite; 4 each, run O-M-M-O twice) | "
+        lines.append(f"| {r['trials']} in-process trials, mlnb.sweep vs Optuna (TPE, SQLite; 4 each, run O-T-M-M-T-O twice) | "
                      f"{r['mlnb_rate']:.1f} trials/s | "
                      f"{r['optuna_rate']:.1f} trials/s | {r['ratio']:.2f}x the rate | >= 0.9x |")
+        lines.append(f"| the same, like for like: vs Optuna (T) on an SQLite file set up as mlnb's store is (WAL, "
+                     f"synchronous=NORMAL) | {r['mlnb_rate']:.1f} trials/s | {r['tuned_rate']:.1f} trials/s | "
+                     f"{r['tuned_ratio']:.2f}x the rate | |")
     if "3" in parts:
         r = notebook_trials()
         print(f"notebooks: {r}", file=sys.stderr)
