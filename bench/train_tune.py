@@ -9,8 +9,9 @@
      synchronous=NORMAL). Four times each in the order Optuna, tuned Optuna, mlnb, mlnb, tuned
      Optuna, Optuna (twice).
   3. Notebook trials: 20 trials of a small training notebook with `mlnb sweep --jobs 2` vs
-     `--jobs 1` (target: at least 1.7x faster on this 2-core machine), each twice, in the order
-     1, 2, 2, 1 jobs; for scale, the same 20 fits without mlnb in one process and in two; the same
+     `--jobs 1` (target: at least 1.7x faster on this 2-core machine), each four times, in the order
+     1, 2, 2, 1, 2, 1, 1, 2 jobs (a linear drift in the machine's speed hits both alike; the pairs it
+     makes are printed too); for scale, the same 20 fits without mlnb in one process and in two; the same
      sweeps with kernels booted per trial instead of forked from the zygote (MLNB_FORK_KERNELS=0),
      once each, for comparison.
   4. Multi-objective pruning (the issue's stretch; Optuna has none): 16 trials of a boosting
@@ -178,10 +179,20 @@ print(time.perf_counter() - start)
 """
 
 
+DRIFT_ORDER = (1, 2, 2, 1, 2, 1, 1, 2)  # jobs: each side's mean position is the same
+
+
+def drift_pairs(ones: list[float], twos: list[float]) -> list[float]:
+    "Returns the one-job / two-job ratio of each adjacent pair of runs made in `DRIFT_ORDER`."
+    left = {1: iter(ones), 2: iter(twos)}
+    runs = [(jobs, next(left[jobs])) for jobs in DRIFT_ORDER]
+    return [dict(runs[i:i + 2])[1] / dict(runs[i:i + 2])[2] for i in range(0, len(runs), 2)]
+
+
 def bare_fits(trials: int = 20) -> dict:
     """Times the sweep's work without mlnb: the same 20 cross-validated fits (the params the sweep's random
     sampler draws, seed 0) in one process, then in two (a fork pool, imports done first), in the order
-    1, 2, 2, 1: the speedup two cores give this work on this machine, the ceiling for the sweep's."""
+    1, 2, 2, 1, 2, 1, 1, 2: the speedup two cores give this work on this machine, the ceiling for the sweep's."""
     import optuna
     from optuna.distributions import FloatDistribution, IntDistribution
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -189,18 +200,18 @@ def bare_fits(trials: int = 20) -> dict:
     space = {"lr": FloatDistribution(0.01, 0.5, log=True), "n_estimators": IntDistribution(80, 160)}
     params = json.dumps([study.ask(space).params for _ in range(trials)])
     times: dict[int, list[float]] = {1: [], 2: []}
-    for jobs in (1, 2, 2, 1):
+    for jobs in DRIFT_ORDER:
         out = subprocess.run([sys.executable, "-c", BARE_FITS, params, str(jobs)], capture_output=True, text=True,
                              check=True)
         times[jobs].append(float(out.stdout))
     one, two = statistics.mean(times[1]), statistics.mean(times[2])
-    return {"one": one, "two": two, "speedup": one / two}
+    return {"one": one, "two": two, "speedup": one / two, "pairs": drift_pairs(times[1], times[2])}
 
 
 def notebook_trials(trials: int = 20) -> dict:
-    """Times `mlnb sweep` with one job and two: forked kernels (the default) in the order 1, 2, 2, 1 jobs, so
-    a drift in this shared machine's speed during the run hits both alike (the figure is the ratio of the
-    sums); then `bare_fits`; booted kernels (MLNB_FORK_KERNELS=0) once each, for comparison."""
+    """Times `mlnb sweep` with one job and two: forked kernels (the default) in `DRIFT_ORDER`, so a drift in this
+    shared machine's speed during the run hits both alike (the figure is the ratio of the sums; the ratio of each
+    adjacent pair is given too); then `bare_fits`; booted kernels (MLNB_FORK_KERNELS=0) once each, for comparison."""
     times: dict[tuple[str, int], list[float]] = {}
 
     def sweep(fork: str, jobs: int) -> None:
@@ -216,13 +227,13 @@ def notebook_trials(trials: int = 20) -> dict:
             raise SystemExit(f"mlnb sweep failed:\n{out.stderr[-3000:]}")
         assert json.loads(out.stdout)["counts"] == {"complete": trials}
 
-    for jobs in (1, 2, 2, 1):
+    for jobs in DRIFT_ORDER:
         sweep("1", jobs)
     bare = bare_fits(trials)
     for jobs in (1, 2):
         sweep("0", jobs)
     jobs1, jobs2 = statistics.mean(times["1", 1]), statistics.mean(times["1", 2])
-    pairs = [one / two for one, two in zip(times["1", 1], reversed(times["1", 2]), strict=True)]  # runs 1-2 and 4-3
+    pairs = drift_pairs(times["1", 1], times["1", 2])
     return {"trials": trials, "jobs1": jobs1, "jobs2": jobs2, "speedup": jobs1 / jobs2, "pairs": pairs,
             "runs": {f"fork{f}_jobs{j}": [round(t, 2) for t in ts] for (f, j), ts in times.items()},
             "booted_jobs1": times["0", 1][0], "booted_jobs2": times["0", 2][0],
@@ -328,14 +339,14 @@ def main() -> None:
     if "3" in parts:
         r = notebook_trials()
         print(f"notebooks: {r}", file=sys.stderr)
-        lines.append(f"| {r['trials']} notebook trials, `mlnb sweep --jobs 2` vs `--jobs 1` (mean of 2 each, run 1-2-2-1) | "
+        lines.append(f"| {r['trials']} notebook trials, `mlnb sweep --jobs 2` vs `--jobs 1` (4 each, run 1-2-2-1-2-1-1-2) | "
                      f"{r['jobs2']:.1f} s | "
                      f"{r['jobs1']:.1f} s | {r['speedup']:.3f}x faster (adjacent pairs: "
                      f"{', '.join(f'{p:.3f}x' for p in r['pairs'])}) | >= 1.7x |")
         b = r["bare"]
         lines.append(f"| the same {r['trials']} fits without mlnb (one process, then two forked after the imports): "
                      f"two vs one, the ceiling for the row above | {b['two']:.1f} s | {b['one']:.1f} s | "
-                     f"{b['speedup']:.3f}x faster | |")
+                     f"{b['speedup']:.3f}x faster (adjacent pairs: {', '.join(f'{p:.3f}x' for p in b['pairs'])}) | |")
         lines.append(f"| the same, kernels booted per trial (`MLNB_FORK_KERNELS=0`): `--jobs 2` vs `--jobs 1` | "
                      f"{r['booted_jobs2']:.1f} s | {r['booted_jobs1']:.1f} s | {r['booted_speedup']:.2f}x faster | |")
         lines.append(f"| {r['trials']} notebook trials, `--jobs 1`: forked kernels vs booted | {r['jobs1']:.1f} s | "
