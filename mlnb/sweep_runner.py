@@ -22,7 +22,7 @@ from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
                         ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values, optuna_storage,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,
-                        parse_objective, remember_importances, trial_rows)
+                        parse_objective, remember_importances, tell_trial, trial_rows)
 
 # %% auto #0
 __all__ = ['SweepSpec', 'sweep_from_config', 'check_sweep', 'SweepRunner', 'trial_updates']
@@ -459,23 +459,23 @@ class SweepRunner:
         if interrupted or status == "killed":
             error = error or "interrupted (Ctrl-C or SIGTERM)"  # its step may have ended just before the stop
             trial.set_user_attr("mlnb_status", "killed")
-            self.study.tell(trial, state=TrialState.FAIL)
+            tell_trial(self.study, trial, state=TrialState.FAIL)
             if trial_run_id:
                 self.store.update_run(trial_run_id, status="killed", error="interrupted: the sweep was stopped")
             result = "killed"
         elif status in ("finished", "cached") and state.pruned and self.store.get_tags(step.run_id).get("mlnb.stopped"):
             for run_id in (trial_run_id, step.run_id):
                 self.store.update_run(run_id, status="pruned")
-            self.study.tell(trial, state=TrialState.PRUNED)
+            tell_trial(self.study, trial, state=TrialState.PRUNED)
             result = "pruned"
         elif status in ("finished", "cached"):
-            self.study.tell(trial, values)
+            tell_trial(self.study, trial, values)
             self.store.log_metrics([(trial_run_id, o.metric, 0, v, time.time())
                                     for o, v in zip(spec.objectives, values, strict=True)])
             result = "complete"
         else:
             trial.set_user_attr("mlnb_error", error)
-            self.study.tell(trial, state=TrialState.FAIL)
+            tell_trial(self.study, trial, state=TrialState.FAIL)
             if trial_run_id and status != "failed":
                 self.store.update_run(trial_run_id, status="failed", error=error)
             elif trial_run_id:

@@ -350,7 +350,8 @@ def test_ctrl_c_landing_inside_an_optuna_commit_stops_the_sweep_cleanly(tunable,
         if inside or threading.current_thread() is not threading.main_thread():
             return
         frame = sys._getframe()
-        while frame is not None and not (frame.f_code.co_name == "tell" and "optuna" in frame.f_code.co_filename):
+        while frame is not None and not (frame.f_code.co_name in ("tell", "_tell_with_warning")
+                                         and "optuna" in frame.f_code.co_filename):
             frame = frame.f_back
         if frame is not None:
             inside.append(frame.f_code.co_filename)
