@@ -238,6 +238,8 @@ def test_a_missing_objective_metric_or_a_raising_notebook_fails_the_trial_not_th
     missing = sweep(tunable, "train", "--study", "m", "--param", "x=float:-5:0", "--objective", "val_auc:maximize",
                     "--trials", "1", "--json")
     [trial] = json.loads(missing.stdout)["trials"]
+    # every trial this command ran failed: the results are still printed, and the command fails
+    assert missing.returncode == 1 and "error: all 1 trial(s) this sweep ran failed" in missing.stderr, missing.stderr
     assert trial["state"] == "fail" and "did not log the objective metric 'val_auc'" in trial["error"]
     assert "It logged: score, size" in trial["error"]
     shown = sweep(tunable, "show", "m")  # why it failed, without opening the run
@@ -251,6 +253,7 @@ def test_a_missing_objective_metric_or_a_raising_notebook_fails_the_trial_not_th
                  "--trials", "2", "--jobs", "1", "--json")
     trials = json.loads(slow.stdout)["trials"]
     assert [t["state"] for t in trials] == ["fail", "fail"], slow.stderr
+    assert slow.returncode == 1 and "raise --trials to go on with study 't'" in slow.stderr, slow.stderr
     assert all(t["error"].startswith("TimeoutError: the step ran past its timeout (3 s)") for t in trials)
 
 
