@@ -14,7 +14,7 @@ from .cli import echo_json, fmt_value, format_table, json_option, store_option
 from .errors import MlnbError
 
 # %% auto #0
-__all__ = ['DefaultGroup', 'sweep', 'run_sweep', 'refuse_all_failed', 'show_sweep', 'apply_sweep', 'list_sweeps']
+__all__ = ['DefaultGroup', 'sweep', 'run_sweep', 'show_sweep', 'apply_sweep', 'list_sweeps']
 
 # %% ../nbs/93_cli_sweep.ipynb #2f4a108e
 class DefaultGroup(click.Group):
@@ -56,11 +56,8 @@ def sweep() -> None:
 class _Progress:
     def __init__(self, quiet: bool, objectives: list[str]):
         self.quiet, self.objectives, self.done, self.target = quiet, objectives, 0, 0
-        self.results: list[str] = []  # how each trial this command ran ended: complete, pruned, failed, killed
 
     def __call__(self, kind: str, info: dict) -> None:
-        if kind == "trial_end":
-            self.results.append(info["result"])
         if self.quiet:
             return
         if kind == "upstream":
@@ -144,7 +141,7 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
         if value is not None:
             setattr(spec, name, value)
     runner = SweepRunner(project, spec, store_url=store_url, importances=True,
-                         on_event=(progress := _Progress(quiet or as_json, [o.spec for o in spec.objectives])))
+                         on_event=_Progress(quiet or as_json, [o.spec for o in spec.objectives]))
     try:
         result = runner.run()
     except KeyboardInterrupt:
@@ -152,15 +149,10 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
                    f"Run the same command again to resume study {spec.study!r}.", err=True)
         sys.exit(1)
     _show(result.study, as_json, result.importances)
-    refuse_all_failed(progress.results, spec.study)
-
-def refuse_all_failed(results: list[str], study: str) -> None:
-    """Raises when every trial this command ran failed: such a sweep learned nothing, and a schedule or a CI job
-    running it must see it fail (exit status 1), not a success. Some trials failing is a study going on."""
-    if results and all(r == "failed" for r in results):
-        raise MlnbError(f"all {len(results)} trial(s) this sweep ran failed (their errors are listed above). Fix the "
-                        f"step, then raise --trials to go on with study {study!r} (failed trials count toward it), or "
-                        "give a new --study.")
+    if runner.all_failed:  # a schedule or a CI job running the sweep must see it fail, not succeed
+        raise MlnbError(f"all {len(runner.results)} trial(s) this sweep ran failed (their errors are listed above). "
+                        f"Fix the step, then raise --trials to go on with study {spec.study!r} (failed trials count "
+                        "toward it), or give a new --study.")
 
 # %% ../nbs/93_cli_sweep.ipynb #e9ad5bc4
 def _load(name: str, store_url: str | None):

@@ -166,8 +166,14 @@ class SweepRunner:
         self.store, self.store_url = store, store_url  # without a store, `run` opens store_url's (default: the project's)
         self.on_event = on_event or (lambda kind, info: None)
         self.poll_interval = poll_interval
+        self.results: list[str] = []  # how each trial this run ran ended, in order: complete, pruned, failed, killed
         self.executor = None
         self._curves: dict[int, list | None] = {}  # completed trials' objective curves, for ParetoPruner
+
+    @property
+    def all_failed(self) -> bool:
+        "Whether this run ran trials and every one failed (some failing is a study going on)."
+        return bool(self.results) and all(r == "failed" for r in self.results)
 
     def run(self) -> StudyResult:
         "Runs trials until the study has `trials` finished ones (or the time budget is spent)."
@@ -240,8 +246,12 @@ class SweepRunner:
         rows = trial_rows(self.study)
         importances = self._rank(status, rows)
         if self.study_run is not None:
-            self.study_run.end(status, error="interrupted: run the same sweep again to resume" if status == "killed"
-                               else None)
+            if status == "killed":
+                self.study_run.end(status, error="interrupted: run the same sweep again to resume")
+            elif self.all_failed:  # the sweep ran to its end and learned nothing: its run says so
+                self.study_run.end("failed", error=f"all {len(self.results)} trial(s) failed")
+            else:
+                self.study_run.end(status)
         if status == "killed":
             raise KeyboardInterrupt
         return StudyResult(self.study, run_id, rows, importances)
@@ -484,6 +494,7 @@ class SweepRunner:
         shutil.rmtree(self.project.root / state.folder, ignore_errors=True)  # the bytes are artifacts now
         if spec.timeout is not None:  # no last trial is known
             self._get_ready_to_rank()
+        self.results.append(result)
         self.on_event("trial_end", {"number": trial.number, "result": result, "error": error,
                                     "values": values if result == "complete" else None, "run_id": trial_run_id,
                                     "prune_unseen": state.pruned and result == "complete"})

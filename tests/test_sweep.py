@@ -240,6 +240,9 @@ def test_a_missing_objective_metric_or_a_raising_notebook_fails_the_trial_not_th
     [trial] = json.loads(missing.stdout)["trials"]
     # every trial this command ran failed: the results are still printed, and the command fails
     assert missing.returncode == 1 and "error: all 1 trial(s) this sweep ran failed" in missing.stderr, missing.stderr
+    studies = {r.name: r for r in store_of(tunable).list_runs(kind="study")}  # and the study's run says so
+    assert (studies["m"].status, studies["m"].error) == ("failed", "all 1 trial(s) failed")
+    assert studies["f"].status == "finished"  # some of its trials failed: a study going on
     assert trial["state"] == "fail" and "did not log the objective metric 'val_auc'" in trial["error"]
     assert "It logged: score, size" in trial["error"]
     shown = sweep(tunable, "show", "m")  # why it failed, without opening the run
