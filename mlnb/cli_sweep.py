@@ -158,7 +158,7 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
 def _load(name: str, store_url: str | None):
     import optuna
     from mlnb.store import open_store
-    from mlnb.sweep import optuna_storage
+    from mlnb.optuna_store import optuna_storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_store(store_url)
     storage = optuna_storage(store)
@@ -274,7 +274,7 @@ def list_sweeps(as_json, store_url) -> None:
     """
     import optuna
     from mlnb.store import open_store
-    from mlnb.sweep import optuna_storage
+    from mlnb.optuna_store import optuna_storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna_storage(open_store(store_url))
     rows = []

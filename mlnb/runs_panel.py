@@ -324,7 +324,8 @@ class RunsPanel:
             return
         import optuna
         from mlnb.charts import pareto_figure
-        from mlnb.sweep import optuna_storage, trial_rows
+        from mlnb.optuna_store import optuna_storage
+        from mlnb.sweep import trial_rows
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             study = optuna.load_study(study_name=self.study.value, storage=optuna_storage(self.store))

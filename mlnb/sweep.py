@@ -6,18 +6,15 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 import json
 import math
-import re
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import MlnbError, did_you_mean, one_of
+from .optuna_store import optuna_storage
 from .store import Store, open_store
 
 class SweepError(MlnbError):
@@ -25,11 +22,11 @@ class SweepError(MlnbError):
 
 # %% auto #0
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
-           'optuna_storage', 'make_sampler', 'grid_points', 'grid_of', 'trial_target', 'open_points', 'ask_trial',
-           'tell_trial', 'check_pruner', 'make_pruner', 'optuna_schema_head', 'value_at', 'ParetoPruner', 'open_study',
-           'existing_study', 'finished_trials', 'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts',
-           'trial_rows', 'optimize', 'param_importances', 'importance_inputs', 'importances_of', 'remember_importances',
-           'known_importances', 'study_importances']
+           'make_sampler', 'grid_points', 'grid_of', 'trial_target', 'open_points', 'ask_trial', 'tell_trial',
+           'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study', 'existing_study', 'finished_trials',
+           'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts', 'trial_rows', 'optimize',
+           'param_importances', 'importance_inputs', 'importances_of', 'remember_importances', 'known_importances',
+           'study_importances']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -159,31 +156,6 @@ def objective_values(metrics: Mapping[str, Any], objectives: Sequence[Objective]
     return values
 
 # %% ../nbs/15_sweep.ipynb #4ce36d73
-def optuna_storage(store: Store):
-    "Returns an Optuna RDBStorage on the store's database (SQLite transactions made immediate)."
-    from sqlalchemy import event
-    from mlnb.database import parse_store_url
-    backend, target = parse_store_url(store.url)
-    if backend == "sqlite":
-        storage = _rdb_storage(store, f"sqlite:///{target}", engine_kwargs={"connect_args": {"timeout": 30}})
-        engine = storage.engine
-
-        @event.listens_for(engine, "connect")
-        def _connect(dbapi_conn, _record):
-            dbapi_conn.isolation_level = None
-            dbapi_conn.execute("PRAGMA busy_timeout = 30000")
-            dbapi_conn.execute("PRAGMA synchronous = NORMAL")  # the store's own setting (mlnb.database)
-
-        # Each Optuna session commits once per checkout of a pooled connection, so the transaction begins there.
-        # A pool event, unlike SQLAlchemy's "begin" (a connection event), leaves every statement without event
-        # dispatch: ~1 ms a trial. A failed BEGIN reaches Optuna as SQLAlchemy's OperationalError either way.
-        @event.listens_for(engine, "checkout")
-        def _begin(dbapi_conn, _record, _proxy):
-            dbapi_conn.execute("BEGIN IMMEDIATE")
-        engine.dispose()  # connections opened while Optuna created its tables lack the hooks
-        return storage
-    return _rdb_storage(store, target)
-
 _SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler", "grid": "GridSampler"}
 _PRUNERS = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "pareto": "NopPruner", "none": "NopPruner"}
 
@@ -280,91 +252,6 @@ def make_pruner(name: str | None, n_objectives: int = 1):
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     return getattr(optuna.pruners, _PRUNERS[name])()
-
-# %% ../nbs/15_sweep.ipynb #b4e8d1f6
-_REVISION = re.compile(r"^revision\s*=\s*[\"']([^\"']+)[\"']", re.M)
-_DOWN_REVISION = re.compile(r"^down_revision\s*=\s*(?:None|[\"']([^\"']+)[\"'])", re.M)
-
-@functools.cache
-def optuna_schema_head() -> str | None:
-    """Returns the newest revision of Optuna's storage schema, read from its migration scripts' text; None unless
-    every script names its revision and the one before, and they make one chain with one head."""
-    from optuna.storages import _rdb
-    revisions, parents = set(), set()
-    for path in (Path(_rdb.__file__).parent / "alembic" / "versions").glob("*.py"):
-        text = path.read_text(encoding="utf-8")
-        revision, down = _REVISION.search(text), _DOWN_REVISION.search(text)
-        if revision is None or down is None:
-            return None
-        revisions.add(revision.group(1))
-        if down.group(1):
-            parents.add(down.group(1))
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 and parents <= revisions else None
-
-@functools.cache
-def _version_table():
-    "Returns alembic's version table, as alembic defines it."
-    import sqlalchemy as sa
-    return sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32), nullable=False),
-                    sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"))
-
-@functools.cache
-def _plain_sql_version_manager():
-    "Returns a subclass of Optuna's storage version manager that reads and stamps the revision in plain SQL."
-    import sqlalchemy as sa
-    from optuna.storages._rdb import storage as rdb
-
-    class PlainSqlVersionManager(rdb._VersionManager):
-        def _revisions(self) -> list[str] | None:
-            "The version table's rows (None: no such table)."
-            table = _version_table()
-            with self.engine.connect() as connection:
-                if not connection.dialect.has_table(connection, table.name):
-                    return None
-                return [row[0] for row in connection.execute(sa.select(table.c.version_num))]
-
-        def _init_alembic(self) -> None:
-            if self._revisions():  # stamped already (Optuna's check, without alembic)
-                return
-            head = optuna_schema_head()
-            if head is None or not self._is_alembic_supported():
-                super()._init_alembic()
-                return
-            table = _version_table()
-            with self.engine.begin() as connection:
-                table.create(connection, checkfirst=True)
-                if connection.execute(sa.select(table.c.version_num)).first() is None:
-                    connection.execute(table.insert().values(version_num=head))
-
-        def get_current_version(self) -> str:
-            revisions = self._revisions()
-            return revisions[0] if revisions and len(revisions) == 1 else super().get_current_version()
-
-        def get_head_version(self) -> str:
-            return optuna_schema_head() or super().get_head_version()
-
-    return PlainSqlVersionManager
-
-_OPENING = threading.Lock()
-
-def _rdb_storage(store: Store, url: str, **kwargs):
-    """Returns optuna.storages.RDBStorage(url, **kwargs) on `store`'s database, its schema version checked without
-    alembic; SweepError when Optuna's tables there are at another version than this Optuna's."""
-    import optuna
-    from optuna.storages._rdb import storage as rdb
-    from mlnb.database import masked
-    with _OPENING:  # the version manager Optuna's constructor uses, swapped for this one call
-        optuna_manager, rdb._VersionManager = rdb._VersionManager, _plain_sql_version_manager()
-        try:
-            return optuna.storages.RDBStorage(url, **kwargs)
-        except RuntimeError as e:
-            if "no longer compatible" not in str(e):
-                raise
-            raise SweepError(f"The store {masked(store.url)} holds Optuna tables this Optuna cannot use as they are. "
-                             f"{str(e).rstrip('.')}. Back the store up first.") from None
-        finally:
-            rdb._VersionManager = optuna_manager
 
 # %% ../nbs/15_sweep.ipynb #e8a9d9ae
 Curve = Sequence[tuple[int, float]]  # (step, value) points of one objective's metric, by step

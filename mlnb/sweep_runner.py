@@ -18,9 +18,10 @@ from .config import Project
 from .dag import Pipeline, check_params
 from .errors import RunNotFound, did_you_mean, one_of
 from .runner import PipelineRunner, ProjectLock
+from .optuna_store import optuna_storage
 from .store import Store, open_store
 from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
-                        ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values, optuna_storage,
+                        ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,
                         parse_objective, remember_importances, tell_trial, trial_rows)
 

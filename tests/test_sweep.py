@@ -19,7 +19,7 @@ import psutil
 import mlnb
 import mlnb.cli
 from conftest import MLNB, free_port, run_cli, wait_for
-from mlnb.sweep import optuna_storage
+from mlnb.optuna_store import optuna_storage
 from test_pipeline import notebook, project, store_of
 
 SCORE = """
@@ -553,7 +553,8 @@ def test_a_study_in_a_postgresql_store_is_one_plain_optuna_opens(pg_cluster):
     the tables are Optuna's own: Optuna, its alembic check included, opens them and finds the study."""
     from mlnb.database import parse_store_url
     from mlnb.store import open_store
-    from mlnb.sweep import optimize, optuna_schema_head
+    from mlnb.optuna_store import optuna_schema_head
+    from mlnb.sweep import optimize
     url = pg_cluster.create_database()
     result = optimize(lambda p: (p["x"] - 1) ** 2, {"x": "float:-3:3"}, ["loss:minimize"], trials=4, study="pg",
                       store=url, seed=0)
