@@ -114,7 +114,7 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
               scheduler, seed, quiet, as_json, store_url) -> None:
     """Run a sweep (NAME declared in mlnb.yaml, or a STEP with --param and --objective)."""
     from mlnb.config import require_project
-    from mlnb.sweep import parse_objective, parse_param
+    from mlnb.sweep import SweepError, parse_objective, parse_param
     from mlnb.sweep_runner import SweepRunner, SweepSpec, sweep_from_config
     project = require_project()
     declared = project.raw.get("sweeps") or {}
@@ -150,7 +150,7 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
         sys.exit(1)
     _show(result.study, as_json, result.importances)
     if runner.all_failed:  # a schedule or a CI job running the sweep must see it fail, not succeed
-        raise MlnbError(f"all {len(runner.results)} trial(s) this sweep ran failed (their errors are listed above). "
+        raise SweepError(f"all {len(runner.results)} trial(s) this sweep ran failed (their errors are listed above). "
                         f"Fix the step, then raise --trials to go on with study {spec.study!r} (failed trials count "
                         "toward it), or give a new --study.")
 

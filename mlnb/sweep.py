@@ -24,7 +24,7 @@ class SweepError(MlnbError):
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
            'make_sampler', 'grid_points', 'grid_of', 'trial_target', 'open_points', 'ask_trial', 'tell_trial',
            'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study', 'existing_study', 'finished_trials',
-           'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts', 'trial_rows', 'optimize',
+           'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts', 'trial_rows', 'optimize', 'all_failed',
            'param_importances', 'importance_inputs', 'importances_of', 'remember_importances', 'known_importances',
            'study_importances']
 
@@ -453,6 +453,7 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
     grid = grid_of(space, sampler, seed)
     trials = trial_target(trials, timeout, grid, default=100)
     done = len(finished_trials(opt))  # counted once: asking the storage every trial would cost O(trials)
+    outcomes: list[str] = []  # how each trial this call ran ended
     from mlnb.executors import StopRequests
     # Ctrl-C (a kernel's interrupt): raised in `fn` or between trials, never inside a store or Optuna write
     with StopRequests() as stops:
@@ -463,16 +464,25 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
                 if trial is None:  # every point of the grid is taken
                     break
                 params = {p.name: p.suggest(trial) for p in space}
-                _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna, stops)
+                outcomes.append(_run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run,
+                                           optuna, stops))
                 done += 1
         except KeyboardInterrupt:
             status = "killed"
             raise
         finally:
-            study_run.end(status)
+            if status == "finished" and all_failed(outcomes):  # it learned nothing: its run says so
+                study_run.end("failed", error=f"all {len(outcomes)} trial(s) failed")
+            else:
+                study_run.end(status)
     return StudyResult(opt, study_run.id, trial_rows(opt))
 
-def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna, stops) -> None:
+def all_failed(outcomes: Sequence[str]) -> bool:
+    "Whether trials ran and every one failed (`outcomes`: complete, pruned, failed...); some failing is a study going on."
+    return bool(outcomes) and all(o == "failed" for o in outcomes)
+
+def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna, stops) -> str:
+    "Runs one trial as a run, tells Optuna how it ended, and returns that: complete, pruned or failed."
     token = _TRIAL.set(trial)
     run = start_run(f"{name}#{trial.number}", params=params, store=store, kind="trial", parent=study_run)
     trial.set_user_attr("mlnb_run_id", run.id)
@@ -493,6 +503,7 @@ def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start
     except optuna.TrialPruned:
         run.end("pruned")
         tell_trial(opt, trial, state=optuna.trial.TrialState.PRUNED)
+        return "pruned"
     except KeyboardInterrupt:
         run.end("killed", error="interrupted")
         trial.set_user_attr("mlnb_status", "killed")
@@ -503,9 +514,11 @@ def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start
         run.end("failed", error=error)
         trial.set_user_attr("mlnb_error", error)
         tell_trial(opt, trial, state=optuna.trial.TrialState.FAIL)
+        return "failed"
     else:
         run.end("finished")
         tell_trial(opt, trial, values)
+        return "complete"
     finally:
         _TRIAL.reset(token)
 

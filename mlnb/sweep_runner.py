@@ -17,11 +17,11 @@ from typing import Any
 from .config import Project
 from .dag import Pipeline, check_params
 from .errors import RunNotFound, did_you_mean, one_of
-from .runner import PipelineRunner, ProjectLock
 from .optuna_store import optuna_storage
+from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
-from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, finished_trials,
-                        ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values,
+from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, all_failed, fail_interrupted,
+                        finished_trials, ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,
                         parse_objective, remember_importances, tell_trial, trial_rows)
 
@@ -174,7 +174,7 @@ class SweepRunner:
     @property
     def all_failed(self) -> bool:
         "Whether this run ran trials and every one failed (some failing is a study going on)."
-        return bool(self.results) and all(r == "failed" for r in self.results)
+        return all_failed(self.results)
 
     def run(self) -> StudyResult:
         "Runs trials until the study has `trials` finished ones (or the time budget is spent)."
