@@ -455,6 +455,7 @@ class SweepRunner:
         trial_run_id = trial.user_attrs.get("mlnb_run_id") if outcome is None else outcome.run_id
         step = next((s for s in outcome.steps if s.name == spec.step), None) if outcome else None
         status = step.status if step else "failed"
+        run_failed = status == "failed"  # the trial's run says so already; not when only its objective is missing
         error = (step.error if step else None) or (None if outcome else error)
         if status in ("finished", "cached"):
             source = self.store.get_run(step.source_run_id or step.run_id)
@@ -487,7 +488,7 @@ class SweepRunner:
         else:
             trial.set_user_attr("mlnb_error", error)
             tell_trial(self.study, trial, state=TrialState.FAIL)
-            if trial_run_id and status != "failed":
+            if trial_run_id and not run_failed:
                 self.store.update_run(trial_run_id, status="failed", error=error)
             elif trial_run_id:
                 self.store.update_run(trial_run_id, error=error)

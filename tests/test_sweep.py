@@ -245,6 +245,8 @@ def test_a_missing_objective_metric_or_a_raising_notebook_fails_the_trial_not_th
     assert studies["f"].status == "finished"  # some of its trials failed: a study going on
     assert trial["state"] == "fail" and "did not log the objective metric 'val_auc'" in trial["error"]
     assert "It logged: score, size" in trial["error"]
+    trial_run = store_of(tunable).get_run(trial["run_id"])  # its run ran to its end, but the trial failed
+    assert (trial_run.status, trial_run.error) == ("failed", trial["error"]), (trial_run.status, trial_run.error)
     shown = sweep(tunable, "show", "m")  # why it failed, without opening the run
     assert "failed trials (1):" in shown.stdout and f"trial 0 (run {trial['run_id'][:8]}): trial 0 (train) did not " \
         "log the objective metric 'val_auc'" in shown.stdout, shown.stdout
