@@ -186,7 +186,8 @@ def drift_pairs(ones: list[float], twos: list[float]) -> list[float]:
     "Returns the one-job / two-job ratio of each adjacent pair of runs made in `DRIFT_ORDER`."
     left = {1: iter(ones), 2: iter(twos)}
     runs = [(jobs, next(left[jobs])) for jobs in DRIFT_ORDER]
-    return [dict(runs[i:i + 2])[1] / dict(runs[i:i + 2])[2] for i in range(0, len(runs), 2)]
+    pairs = [dict(runs[i:i + 2]) for i in range(0, len(runs), 2)]
+    return [pair[1] / pair[2] for pair in pairs]
 
 
 def bare_fits(trials: int = 20) -> dict:

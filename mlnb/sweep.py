@@ -24,9 +24,9 @@ class SweepError(MlnbError):
 __all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
            'make_sampler', 'grid_points', 'grid_of', 'trial_target', 'open_points', 'ask_trial', 'tell_trial',
            'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study', 'existing_study', 'finished_trials',
-           'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts', 'trial_rows', 'optimize', 'all_failed',
-           'param_importances', 'importance_inputs', 'importances_of', 'remember_importances', 'known_importances',
-           'study_importances']
+           'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts', 'trial_rows', 'optimize',
+           'failed_study_error', 'param_importances', 'importance_inputs', 'importances_of', 'remember_importances',
+           'known_importances', 'study_importances']
 
 # %% ../nbs/15_sweep.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -471,15 +471,14 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
             status = "killed"
             raise
         finally:
-            if status == "finished" and all_failed(outcomes):  # it learned nothing: its run says so
-                study_run.end("failed", error=f"all {len(outcomes)} trial(s) failed")
-            else:
-                study_run.end(status)
+            error = failed_study_error(outcomes) if status == "finished" else None  # it learned nothing: its run says so
+            study_run.end("failed" if error else status, error=error)
     return StudyResult(opt, study_run.id, trial_rows(opt))
 
-def all_failed(outcomes: Sequence[str]) -> bool:
-    "Whether trials ran and every one failed (`outcomes`: complete, pruned, failed...); some failing is a study going on."
-    return bool(outcomes) and all(o == "failed" for o in outcomes)
+def failed_study_error(outcomes: Sequence[str]) -> str | None:
+    """Returns why a study run that ran its trials failed: every one of them failed (`outcomes`: complete, pruned,
+    failed...). None when none ran, or one did not fail: some failing is a study going on."""
+    return f"all {len(outcomes)} trial(s) failed" if outcomes and all(o == "failed" for o in outcomes) else None
 
 def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start_run, optuna, stops) -> str:
     "Runs one trial as a run, tells Optuna how it ended, and returns that: complete, pruned or failed."

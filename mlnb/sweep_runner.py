@@ -20,7 +20,7 @@ from .errors import RunNotFound, did_you_mean, one_of
 from .optuna_store import optuna_storage
 from .runner import PipelineRunner, ProjectLock
 from .store import Store, open_store
-from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, all_failed, fail_interrupted,
+from .sweep import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, failed_study_error,
                         finished_trials, ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,
                         parse_objective, remember_importances, tell_trial, trial_rows)
@@ -174,7 +174,7 @@ class SweepRunner:
     @property
     def all_failed(self) -> bool:
         "Whether this run ran trials and every one failed (some failing is a study going on)."
-        return all_failed(self.results)
+        return failed_study_error(self.results) is not None
 
     def run(self) -> StudyResult:
         "Runs trials until the study has `trials` finished ones (or the time budget is spent)."
@@ -249,10 +249,9 @@ class SweepRunner:
         if self.study_run is not None:
             if status == "killed":
                 self.study_run.end(status, error="interrupted: run the same sweep again to resume")
-            elif self.all_failed:  # the sweep ran to its end and learned nothing: its run says so
-                self.study_run.end("failed", error=f"all {len(self.results)} trial(s) failed")
-            else:
-                self.study_run.end(status)
+            else:  # a sweep that ran to its end and learned nothing: its run says so
+                error = failed_study_error(self.results)
+                self.study_run.end("failed" if error else status, error=error)
         if status == "killed":
             raise KeyboardInterrupt
         return StudyResult(self.study, run_id, rows, importances)
