@@ -28,8 +28,8 @@ def per_row_costs(rows: int = 100, kernel_rows: int = 10) -> list[dict]:
     from sklearn.ensemble import RandomForestClassifier
 
     import mlnb
-    from mlnb.explanations import adapt, _predict_fn, _class_index
-    from mlnb.lightning import TabularMLP, TabularPredictor, TabularPreprocessor
+    from mlnb.integrations.explain.api import adapt, _predict_fn, _class_index
+    from mlnb.integrations.lightning import TabularMLP, TabularPredictor, TabularPreprocessor
     X, y = load_breast_cancer(return_X_y=True, as_frame=True)
     frame = X.assign(target=y)
     pre = TabularPreprocessor.fit(frame, "target")
@@ -54,8 +54,8 @@ def per_row_costs(rows: int = 100, kernel_rows: int = 10) -> list[dict]:
 
 
 def panel_table(runs: int = 10_000) -> float:
-    from mlnb.runs_panel import RunsPanel
-    from mlnb.store import Store
+    from mlnb.ui.panel import RunsPanel
+    from mlnb.store.runs import Store
     store = Store(f"sqlite:///{tempfile.mkdtemp()}/.mlnb/mlnb.db").open()
     experiment = store.experiment_id("bench")
     now = time.time()

@@ -6,7 +6,7 @@
      lateness (the pipeline run's start minus the occurrence's time), occurrences lost, doubled.
      Target: median lateness under 0.5 s, none lost or doubled. The peer is what cron or a systemd
      timer would run for each occurrence: a fresh `papermill` process executing the same notebook.
-  2. Drift over 30 features x 100,000 rows (25 numeric, 5 categorical), `mlnb.monitor.drift` vs
+  2. Drift over 30 features x 100,000 rows (25 numeric, 5 categorical), `mlnb.ops.monitor.drift` vs
      the same statistics written by hand with scipy (ks_2samp, chi2_contingency, numpy PSI).
      Target: under 2 s.
 
@@ -45,9 +45,9 @@ def _project() -> Path:
 
 
 def scheduler_overhead(seconds: int) -> dict:
-    from mlnb.config import require_project
-    from mlnb.schedule import add_schedule, schedule_history, set_paused
-    from mlnb.store import Store
+    from mlnb.core.config import require_project
+    from mlnb.ops.schedule import add_schedule, schedule_history, set_paused
+    from mlnb.store.runs import Store
     root = _project()
     store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
     add_schedule(store, "every-second", "* * * * * *", force=["step"], project=require_project(root))
@@ -129,7 +129,7 @@ def by_hand(reference: pd.DataFrame, current: pd.DataFrame) -> dict[str, float]:
 
 
 def drift_speed() -> dict:
-    from mlnb.monitor import drift
+    from mlnb.ops.monitor import drift
     reference, current = drift_tables()
     drift(reference.head(1000), current.head(1000))  # imports
     mlnb_times, hand_times = [], []

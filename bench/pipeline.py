@@ -149,7 +149,7 @@ def run_tool(tool: str, folder: Path, bench_bin: Path) -> dict[str, float]:
 def executed_steps(folder: Path) -> list[list[str]]:
     "Returns, per mlnb pipeline run (oldest first), the steps that executed (not restored)."
     sys.path.insert(0, str(ROOT))
-    from mlnb.store import Store
+    from mlnb.store.runs import Store
     store = Store(f"sqlite:///{folder}/.mlnb/mlnb.db").open()
     pipelines = sorted(store.list_runs(kind="pipeline", details=False), key=lambda r: r.start_time)
     return [sorted(r.name for r in store.children(p.id) if r.status == "finished") for p in pipelines]
@@ -176,7 +176,8 @@ def main() -> None:
     parser.add_argument("--bench-python", default=str(ROOT / ".venv-bench" / "bin" / "python"))
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
-    bench_bin = Path(args.bench_python).parent
+    # absolute, not resolved: the tools run from the bench's own folder, and a venv's python is a symlink
+    bench_bin = Path(os.path.abspath(args.bench_python)).parent
     tools = ["mlnb"] + (["ploomber", "dvc"] if (bench_bin / "ploomber").exists() and (bench_bin / "dvc").exists() else [])
     if len(tools) == 1:
         print(f"Ploomber/DVC not found in {bench_bin}: run `make bench` to create .venv-bench.", file=sys.stderr)

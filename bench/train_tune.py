@@ -47,7 +47,7 @@ def lightning_overhead(repeats: int = 15) -> dict:
     from sklearn.model_selection import train_test_split
 
     import mlnb
-    from mlnb.lightning import MlnbLogger, TabularDataModule, TabularMLP
+    from mlnb.integrations.lightning import MlnbLogger, TabularDataModule, TabularMLP
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     frame = load_breast_cancer(as_frame=True).frame
@@ -96,7 +96,7 @@ def sweep_overhead(trials: int = 200) -> dict:
     import optuna
     from sqlalchemy import event
 
-    import mlnb.sweep
+    import mlnb.sweep.study
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def plain(tuned: bool = False) -> float:
@@ -296,7 +296,7 @@ def multi_objective_pruning(trials: int = 16) -> dict:
 def show_study(repeats: int = 7) -> dict:
     """Times a new process that prints a study's best trial: `mlnb sweep show --json` (its importances ranked and
     stored by a first call) and `optuna best-trial`, alternately, `repeats` times each: the medians."""
-    import mlnb.sweep
+    import mlnb.sweep.study
     folder = Path(tempfile.mkdtemp())
     url = f"sqlite:///{folder}/.mlnb/mlnb.db"
     mlnb.sweep.optimize(lambda p: objective_value(p["x"], p["y"]), {"x": "float:-10:10", "y": "float:-10:10"},

@@ -16,19 +16,19 @@ _LAZY = {
     "log_params": "mlnb.tracking", "log_artifact": "mlnb.tracking", "log_model": "mlnb.tracking",
     "load_model": "mlnb.tracking", "output": "mlnb.tracking", "set_tag": "mlnb.tracking",
     "set_tags": "mlnb.tracking", "read_output": "mlnb.tracking", "Run": "mlnb.tracking",
-    "runs_frame": "mlnb.tracking", "upstream": "mlnb.tracking", "run_pipeline": "mlnb.runner",
-    "explain": "mlnb.explanations", "lime_explain": "mlnb.explanations", "explain_run": "mlnb.explanations",
-    "panel": "mlnb.runs_panel",
+    "runs_frame": "mlnb.tracking", "upstream": "mlnb.tracking", "run_pipeline": "mlnb.pipeline.runner",
+    "explain": "mlnb.integrations.explain", "lime_explain": "mlnb.integrations.explain",
+    "explain_run": "mlnb.integrations.explain", "panel": "mlnb.ui.panel",
     "open_store": "mlnb.store", "Store": "mlnb.store",
-    "seed_everything": "mlnb.environment",
-    "MlnbError": "mlnb.errors",
+    "seed_everything": "mlnb.tracking.environment",
+    "MlnbError": "mlnb.core.errors",
 }
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         if not name.startswith("_") and importlib.util.find_spec(f"mlnb.{name}") is not None:
-            return importlib.import_module(f"mlnb.{name}")  # a submodule: mlnb.store, mlnb.tracking, ...
+            return importlib.import_module(f"mlnb.{name}")  # a submodule: mlnb.store, mlnb.lightning, ...
         raise AttributeError(f"module 'mlnb' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

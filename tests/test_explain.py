@@ -76,8 +76,8 @@ def test_unsupported_models_and_text_columns_are_named(project):
 
 
 def test_panel_with_many_runs_shows_the_first_page_and_says_so(tmp_path):
-    from mlnb.runs_panel import RunsPanel
-    from mlnb.store import Store
+    from mlnb.ui.panel import RunsPanel
+    from mlnb.store.runs import Store
     store = Store(f"sqlite:///{tmp_path}/.mlnb/mlnb.db").open()
     experiment = store.experiment_id("bulk")
     now = time.time()
@@ -94,7 +94,7 @@ def test_panel_with_many_runs_shows_the_first_page_and_says_so(tmp_path):
 
 
 def test_panel_explain_errors_are_shown_not_raised(project):
-    from mlnb.runs_panel import RunsPanel
+    from mlnb.ui.panel import RunsPanel
     url = f"sqlite:///{project}/.mlnb/mlnb.db"
     with mlnb.start_run("odd", store=url) as odd:
         odd.log_artifact(pickle.dumps(Opaque()), name="model.pkl")

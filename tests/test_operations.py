@@ -20,7 +20,7 @@ from test_pipeline import notebook, outcome, project
 
 
 def store_of(root: Path):
-    return mlnb.store.Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    return mlnb.store.runs.Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
 
 
 def history(root: Path, name: str) -> list[dict]:
@@ -226,7 +226,7 @@ def test_registry_errors_and_rollback(quick):
     events = json.loads(run_cli("registry", "history", "churn", "--json", cwd=quick).stdout)
     assert [e["event"] for e in events] == ["register", "promote", "register", "alias", "rollback"]
     loaded = subprocess.run([str(Path(MLNB).parent / "python"), "-c",
-                             "import mlnb.registry as r; print(r.load_model('churn@champion').C)"],
+                             "import mlnb.ops.registry as r; print(r.load_model('churn@champion').C)"],
                             cwd=quick, capture_output=True, text=True, check=False)
     assert loaded.stdout.strip() == "1.0", loaded.stderr
 
@@ -306,7 +306,7 @@ def test_template_ci_workflow_gates_scores_and_reports(tmp_path):
     assert re.search(r"refused shop@2 -> champion\n  FAILED val_auc >= champion\.val_auc: 0\.9\d+ < 0\.99\d+ "
                      r"\(short by 0\.0\d+\)", second[-1][1].stdout), second[-1][1].stdout
     store = store_of(root)
-    from mlnb.registry import resolve
+    from mlnb.ops.registry import resolve
     assert resolve("shop@champion", store).version == 1
     # Batch scoring with the champion: the version on every row, drift recorded as a monitoring run.
     scored = run_cli("run", "--pipeline", "score", "--json", "-q", cwd=root, timeout=300)

@@ -188,7 +188,7 @@ def test_the_panel_as_a_web_app(reviewed):
             page.wait_for_selector(".mlnb-runs-table table", timeout=100_000)
         except PlaywrightTimeout:
             # The panel's hang (1 page in 7 here on a busy day): the kernel runs the cell, but its reply never reaches
-            # Voila. mlnb.panel_server goes on 5 s after the kernel is idle (see the tests below); should a page still
+            # Voila. mlnb.ui.server goes on 5 s after the kernel is idle (see the tests below); should a page still
             # hang, it is loaded once more, as a person would, and a panel that does not show then fails the test.
             print(f"the panel had not shown in 100 s (page {page.url}); loading it again", file=sys.stderr)
             page.reload(wait_until="commit", timeout=120_000)
@@ -215,10 +215,10 @@ def _one_cell_notebook_on_kernel(tmp_path: Path, argv: list[str], source: str) -
 
 
 def test_a_page_whose_kernel_never_answers_loads_again_once_then_shows_the_error(tmp_path):
-    """`mlnb ui`'s Voila (mlnb.panel_server) when a page's kernel never answers: a kernelspec whose "kernel" only
+    """`mlnb ui`'s Voila (mlnb.ui.server) when a page's kernel never answers: a kernelspec whose "kernel" only
     sleeps. Voila alone would show "Running ..." forever; the page loads again once, then shows the error, and
     the terminal says so."""
-    from mlnb.cli_ui import voila_command
+    from mlnb.cli.ui import voila_command
     notebook, env = _one_cell_notebook_on_kernel(
         tmp_path, [sys.executable, "-c", "import time; time.sleep(600)", "{connection_file}"], "1 + 1")
     port, token = free_port(), "mlnb-ui-token"
@@ -260,8 +260,8 @@ app.start()
 
 def test_a_page_whose_cell_reply_never_comes_still_renders(tmp_path):
     """A kernel that runs the page's cell but never sends its reply: Voila alone waits for it forever ("Running
-    ..."); mlnb.panel_server goes on once the kernel has said it is idle, and the page shows the cell's output."""
-    from mlnb.cli_ui import voila_command
+    ..."); mlnb.ui.server goes on once the kernel has said it is idle, and the page shows the cell's output."""
+    from mlnb.cli.ui import voila_command
     notebook, env = _one_cell_notebook_on_kernel(
         tmp_path, [sys.executable, "-c", REPLYLESS, "-f", "{connection_file}"],
         "from IPython.display import HTML\nHTML('<b id=\"rendered\">rendered without its reply</b>')")

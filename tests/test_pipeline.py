@@ -51,7 +51,7 @@ def statuses(result: subprocess.CompletedProcess) -> dict[str, str]:
 
 
 def store_of(root: Path):
-    return mlnb.store.Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    return mlnb.store.runs.Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
 
 
 # -- a small pipeline that exercises outputs, products, upstream and metrics ---------------------
@@ -208,7 +208,8 @@ def test_step_kernels_are_forked_warm_from_a_zygote_or_booted_on_request(tmp_pat
         assert early["pid"] != late["pid"]
         assert "kernel_zygote" not in setup["parent"] and setup["imported_by"] == setup["pid"], setup
         if fork == "1":
-            assert "mlnb.kernel_zygote" in early["parent"] and "mlnb.kernel_zygote" in late["parent"], (early, late)
+            zygote = "mlnb.pipeline.kernels.zygote"
+            assert zygote in early["parent"] and zygote in late["parent"], (early, late)
             assert late["imported_by"] not in (None, late["pid"]), late  # preloaded, by the zygote
         else:
             assert "kernel_zygote" not in early["parent"] + late["parent"], (early, late)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import mlnb
-from mlnb import database, schema
-from mlnb.errors import RunNotFound, SchemaError, StoreError
-from mlnb.store import Store
+from mlnb.store import database, schema
+from mlnb.core.errors import RunNotFound, SchemaError, StoreError
+from mlnb.store.runs import Store
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ import optuna
 import psutil
 
 import mlnb
-import mlnb.cli
+import mlnb.cli.app
 from conftest import MLNB, free_port, run_cli, wait_for
-from mlnb.optuna_store import optuna_storage
+from mlnb.store.optuna import optuna_storage
 from test_pipeline import notebook, project, store_of
 
 SCORE = """
@@ -150,7 +150,7 @@ def test_multi_objective_sweep_has_a_pareto_front_and_apply_writes_the_chosen_tr
     assert yaml.safe_load(text)["pipeline"]["train"]["params"]["x"] == chosen["params"]["x"]
     run = json.loads(run_cli("run", "--json", "-q", cwd=tunable).stdout)
     train = next(s for s in run["steps"] if s["name"] == "train")
-    assert mlnb.store.Store(f"sqlite:///{tunable}/.mlnb/mlnb.db").open().get_run(train["run_id"]).params["x"] == \
+    assert mlnb.store.runs.Store(f"sqlite:///{tunable}/.mlnb/mlnb.db").open().get_run(train["run_id"]).params["x"] == \
         chosen["params"]["x"]
 
 
@@ -372,7 +372,7 @@ def test_ctrl_c_landing_inside_an_optuna_commit_stops_the_sweep_cleanly(tunable,
     event.listen(Engine, "commit", interrupt_inside_tell)
     try:
         with pytest.raises(SystemExit) as exit_:
-            mlnb.cli.main(args)
+            mlnb.cli.app.main(args)
     finally:
         event.remove(Engine, "commit", interrupt_inside_tell)
         signal.signal(signal.SIGINT, ignored)
@@ -467,7 +467,7 @@ def test_trial_kernels_are_forked_from_a_zygote_that_did_the_notebooks_imports(t
                    "--trials", "4", "--jobs", "2", "--pruner", "none", "--sampler", "random", "--json")
     assert result.returncode == 0, result.stderr
     outputs = trial_outputs("forked")
-    assert len(outputs) == 4 and all("mlnb.kernel_zygote" in o["parent"] for o in outputs), outputs
+    assert len(outputs) == 4 and all("mlnb.pipeline.kernels.zygote" in o["parent"] for o in outputs), outputs
     assert len({o["draw"] for o in outputs}) == 4 and not any(o["leaked"] for o in outputs), outputs
 
     result = run_cli("sweep", "train", "--study", "booted", "--param", "x=float:0:1", "--objective", "score:maximize",
@@ -553,10 +553,10 @@ def test_multi_objective_trials_dominated_at_the_same_epoch_are_pruned(tmp_path)
 def test_a_study_in_a_postgresql_store_is_one_plain_optuna_opens(pg_cluster):
     """mlnb stamps and checks the version of Optuna's tables in plain SQL (no alembic); on a real PostgreSQL
     the tables are Optuna's own: Optuna, its alembic check included, opens them and finds the study."""
-    from mlnb.database import parse_store_url
-    from mlnb.store import open_store
-    from mlnb.optuna_store import optuna_schema_head
-    from mlnb.sweep import optimize
+    from mlnb.store.database import parse_store_url
+    from mlnb.store.runs import open_store
+    from mlnb.store.optuna import optuna_schema_head
+    from mlnb.sweep.study import optimize
     url = pg_cluster.create_database()
     result = optimize(lambda p: (p["x"] - 1) ** 2, {"x": "float:-3:3"}, ["loss:minimize"], trials=4, study="pg",
                       store=url, seed=0)
