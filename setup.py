@@ -10,6 +10,10 @@ cfg = cfg["DEFAULT"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 console_scripts = cfg.get("console_scripts", "").split()
+entry_points = {"console_scripts": console_scripts, "nbdev": [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"]}
+for plugin in cfg.get("plugins", "").split():  # group:name=module:attr
+    group, _, entry = plugin.partition(":")
+    entry_points.setdefault(group, []).append(entry)
 
 setuptools.setup(
     name=cfg["lib_name"],
@@ -26,6 +30,6 @@ setuptools.setup(
     include_package_data=True,
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
-    entry_points={"console_scripts": console_scripts, "nbdev": [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"]},
+    entry_points=entry_points,
     zip_safe=False,
 )

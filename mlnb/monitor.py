@@ -9,3 +9,7 @@ __all__ = []
 from .ops.monitor import *  # noqa: F403
 from .ops import monitor as _target
 __all__ = list(_target.__all__)
+
+def __getattr__(name: str):
+    "Returns the module's other names too (such as the errors it raises, defined in `mlnb.core.errors`)."
+    return getattr(_target, name)

@@ -168,11 +168,11 @@ def run_command(pipeline_name, params, only, from_step, until, force, resume, jo
         click.echo(format_table(["STEP", "STATUS", "DURATION", "REPORT"], rows))
         click.echo(f"\npipeline run {outcome.run_id[:8]} {outcome.status} in {fmt_duration(outcome.seconds)}; "
                    f"report: {_rel(str(index), project.root)}")
-    failed = [s for s in outcome.steps if s.status in ("failed", "killed")]
-    for s in failed:
-        click.echo(f"error: step {s.name!r} {s.status}: {s.error}", err=True)
+    failures = outcome.failures()
+    for failure in failures:
+        click.echo(failure.render(), err=True)
     if not outcome.ok:
-        sys.exit(1)
+        sys.exit(failures[0].exit_code if failures else 1)
 
 # %% ../../nbs/cli/03_pipeline.ipynb #efdf2a2b
 @click.command("params")

@@ -159,6 +159,11 @@ def export_command(fmt, store_url) -> None:
     click.echo(export(schedules, project.root, mlnb), nl=False)
 
 # %% ../../nbs/cli/07_schedule.ipynb #c0f5182e
+def _write_report(store, outcome) -> None:
+    "Writes the report of a scheduled pipeline run (the scheduler, in a lower layer, calls it after each run)."
+    from mlnb.ui.report import write_pipeline_report
+    write_pipeline_report(store, outcome.run_id, outcome.report_dir)
+
 @click.command("scheduler")
 @click.option("--metrics-port", type=int, metavar="PORT",
               help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics.")
@@ -177,7 +182,7 @@ def scheduler_command(metrics_port, jobs, seconds, store_url) -> None:
     """
     from mlnb.ops.schedule import Scheduler
     project, store = _project_and_store(store_url)
-    scheduler = Scheduler(project, store, jobs=jobs)
+    scheduler = Scheduler(project, store, jobs=jobs, after_run=_write_report)
     server = None
     if metrics_port is not None:
         from mlnb.ui.prometheus import serve_metrics

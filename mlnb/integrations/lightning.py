@@ -5,7 +5,6 @@
 # %% ../../nbs/integrations/02_lightning.ipynb #3a7705ec
 from __future__ import annotations
 
-import math
 from argparse import Namespace
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,9 @@ from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from ..tracking.pruning import report_progress, report_to_trial
+from ..tracking.run import stop_requested
 
 # %% auto #0
 __all__ = ['MlnbLogger', 'infer_task', 'TabularPreprocessor', 'TabularDataModule', 'TabularMLP', 'TabularPredictor',
@@ -400,19 +402,12 @@ class PruningCallback(pl.Callback):
         if value is None:
             return
         value = float(value)
-        trial = self.trial
-        if trial is None:  # inside mlnb.sweep.optimize: its trial (a sweep over notebooks flags the run instead)
-            from mlnb.sweep.study import current_trial
-            trial = current_trial()
-        if trial is not None:
-            if math.isfinite(value):
-                trial.report(value, trainer.current_epoch)
-            stop = trial.should_prune()
-            if stop:
-                trial.set_user_attr("mlnb_pruned", True)
-        else:
-            from mlnb.tracking.run import stop_requested
-            stop = stop_requested()
+        if self.trial is not None:
+            stop = report_to_trial(self.trial, value, trainer.current_epoch)
+        else:  # inside mlnb.sweep.optimize, the reporter it handed down; in a notebook sweep, the run's flag
+            stop = report_progress(value, trainer.current_epoch)
+            if stop is None:
+                stop = stop_requested()
         if stop:
             self.pruned = True
             trainer.should_stop = True

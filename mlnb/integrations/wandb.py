@@ -10,13 +10,14 @@ from collections import defaultdict
 from typing import Any
 
 from ..core.errors import missing_dependency
+from ..tracking.mirrors import Mirror
 
 # %% auto #0
 __all__ = ['WandbMirror']
 
 # %% ../../nbs/integrations/01_wandb.ipynb #0b2f14e9
-class WandbMirror:
-    "Mirrors one mlnb run to one W&B run (called by the tracking layer, never directly)."
+class WandbMirror(Mirror):
+    "Mirrors one mlnb run to one W&B run (the tracking layer starts it through the `mlnb.mirrors` entry point)."
 
     def __init__(self, project, run, params: dict[str, Any]):
         try:

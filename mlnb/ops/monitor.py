@@ -16,16 +16,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..core.errors import MlnbError, one_of
-
-class MonitorError(MlnbError):
-    "Reference or current data cannot be compared."
+from ..core.errors import MonitorError, one_of
 
 PSI_DRIFT, PSI_HINT, ALPHA, KS_MIN = 0.2, 0.1, 0.01, 0.1
 
 # %% auto #0
-__all__ = ['PSI_DRIFT', 'PSI_HINT', 'ALPHA', 'KS_MIN', 'MonitorError', 'DriftResult', 'drift', 'drift_html', 'reference_data',
-           'read_table', 'MonitorOutcome', 'monitor']
+__all__ = ['PSI_DRIFT', 'PSI_HINT', 'ALPHA', 'KS_MIN', 'DriftResult', 'drift', 'drift_html', 'reference_data', 'read_table',
+           'MonitorOutcome', 'monitor']
 
 # %% ../../nbs/ops/02_monitor.ipynb #85989d39
 def _psi(reference_share: np.ndarray, current_share: np.ndarray) -> float:

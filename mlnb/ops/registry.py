@@ -13,15 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import MlnbError, did_you_mean, one_of
+from ..core.errors import RegistryError, did_you_mean, one_of
 from ..store.runs import Store, open_store
 
-class RegistryError(MlnbError):
-    "A registry name, version, alias or gate is wrong."
-
 # %% auto #0
-__all__ = ['RegistryError', 'ModelVersion', 'models', 'versions', 'resolve', 'history', 'register', 'set_alias', 'rollback',
-           'load_model', 'version_metrics', 'check_gate', 'Decision', 'promote']
+__all__ = ['ModelVersion', 'models', 'versions', 'resolve', 'history', 'register', 'set_alias', 'rollback', 'load_model',
+           'version_metrics', 'check_gate', 'Decision', 'promote']
 
 # %% ../../nbs/ops/01_registry.ipynb #8ff2263a
 @dataclass

@@ -18,17 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..core.errors import MlnbError, did_you_mean, one_of
+from ..core.errors import MlnbError, ScheduleError, did_you_mean, one_of
 from ..store.runs import STALE_FACTOR, STALE_GRACE, Store
 
-class ScheduleError(MlnbError):
-    "A schedule's name, cron expression or options are wrong."
-
 # %% auto #0
-__all__ = ['CRON_ALIASES', 'MISFIRE', 'MISFIRE_GRACE', 'ScheduleError', 'validate_cron', 'next_time', 'due_times', 'Schedule',
-           'list_schedules', 'get_schedule', 'check_schedule', 'add_schedule', 'set_paused', 'remove_schedule',
-           'schedule_history', 'claim', 'occurrence_taken', 'record_occurrence', 'end_occurrence',
-           'mark_crashed_occurrences', 'Scheduler', 'export_crontab', 'export_systemd']
+__all__ = ['CRON_ALIASES', 'MISFIRE', 'MISFIRE_GRACE', 'validate_cron', 'next_time', 'due_times', 'Schedule', 'list_schedules',
+           'get_schedule', 'check_schedule', 'add_schedule', 'set_paused', 'remove_schedule', 'schedule_history',
+           'claim', 'occurrence_taken', 'record_occurrence', 'end_occurrence', 'mark_crashed_occurrences', 'Scheduler',
+           'export_crontab', 'export_systemd']
 
 # %% ../../nbs/ops/03_schedule.ipynb #ca0ba113
 _FIELDS = [("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 7),
@@ -257,13 +254,16 @@ class Scheduler:
     "Fires the store's due schedules as pipeline runs of `project` until `stop()` (or `until`)."
 
     def __init__(self, project, store: Store, *, log: Callable[[str], None] | None = None,
-                 jobs: int | None = None, heartbeat: float | None = None):
+                 jobs: int | None = None, heartbeat: float | None = None,
+                 after_run: Callable[[Store, Any], None] | None = None):
         from mlnb.tracking.run import _interval
         self.project, self.store = project, store
         self.log = log or _log
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.heartbeat = heartbeat or _interval("MLNB_HEARTBEAT_INTERVAL", 10.0)
         self.jobs = jobs
+        # called with the store and each occurrence's PipelineOutcome (the command line writes its report there)
+        self.after_run = after_run
         self.active: dict[str, _Active] = {}
         self.cursor: dict[str, float] = {}
         self._retry_at: dict[str, float] = {}  # schedules another scheduler is running: look again then
@@ -379,7 +379,6 @@ class Scheduler:
     def _run_one(self, active: _Active) -> None:
         "Runs one occurrence's pipeline and records how it ended (a pipeline that no longer validates: failed)."
         from mlnb.core.config import require_project
-        from mlnb.ui.report import write_pipeline_report
         from mlnb.pipeline.runner import PipelineRunner
         schedule, when = active.schedule, active.when
         status, error = "failed", None
@@ -404,9 +403,10 @@ class Scheduler:
             status = outcome.status
             error = "; ".join(f"{s.name}: {s.error}" for s in outcome.steps if s.status in ("failed", "killed")) or None
             try:
-                write_pipeline_report(self.store, outcome.run_id, outcome.report_dir)
+                if self.after_run is not None:
+                    self.after_run(self.store, outcome)
             except Exception as e:  # noqa: BLE001 - the run is recorded; a report failure is logged, not fatal
-                self.log(f"{schedule.name}: the report of run {outcome.run_id[:8]} failed: {e}")
+                self.log(f"{schedule.name}: after run {outcome.run_id[:8]}: {e}")
         except MlnbError as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - one bad run must not stop the scheduler

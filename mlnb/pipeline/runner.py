@@ -19,7 +19,7 @@ from typing import Any
 from ..store.artifacts import artifacts_for
 from ..core.config import Project
 from .dag import Pipeline, Step, check_params
-from ..core.errors import InvalidPipeline, MlnbError, PipelineBusy
+from ..core.errors import InvalidPipeline, MlnbError, PipelineBusy, PipelineError, StepFailed
 from ..core.hashing import FileHashes, hash_json
 from .params import code_hash
 from ..store.runs import RunRecord, Store, open_store
@@ -123,6 +123,17 @@ class StepOutcome:
     executed: str | None = None       # the executed notebook
     error: str | None = None
     source_run_id: str | None = None  # for cached steps: the run restored
+    notebook: str | None = None       # project-relative
+    cell: int | None = None           # 1-based, in the source notebook: the cell that raised
+    ename: str | None = None          # the exception's name and value
+    evalue: str | None = None
+
+    def failure(self) -> StepFailed | None:
+        "Returns the StepFailed saying why this step did not finish (None when it finished, was cached or skipped)."
+        if self.status not in ("failed", "killed"):
+            return None
+        return StepFailed(self.name, self.error, status=self.status, notebook=self.notebook, cell=self.cell,
+                          ename=self.ename, evalue=self.evalue, executed=self.executed)
 
 @dataclass
 class PipelineOutcome:
@@ -140,6 +151,16 @@ class PipelineOutcome:
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "status": self.status, "seconds": self.seconds,
                 "report_dir": str(self.report_dir), "steps": [vars(s) for s in self.steps]}
+
+    def failures(self) -> list[StepFailed]:
+        "Returns a StepFailed for each step that failed or was killed, in pipeline order."
+        return [f for f in (s.failure() for s in self.steps) if f is not None]
+
+    def raise_for_status(self) -> None:
+        "Raises the first failed step's StepFailed (or a PipelineError) when the run did not finish."
+        if not self.ok:
+            failures = self.failures()
+            raise failures[0] if failures else PipelineError(f"pipeline run {self.run_id[:8]} {self.status}")
 
 # %% ../../nbs/pipeline/04_runner.ipynb #8757fe4b
 class PipelineRunner:
@@ -479,8 +500,10 @@ class PipelineRunner:
         self.state[name] = result.status
         if result.status == "finished":
             self.results[name] = self.store.get_run(run.id)
+        ename, _, evalue = (result.error or "").partition(": ")
         self.outcomes[name] = StepOutcome(name, result.status, run.id, time.perf_counter() - began, result.html,
-                                          result.executed, error)
+                                          result.executed, error, notebook=plan.step.rel(self.root), cell=result.cell,
+                                          ename=ename or None, evalue=evalue or None)
         self.on_event("finish", name, vars(self.outcomes[name]))
 
     def _keep_report(self, run, path: str, name: str) -> None:

@@ -13,15 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import MlnbError, did_you_mean, one_of
+from ..core.errors import SweepError, did_you_mean, one_of
 from ..store.optuna import optuna_storage
 from ..store.runs import Store, open_store
-
-class SweepError(MlnbError):
-    "A sweep's space, objectives or study do not fit together."
+from ..tracking.pruning import report_to_trial, reporting_to
 
 # %% auto #0
-__all__ = ['Curve', 'SweepError', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
+__all__ = ['Curve', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
            'make_sampler', 'grid_points', 'grid_of', 'trial_target', 'open_points', 'ask_trial', 'tell_trial',
            'check_pruner', 'make_pruner', 'value_at', 'ParetoPruner', 'open_study', 'existing_study', 'finished_trials',
            'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts', 'trial_rows', 'optimize',
@@ -486,7 +484,8 @@ def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start
     run = start_run(f"{name}#{trial.number}", params=params, store=store, kind="trial", parent=study_run)
     trial.set_user_attr("mlnb_run_id", run.id)
     try:
-        with stops.waiting():
+        # a training loop in `fn` (Lightning's PruningCallback) reports to this trial through the tracking layer
+        with stops.waiting(), reporting_to(lambda value, step: report_to_trial(trial, value, step)):
             result = fn(params)
         if trial.user_attrs.get("mlnb_pruned"):
             raise optuna.TrialPruned()

@@ -20,13 +20,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..store.artifacts import ArtifactStore, artifacts_for, guess_media_type, validate_artifact_name
-from .environment import capture_environment, current_source, git_info, take_pending_seed
 from ..core.errors import ArtifactError, MlnbError
+from ..store.artifacts import ArtifactStore, artifacts_for, guess_media_type, validate_artifact_name
 from ..store.runs import Store, open_store
+from .environment import capture_environment, current_source, git_info, take_pending_seed
+from .mirrors import start_mirrors
 
 # %% auto #0
-__all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'MIRRORS', 'Run', 'read_output', 'start_run', 'active_run', 'stop_requested', 'flush_all',
+__all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'Run', 'read_output', 'start_run', 'active_run', 'stop_requested', 'flush_all',
            'log_metric', 'log_metrics', 'log_param', 'log_params', 'log_artifact', 'log_model', 'output', 'set_tags',
            'set_tag', 'end_run', 'load_model', 'Upstream', 'upstream', 'runs_frame']
 
@@ -625,25 +626,14 @@ def _after_fork_in_child() -> None:
         _ACTIVE.clear()
 
 # %% ../../nbs/tracking/02_run.ipynb #9e9fb6dc
-MIRRORS: dict[str, str] = {"wandb": "mlnb.integrations.wandb:WandbMirror"}
-
 _UNKNOWN = object()
 
 def _make_sinks(run: Run, params: Mapping[str, Any], project: Any = _UNKNOWN) -> list:
-    "Returns the mirrors the project asks for, started for `run`."
+    "Returns the mirrors the project asks for (see `mlnb.tracking.mirrors`), started for `run`."
     if project is _UNKNOWN:
         from mlnb.core.config import find_project
         try:
             project = find_project()
         except MlnbError:
             return []
-    if project is None or project.config.wandb is None or project.config.wandb.mode == "disabled":
-        return []
-    import importlib
-    module, _, attr = MIRRORS["wandb"].partition(":")
-    try:
-        mirror_cls = getattr(importlib.import_module(module), attr)
-        return [mirror_cls(project, run, dict(params))]
-    except MlnbError as e:
-        warnings.warn(f"mlnb: W&B mirror is off: {e}", stacklevel=2)
-        return []
+    return start_mirrors(project, run, params)

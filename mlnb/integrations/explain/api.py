@@ -16,14 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...core.errors import MlnbError, one_of
-
-class ExplainError(MlnbError):
-    "A model or its data cannot be explained as asked."
+from ...core.errors import ExplainError, one_of
 
 # %% auto #0
-__all__ = ['ExplainError', 'adapt', 'Explanation', 'check_rows', 'explain', 'lime_explain', 'lime_feature', 'run_models',
-           'explain_run']
+__all__ = ['adapt', 'Explanation', 'check_rows', 'explain', 'lime_explain', 'lime_feature', 'run_models', 'explain_run']
 
 # %% ../../../nbs/integrations/explain/01_api.ipynb #cc1fc6f5
 @dataclass

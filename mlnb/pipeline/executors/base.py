@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import importlib
 import multiprocessing
 import os
 import select
@@ -18,16 +17,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ...core.errors import MlnbError, did_you_mean, one_of
+from ...core.errors import Interrupted, MlnbError
+from ...core.lazy import load
+from ...core.plugins import Registry
 
 # %% auto #0
-__all__ = ['EXECUTORS', 'Interrupted', 'Executor', 'StopRequests', 'quiet_slow_imports', 'LocalExecutor', 'DaskExecutor',
-           'get_executor']
+__all__ = ['EXECUTORS', 'Executor', 'StopRequests', 'quiet_slow_imports', 'LocalExecutor', 'DaskExecutor', 'get_executor']
 
 # %% ../../../nbs/pipeline/executors/01_base.ipynb #6f97a03f
-class Interrupted(Exception):
-    "Raised by `Executor.result` for a callable that `interrupt()` stopped before it could return."
-
 class Executor:
     """Runs picklable callables and returns their results.
 
@@ -133,8 +130,7 @@ def _worker_init(prepare: str | tuple[str, dict] | None, environ: dict[str, str]
     quiet_slow_imports()
     if prepare:  # e.g. the step runner's: start a kernel ahead, import papermill
         target, kwargs = (prepare, {}) if isinstance(prepare, str) else prepare
-        module, _, attr = target.partition(":")
-        getattr(importlib.import_module(module), attr)(**kwargs)
+        load(target)(**kwargs)
 
 def _call_interruptibly(fn: Callable, args: tuple) -> Any:
     "Runs fn(*args) with Ctrl-C turned into KeyboardInterrupt, then back to ignored."
@@ -331,13 +327,9 @@ class DaskExecutor(Executor):
             self._cluster = None
 
 # %% ../../../nbs/pipeline/executors/01_base.ipynb #be4ec3c6
-EXECUTORS: dict[str, str] = {"local": "mlnb.pipeline.executors.base:LocalExecutor",
-                             "dask": "mlnb.pipeline.executors.base:DaskExecutor"}
+EXECUTORS = Registry("executor", "mlnb.executors", {"local": "mlnb.pipeline.executors.base:LocalExecutor",
+                                                      "dask": "mlnb.pipeline.executors.base:DaskExecutor"})
 
 def get_executor(name: str = "local", **options: Any) -> Executor:
-    "Returns a new executor by name (`local`, ...) built with `options`."
-    target = EXECUTORS.get(name)
-    if target is None:
-        raise MlnbError(f"Unknown executor {name!r}.{did_you_mean(name, EXECUTORS)} Available: {one_of(EXECUTORS)}.")
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)(**options)
+    "Returns a new executor by name (`local`, `dask`, or one a package adds: see `mlnb.core.plugins`)."
+    return EXECUTORS.get(name)(**options)

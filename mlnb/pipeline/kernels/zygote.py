@@ -22,9 +22,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ...core.errors import ZygoteError
+
 # %% auto #0
-__all__ = ['leading_imports', 'edits_before_import', 'notebook_preload', 'notebook_forks_warm', 'serve', 'main', 'ZygoteError',
-           'pid_alive', 'Zygote', 'ZygoteHelper', 'ForkedProcess', 'zygote_kernel_manager']
+__all__ = ['leading_imports', 'edits_before_import', 'notebook_preload', 'notebook_forks_warm', 'serve', 'main', 'pid_alive',
+           'Zygote', 'ZygoteHelper', 'ForkedProcess', 'zygote_kernel_manager']
 
 # %% ../../../nbs/pipeline/kernels/01_zygote.ipynb #4d2002b0
 _UNSAFE_TO_FORK = {"tensorflow", "jax", "jaxlib"}  # start threads at import: a fork of them can hang
@@ -359,9 +361,6 @@ def _reap(children: set[int]) -> set[int]:
     return done
 
 # %% ../../../nbs/pipeline/kernels/01_zygote.ipynb #1cace732
-class ZygoteError(RuntimeError):
-    "The zygote could not be started or did not answer."
-
 def pid_alive(pid: int) -> bool:
     "True while process `pid` runs (a zombie, ended but not yet reaped, does not)."
     try:
