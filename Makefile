@@ -70,8 +70,10 @@ check-clean: setup
 	  echo "FAIL: some notebooks were not clean (nbdev_clean changed them; review and commit)."; exit 1; \
 	fi; echo "ok: notebooks are clean"
 
+# ruff on the code; import-linter on the layers (.importlinter: imports point down, also inside functions)
 lint: setup
 	$(BIN)/ruff check mlnb tests bench
+	$(BIN)/lint-imports --no-cache
 
 nbtest: setup
 	$(BIN)/nbdev_test --n_workers 2

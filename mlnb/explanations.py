@@ -6,8 +6,8 @@
 __all__ = []
 
 # %% ../nbs/explanations.ipynb #3eaf9037
-from .integrations.explain import *  # noqa: F403
 from .integrations import explain as _target
+from .integrations.explain import *  # noqa: F403
 __all__ = list(_target.__all__)
 
 def __getattr__(name: str):

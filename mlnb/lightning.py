@@ -6,8 +6,8 @@
 __all__ = []
 
 # %% ../nbs/lightning.ipynb #3ef40ade
-from .integrations.lightning import *  # noqa: F403
 from .integrations import lightning as _target
+from .integrations.lightning import *  # noqa: F403
 __all__ = list(_target.__all__)
 
 def __getattr__(name: str):

@@ -6,8 +6,8 @@
 __all__ = []
 
 # %% ../nbs/monitor.ipynb #06514a1a
-from .ops.monitor import *  # noqa: F403
 from .ops import monitor as _target
+from .ops.monitor import *  # noqa: F403
 __all__ = list(_target.__all__)
 
 def __getattr__(name: str):

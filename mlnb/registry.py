@@ -6,8 +6,8 @@
 __all__ = []
 
 # %% ../nbs/registry.ipynb #3dbd5d29
-from .ops.registry import *  # noqa: F403
 from .ops import registry as _target
+from .ops.registry import *  # noqa: F403
 __all__ = list(_target.__all__)
 
 def __getattr__(name: str):

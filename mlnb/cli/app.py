@@ -5,11 +5,13 @@
 # %% ../../nbs/cli/01_app.ipynb #3899fcdc
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -125,8 +127,6 @@ def exit_now(code: int | str | None) -> NoReturn:
     """Ends the process the way the interpreter does (running threads joined, `atexit` hooks run, output
     flushed), minus freeing every object of every module one by one: with scikit-learn, pandas or torch
     loaded that teardown is about a second of every command, and it is where pyarrow can abort."""
-    import atexit
-    import threading
     if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
         print(code, file=sys.stderr)
         code = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from .app import echo_json, fmt_value, format_table, json_option, store_option
+from ..integrations.explain.api import explain_run, lime_feature
 
 # %% auto #0
 __all__ = ['explain_command']
@@ -41,7 +42,6 @@ def explain_command(run, rows_text, model, data, top, refresh, as_json, store_ur
       mlnb explain train --rows 0,5,9
       mlnb explain 3f2a9c --model mlp --json
     """
-    from mlnb.integrations.explain.api import explain_run, lime_feature
     rows = _rows(rows_text)
     explanation, record, reopened = explain_run(run, rows or [0], model=model, data=data, store=store_url,
                                                 refresh=refresh, lime_rows=rows or [0])

@@ -12,8 +12,19 @@ from pathlib import Path
 
 import click
 
+import mlnb
+from .. import __version__
 from .app import echo_json, fmt_duration, fmt_time, fmt_value, format_table, json_option, store_option
-from ..core.errors import MlnbError, ProjectError
+from ..core.config import find_project, require_project
+from ..core.errors import did_you_mean, MlnbError, one_of, ProjectError
+from ..core.hashing import hash_file
+from ..pipeline.executors.base import EXECUTORS
+from ..pipeline.params import parse_parameters
+from ..pipeline.runner import PipelineRunner
+from ..store.database import parse_store_url
+from ..store.runs import open_store
+from ..ui.report import write_pipeline_report
+from ..ui.site import build_site
 
 # %% auto #0
 __all__ = ['template_dir', 'init_project', 'init_command', 'run_command', 'params_command', 'lineage_command', 'report_command']
@@ -21,7 +32,6 @@ __all__ = ['template_dir', 'init_project', 'init_command', 'run_command', 'param
 # %% ../../nbs/cli/03_pipeline.ipynb #3ded39e1
 def template_dir() -> Path:
     "Returns the folder of the project template (the repository's, or the installed copy)."
-    import mlnb
     candidates = [Path(mlnb.__file__).resolve().parents[1] / "templates" / "project",
                   Path(sys.prefix) / "share" / "mlnb" / "templates" / "project"]
     for folder in candidates:
@@ -47,7 +57,6 @@ def init_project(path: str | Path, name: str | None = None, force: bool = False,
                 shutil.rmtree(target / hidden)
             else:
                 (target / hidden).replace(target / f".{hidden}")
-    from mlnb import __version__
     for rendered in (target / ".github" / "workflows" / "mlnb.yml", target / "requirements.txt"):
         if rendered.exists():
             rendered.write_text(rendered.read_text().replace("{{name}}", name or target.name)
@@ -55,7 +64,6 @@ def init_project(path: str | Path, name: str | None = None, force: bool = False,
     config = target / "mlnb.yaml"
     text = config.read_text().replace("{{name}}", name or target.name)
     if store:
-        from mlnb.store.database import parse_store_url
         parse_store_url(store)  # refuse a URL mlnb cannot use before writing it down
         text = text.replace("# store: postgresql+psycopg://user@host:5432/mlnb", f"store: {store}", 1)
     config.write_text(text)
@@ -145,16 +153,10 @@ def run_command(pipeline_name, params, only, from_step, until, force, resume, jo
       mlnb run --from features --jobs 2 --json
       mlnb run --pipeline score
     """
-    from mlnb.core.config import require_project
-    from mlnb.ui.report import write_pipeline_report
-    from mlnb.pipeline.runner import PipelineRunner
-    from mlnb.store.runs import open_store
     project = require_project()
     store = open_store(store_url)
     forced: bool | list[str] = True if "*" in force else list(force)
-    from mlnb.pipeline.executors.base import EXECUTORS
     if executor not in EXECUTORS:
-        from mlnb.core.errors import did_you_mean, one_of
         raise MlnbError(f"Unknown executor {executor!r}.{did_you_mean(executor, EXECUTORS)} Executors: {one_of(EXECUTORS)}.")
     runner = PipelineRunner(project, store=store, executor=executor, jobs=jobs, force=forced, wait=wait,
                             on_event=_Progress(quiet or as_json),
@@ -185,7 +187,6 @@ def params_command(notebook, as_json) -> None:
     Example:
       mlnb params notebooks/train.ipynb
     """
-    from mlnb.pipeline.params import parse_parameters
     declared = parse_parameters(notebook)
     items = [p.to_dict() for p in declared.params.values()]
     if as_json:
@@ -209,9 +210,6 @@ def lineage_command(path, as_json, store_url) -> None:
     Example:
       mlnb lineage data/train.parquet
     """
-    from mlnb.core.config import find_project
-    from mlnb.core.hashing import hash_file
-    from mlnb.store.runs import open_store
     project = find_project()
     root = project.root if project else Path.cwd()
     file = Path(path).resolve()
@@ -254,13 +252,9 @@ def report_command(run, last, out, store_url) -> None:
       mlnb report && xdg-open reports/index.html
       mlnb report 3f2a9c
     """
-    from mlnb.core.config import require_project
-    from mlnb.ui.report import write_pipeline_report
-    from mlnb.store.runs import open_store
     project = require_project()
     store = open_store(store_url)
     if not run:
-        from mlnb.ui.site import build_site
         click.echo(str(build_site(store, project.root, out, last=last)))
         return
     record = store.resolve_run(run)

@@ -10,6 +10,9 @@ import sys
 import click
 
 from .app import echo_json, fmt_time, fmt_value, format_table, json_option, store_option
+from ..ops.monitor import monitor, read_table
+from ..ops.registry import (history, models, promote, register, rollback, set_alias, version_metrics, versions)
+from ..store.runs import open_store
 
 # %% auto #0
 __all__ = ['registry', 'register_command', 'alias_command', 'promote_command', 'rollback_command', 'list_command',
@@ -30,7 +33,6 @@ def registry() -> None:
     """
 
 def _store(url):
-    from mlnb.store.runs import open_store
     return open_store(url)
 
 @registry.command("register")
@@ -42,7 +44,6 @@ def _store(url):
 @store_option
 def register_command(name, run, artifact, as_json, store_url) -> None:
     "Register the model a run logged as the next version of NAME."
-    from mlnb.ops.registry import register
     version = register(name, run, artifact, _store(store_url))
     if as_json:
         echo_json(vars(version))
@@ -56,7 +57,6 @@ def register_command(name, run, artifact, as_json, store_url) -> None:
 @store_option
 def alias_command(name, alias, version, store_url) -> None:
     "Point ALIAS (e.g. champion) at VERSION of NAME, without a gate."
-    from mlnb.ops.registry import set_alias
     previous = set_alias(name, alias, version, _store(store_url))
     click.echo(f"{name}@{alias} -> version {version}" + (f" (was {previous})" if previous else ""))
 
@@ -71,7 +71,6 @@ def alias_command(name, alias, version, store_url) -> None:
 @store_option
 def promote_command(name, version, alias, gate, dry_run, as_json, store_url) -> None:
     "Move an alias to VERSION if the gate holds; exit 1 when it refuses, also with --dry-run (so a CI job fails)."
-    from mlnb.ops.registry import promote
     decision = promote(name, version, to=alias, gate=gate, dry_run=dry_run, store=_store(store_url))
     if as_json:
         echo_json({**vars(decision), "message": decision.message})
@@ -86,7 +85,6 @@ def promote_command(name, version, alias, gate, dry_run, as_json, store_url) -> 
 @store_option
 def rollback_command(name, alias, store_url) -> None:
     "Move an alias back to the version it held before its last move (recorded in the history)."
-    from mlnb.ops.registry import rollback
     current, target = rollback(name, alias, _store(store_url))
     click.echo(f"{name}@{alias}: version {current} -> {target}")
 
@@ -96,7 +94,6 @@ def rollback_command(name, alias, store_url) -> None:
 @store_option
 def list_command(name, as_json, store_url) -> None:
     "The registered models; with NAME, its versions with their aliases, runs and metrics."
-    from mlnb.ops.registry import models, version_metrics, versions
     store = _store(store_url)
     if name is None:
         items = [{"name": m, "versions": len(vs := versions(m, store)), "latest": vs[-1].version if vs else None,
@@ -128,7 +125,6 @@ def list_command(name, as_json, store_url) -> None:
 @store_option
 def history_command(name, as_json, store_url) -> None:
     "Every registration, alias move, promotion, refusal and rollback of NAME, oldest first."
-    from mlnb.ops.registry import history
     events = history(name, _store(store_url))
     if as_json:
         echo_json(events)
@@ -168,7 +164,6 @@ def monitor_command(reference, current, reference_data, threshold, retrain, fail
       mlnb monitor --reference churn@champion --current data/new.parquet
       mlnb monitor --reference train --current new.csv --retrain
     """
-    from mlnb.ops.monitor import monitor, read_table
     frame = read_table(reference_data) if reference_data else None
     outcome = monitor(reference, current, store=store_url, threshold=threshold, retrain=retrain,
                       reference_frame=frame)

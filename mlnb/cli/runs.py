@@ -11,6 +11,8 @@ from typing import Any
 import click
 
 from .app import echo_json, fmt_duration, fmt_time, fmt_value, format_table, json_option, store_option
+from ..store.query import available_fields, compile_where, parse_sort, sort_records
+from ..store.runs import open_store
 
 # %% auto #0
 __all__ = ['render_runs', 'runs', 'list_runs', 'show_run', 'render_run', 'compare_runs']
@@ -92,8 +94,6 @@ def list_runs(status, kind, where, sort, limit, as_json, store_url) -> None:
       mlnb runs list
       mlnb runs list --where "params.lr < 0.01 and status == 'finished'" --sort -metrics.val_auc --json
     """
-    from mlnb.store.query import available_fields, compile_where, parse_sort, sort_records
-    from mlnb.store.runs import open_store
     store = open_store(store_url)
     filtering = bool(where or sort or status or kind)
     if filtering:
@@ -135,7 +135,6 @@ def show_run(run, as_json, store_url) -> None:
     Example:
       mlnb runs show 3f2a9c --json
     """
-    from mlnb.store.runs import open_store
     store = open_store(store_url)
     record = store.resolve_run(run)
     if as_json:
@@ -212,7 +211,6 @@ def compare_runs(run_refs, only_diff, as_json, store_url) -> None:
     Example:
       mlnb runs compare 3f2a9c 81d0e4 --only-diff
     """
-    from mlnb.store.runs import open_store
     if len(run_refs) < 2:
         raise click.UsageError("Give at least two runs to compare.")
     store = open_store(store_url)

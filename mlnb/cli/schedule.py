@@ -5,12 +5,22 @@
 # %% ../../nbs/cli/07_schedule.ipynb #bc394205
 from __future__ import annotations
 
+import shutil
 import signal
+import sys
 import time
+from pathlib import Path
 
 import click
 
 from .app import echo_json, fmt_duration, fmt_time, format_table, json_option, store_option
+from ..core.config import require_project
+from ..core.errors import MlnbError
+from ..ops.schedule import (Scheduler, add_schedule, export_crontab, export_systemd, list_schedules, next_time,
+                               remove_schedule, schedule_history, set_paused)
+from ..store.runs import open_store
+from ..ui.prometheus import serve_metrics
+from ..ui.report import write_pipeline_report
 
 # %% auto #0
 __all__ = ['schedule', 'add_command', 'list_command', 'pause_command', 'resume_command', 'remove_command', 'history_command',
@@ -31,8 +41,6 @@ def schedule() -> None:
     """
 
 def _project_and_store(store_url):
-    from mlnb.core.config import require_project
-    from mlnb.store.runs import open_store
     return require_project(), open_store(store_url)
 
 @schedule.command("add")
@@ -51,7 +59,6 @@ def _project_and_store(store_url):
 @store_option
 def add_command(name, cron, pipeline_name, params, only, force, misfire, as_json, store_url) -> None:
     "Add a schedule (checked now: the cron expression, the pipeline, its steps and params)."
-    from mlnb.ops.schedule import add_schedule, next_time
     project, store = _project_and_store(store_url)
     added = add_schedule(store, name, cron, params=list(params), only=list(only), pipeline=pipeline_name,
                          misfire=misfire, force=list(force), project=project)
@@ -66,7 +73,6 @@ def add_command(name, cron, pipeline_name, params, only, force, misfire, as_json
 @store_option
 def list_command(as_json, store_url) -> None:
     "List the schedules: cron, what they run, the next time, the last outcome."
-    from mlnb.ops.schedule import list_schedules, schedule_history
     _, store = _project_and_store(store_url)
     items = []
     for s in list_schedules(store):
@@ -92,7 +98,6 @@ def list_command(as_json, store_url) -> None:
 @store_option
 def pause_command(name, store_url) -> None:
     "Stop firing a schedule until 'resume' (missed occurrences are not caught up)."
-    from mlnb.ops.schedule import set_paused
     set_paused(_project_and_store(store_url)[1], name, True)
     click.echo(f"schedule {name!r} paused")
 
@@ -101,7 +106,6 @@ def pause_command(name, store_url) -> None:
 @store_option
 def resume_command(name, store_url) -> None:
     "Fire a paused schedule again, from its next occurrence."
-    from mlnb.ops.schedule import next_time, set_paused
     s = set_paused(_project_and_store(store_url)[1], name, False)
     click.echo(f"schedule {name!r} resumed; next run {fmt_time(next_time(s.cron, time.time()))}")
 
@@ -110,7 +114,6 @@ def resume_command(name, store_url) -> None:
 @store_option
 def remove_command(name, store_url) -> None:
     "Remove a schedule (its history stays in the store)."
-    from mlnb.ops.schedule import remove_schedule
     remove_schedule(_project_and_store(store_url)[1], name)
     click.echo(f"schedule {name!r} removed")
 
@@ -121,7 +124,6 @@ def remove_command(name, store_url) -> None:
 @store_option
 def history_command(name, limit, as_json, store_url) -> None:
     "The occurrences of a schedule, newest first: status, run, how late it started, how long it ran."
-    from mlnb.ops.schedule import schedule_history
     items = schedule_history(_project_and_store(store_url)[1], name, limit=limit)
     if as_json:
         echo_json(items)
@@ -139,11 +141,6 @@ def history_command(name, limit, as_json, store_url) -> None:
 @store_option
 def export_command(fmt, store_url) -> None:
     "Print the schedules for the system's scheduler (cron or systemd timers) instead of 'mlnb scheduler'."
-    import shutil
-    import sys
-    from pathlib import Path
-    from mlnb.core.errors import MlnbError
-    from mlnb.ops.schedule import export_crontab, export_systemd, list_schedules
     if fmt is None:
         raise MlnbError("Say which format: mlnb schedule export --crontab, or --systemd.")
     project, store = _project_and_store(store_url)
@@ -161,7 +158,6 @@ def export_command(fmt, store_url) -> None:
 # %% ../../nbs/cli/07_schedule.ipynb #c0f5182e
 def _write_report(store, outcome) -> None:
     "Writes the report of a scheduled pipeline run (the scheduler, in a lower layer, calls it after each run)."
-    from mlnb.ui.report import write_pipeline_report
     write_pipeline_report(store, outcome.run_id, outcome.report_dir)
 
 @click.command("scheduler")
@@ -180,12 +176,10 @@ def scheduler_command(metrics_port, jobs, seconds, store_url) -> None:
       mlnb scheduler
       mlnb scheduler --metrics-port 9108
     """
-    from mlnb.ops.schedule import Scheduler
     project, store = _project_and_store(store_url)
     scheduler = Scheduler(project, store, jobs=jobs, after_run=_write_report)
     server = None
     if metrics_port is not None:
-        from mlnb.ui.prometheus import serve_metrics
         server = serve_metrics(store, metrics_port)
         scheduler.log(f"metrics on http://127.0.0.1:{server.server_address[1]}/metrics")
     def stop(signum, frame) -> None:

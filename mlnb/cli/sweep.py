@@ -11,10 +11,21 @@ from typing import Any
 import click
 
 from .app import echo_json, fmt_value, format_table, json_option, store_option
-from ..core.errors import MlnbError
+from ..core.config import require_project, update_step_params
+from ..core.errors import did_you_mean, MlnbError, one_of
+from ..core.lazy import lazy_import
+from ..pipeline.params import parse_parameters
+from ..store.optuna import optuna_storage
+from ..store.runs import open_store
+from ..sweep.runner import sweep_from_config, SweepRunner, SweepSpec, trial_updates
+from ..sweep.study import (parse_objective, parse_param, study_importances, SweepError, trial_counts, trial_rows)
 
 # %% auto #0
 __all__ = ['DefaultGroup', 'sweep', 'run_sweep', 'show_sweep', 'apply_sweep', 'list_sweeps']
+
+# %% ../../nbs/cli/04_sweep.ipynb #38058b94
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+optuna = lazy_import("optuna")
 
 # %% ../../nbs/cli/04_sweep.ipynb #2f4a108e
 class DefaultGroup(click.Group):
@@ -113,9 +124,6 @@ class _Progress:
 def run_sweep(target, study, params, objectives, trials, timeout, sampler, pruner, prune_metric, jobs, executor,
               scheduler, seed, quiet, as_json, store_url) -> None:
     """Run a sweep (NAME declared in mlnb.yaml, or a STEP with --param and --objective)."""
-    from mlnb.core.config import require_project
-    from mlnb.sweep.study import SweepError, parse_objective, parse_param
-    from mlnb.sweep.runner import SweepRunner, SweepSpec, sweep_from_config
     project = require_project()
     declared = project.raw.get("sweeps") or {}
     if not target:
@@ -156,21 +164,16 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
 
 # %% ../../nbs/cli/04_sweep.ipynb #e9ad5bc4
 def _load(name: str, store_url: str | None):
-    import optuna
-    from mlnb.store.runs import open_store
-    from mlnb.store.optuna import optuna_storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_store(store_url)
     storage = optuna_storage(store)
     try:
         return optuna.load_study(study_name=name, storage=storage), store
     except KeyError:
-        from mlnb.core.errors import did_you_mean, one_of
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise MlnbError(f"No study {name!r} in the store.{did_you_mean(name, names)} Studies: {one_of(names)}.") from None
 
 def _show(study, as_json: bool, importances: dict | None = None) -> None:
-    from mlnb.sweep.study import study_importances, trial_counts, trial_rows
     signature = study.user_attrs.get("mlnb_signature", {})
     objectives = signature.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     rows = trial_rows(study)
@@ -221,8 +224,6 @@ def show_sweep(study, as_json, store_url) -> None:
 
 def _current_params(project, step: str) -> dict[str, str]:
     "Returns how `step`'s params read now, shown: mlnb.yaml's values, else the notebook's defaults (so marked)."
-    from mlnb.core.errors import MlnbError
-    from mlnb.pipeline.params import parse_parameters
     config = project.config.pipeline.get(step)
     if config is None:
         return {}
@@ -247,8 +248,6 @@ def apply_sweep(study, number, dry_run, store_url) -> None:
     Example:
       mlnb sweep apply mlp && mlnb run
     """
-    from mlnb.core.config import require_project, update_step_params
-    from mlnb.sweep.runner import trial_updates
     project = require_project()
     loaded, _ = _load(study, store_url)
     chosen, updates = trial_updates(loaded, number)
@@ -272,9 +271,6 @@ def list_sweeps(as_json, store_url) -> None:
     Example:
       mlnb sweep list
     """
-    import optuna
-    from mlnb.store.runs import open_store
-    from mlnb.store.optuna import optuna_storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna_storage(open_store(store_url))
     rows = []

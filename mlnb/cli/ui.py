@@ -16,6 +16,9 @@ from pathlib import Path
 import click
 
 from .app import store_option
+from ..core.config import STATE_DIR, find_project, resolve_store_url
+from ..pipeline.step import ensure_kernel, kernel_env, KERNEL_NAME
+from ..store.runs import open_store
 
 # %% auto #0
 __all__ = ['panel_notebook', 'voila_command', 'ui_command']
@@ -23,7 +26,6 @@ __all__ = ['panel_notebook', 'voila_command', 'ui_command']
 # %% ../../nbs/cli/06_ui.ipynb #60ca4ac8
 def panel_notebook(folder: Path, store_url: str) -> Path:
     "Writes the notebook Voila serves (the panel over `store_url`) and returns its path."
-    from mlnb.pipeline.step import KERNEL_NAME, ensure_kernel
     ensure_kernel()
     folder.mkdir(parents=True, exist_ok=True)
     cell = {"cell_type": "code", "execution_count": None, "id": "panel", "metadata": {}, "outputs": [],
@@ -54,9 +56,6 @@ def ui_command(port, token, no_token, store_url) -> None:
       mlnb ui                 # then open the printed http://127.0.0.1:8866/?token=... URL
       mlnb ui --port 9000 --store postgresql+psycopg://me@db/mlnb
     """
-    from mlnb.core.config import STATE_DIR, find_project, resolve_store_url
-    from mlnb.pipeline.step import kernel_env
-    from mlnb.store.runs import open_store
     url = resolve_store_url(store_url)
     open_store(url)  # a bad URL or a corrupt store is reported here, not in the browser
     project = find_project()

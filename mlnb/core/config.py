@@ -5,16 +5,26 @@
 # %% ../../nbs/core/02_config.ipynb #3a1cc715
 from __future__ import annotations
 
+import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError, ProjectNotFound, did_you_mean
+from .hashing import hash_bytes
+from .lazy import lazy_import
 
 # %% auto #0
 __all__ = ['PROJECT_FILE', 'STATE_DIR', 'Project', 'Validated', 'load_config', 'find_project', 'require_project',
            'default_store_url', 'resolve_store_url', 'resolve_artifact_root', 'update_step_params']
+
+# %% ../../nbs/core/02_config.ipynb #3696d640
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_pydantic = lazy_import("pydantic")
+yaml = lazy_import("yaml")
 
 # %% ../../nbs/core/02_config.ipynb #ead4ac39
 PROJECT_FILE = "mlnb.yaml"
@@ -25,7 +35,9 @@ def _models():
     global _MODELS
     if _MODELS is not None:
         return _MODELS
-    from pydantic import BaseModel, ConfigDict, Field
+    BaseModel = _pydantic.BaseModel
+    ConfigDict = _pydantic.ConfigDict
+    Field = _pydantic.Field
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -61,7 +73,6 @@ _MODELS = None
 # %% ../../nbs/core/02_config.ipynb #3a827a4a
 def _line_index(text: str) -> dict[tuple, int]:
     "Returns {key path: 1-based line} for every mapping key and sequence item in YAML `text`."
-    import yaml
     index: dict[tuple, int] = {}
 
     def walk(node, path):
@@ -90,9 +101,7 @@ def _line_of(index: dict[tuple, int], loc: tuple) -> int | None:
 # %% ../../nbs/core/02_config.ipynb #f56f833b
 def _fields_at(loc: tuple) -> list[str]:
     "Returns the field names valid where the last part of `loc` sits, for did-you-mean hints."
-    import types
-    import typing
-    from pydantic import BaseModel
+    BaseModel = _pydantic.BaseModel
     model = _models()["ProjectConfig"]
     parts, i = list(loc[:-1]), 0
     while i < len(parts):
@@ -171,7 +180,7 @@ def _validated(value: Any) -> Any:
 
 def _dump(model: Any) -> Any:
     "Returns a pydantic model as JSON-able data, nested models marked so `Validated` rebuilds them."
-    from pydantic import BaseModel
+    BaseModel = _pydantic.BaseModel
     if isinstance(model, BaseModel):
         return {"__model__": True, **{k: _dump(getattr(model, k)) for k in type(model).model_fields}}
     if isinstance(model, dict):
@@ -186,9 +195,7 @@ def _cache_file(path: Path) -> Path:
 
 def load_config(path: str | Path) -> tuple[Any, dict]:
     "Returns (validated ProjectConfig, raw dict) for the project file at `path`."
-    import json
 
-    import yaml
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -196,7 +203,6 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
         raise ConfigError(f"{path}: no such project file. Create it with 'mlnb init' or cd into a project.") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the project file ({e.strerror}).") from None
-    from mlnb.core.hashing import hash_bytes
     digest = hash_bytes(text.encode())
     cache = _cache_file(path)
     try:
@@ -219,7 +225,7 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:1: the project file must be a mapping of keys (store:, pipeline:, ...), "
                           f"not a {type(raw).__name__}.")
-    from pydantic import ValidationError
+    ValidationError = _pydantic.ValidationError
     try:
         config = _models()["ProjectConfig"].model_validate(raw)
     except ValidationError as e:
@@ -312,12 +318,10 @@ def resolve_artifact_root(artifacts: str | None = None, store_url: str | None = 
 
 # %% ../../nbs/core/02_config.ipynb #11351211
 def _scalar(value: Any) -> str:
-    import yaml
     return yaml.safe_dump(value, default_flow_style=True, width=10**9).split("\n...")[0].strip()
 
 def update_step_params(path: str | Path, updates: dict[str, dict[str, Any]]) -> str:
     "Returns the new text of the project file at `path` with `{step: {param: value}}` set (and writes it)."
-    import yaml
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     root = yaml.compose(text)

@@ -9,10 +9,10 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from .errors import DependencyMissing, PluginError
+from .errors import PluginError, missing_dependency
 
 # %% auto #0
-__all__ = ['LazyModule', 'lazy_import', 'load', 'optional_import']
+__all__ = ['LazyModule', 'lazy_import', 'load', 'preload', 'optional_import']
 
 # %% ../../nbs/core/03_lazy.ipynb #dbca4d35
 class LazyModule:
@@ -31,7 +31,16 @@ class LazyModule:
         return module
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(self._load(), attr)
+        module = self._load()
+        try:
+            return getattr(module, attr)
+        except AttributeError:  # as `from package import submodule` does: import it
+            if attr.startswith("__"):
+                raise
+            try:
+                return importlib.import_module(f"{self._name}.{attr}")
+            except ModuleNotFoundError:
+                raise AttributeError(f"module {self._name!r} has no attribute {attr!r}") from None
 
     def __setattr__(self, attr: str, value: Any) -> None:
         setattr(self._load(), attr, value)
@@ -58,11 +67,14 @@ def load(target: str) -> Any:
         value = getattr(value, part)
     return value
 
+def preload(*names: str) -> None:
+    "Imports modules `names` now, for their side effect: a worker or a zygote warms up before work arrives."
+    for name in names:
+        importlib.import_module(name)
+
 def optional_import(name: str, purpose: str, install: str | None = None) -> Any:
     "Returns module `name`, imported now; raises DependencyMissing saying what to install when it is missing."
     try:
         return importlib.import_module(name)
     except ImportError:
-        package = install or name
-        raise DependencyMissing(f"{purpose} needs the optional dependency {name!r}, which is not installed. "
-                                f"Run: pip install {package}") from None
+        raise missing_dependency(install or name, purpose) from None

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from importlib import metadata
 from typing import Any
 
 from .errors import PluginError, did_you_mean, one_of
-from .lazy import load
+from .lazy import lazy_import, load
+
+_metadata = lazy_import("importlib.metadata")  # 20 ms to import: only when entry points are read
 
 # %% auto #0
 __all__ = ['Registry']
@@ -50,7 +51,7 @@ class Registry:
         "Returns {name: 'module:attr'} of the installed packages' entry points in this registry's group."
         with self._lock:
             if self._entry_points is None:
-                self._entry_points = {ep.name: ep.value for ep in metadata.entry_points(group=self.group)}
+                self._entry_points = {ep.name: ep.value for ep in _metadata.entry_points(group=self.group)}
             return self._entry_points
 
     def target(self, name: str) -> Any:

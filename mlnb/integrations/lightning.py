@@ -19,12 +19,18 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..core.lazy import lazy_import
 from ..tracking.pruning import report_progress, report_to_trial
-from ..tracking.run import stop_requested
+from ..tracking.run import _current_run, stop_requested
 
 # %% auto #0
 __all__ = ['MlnbLogger', 'infer_task', 'TabularPreprocessor', 'TabularDataModule', 'TabularMLP', 'TabularPredictor',
            'PruningCallback']
+
+# %% ../../nbs/integrations/02_lightning.ipynb #63bdae28
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_sklearn_metrics = lazy_import("sklearn.metrics")
+pd = lazy_import("pandas")
 
 # %% ../../nbs/integrations/02_lightning.ipynb #11bcbe63
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,7 +61,6 @@ class MlnbLogger(Logger):
     def run(self):
         "Returns the mlnb run this logger writes to."
         if self._run is None:
-            from mlnb.tracking.run import _current_run
             self._run = _current_run()
         return self._run
 
@@ -106,7 +111,6 @@ class MlnbLogger(Logger):
 # %% ../../nbs/integrations/02_lightning.ipynb #dd41a724
 def infer_task(target) -> str:
     "Returns 'binary', 'multiclass' or 'regression' for a target column."
-    import pandas as pd
     values = pd.Series(target).dropna()
     distinct = values.nunique()
     if distinct == 2:
@@ -142,7 +146,6 @@ class TabularPreprocessor:
     @classmethod
     def fit(cls, train, target: str, task: str | None = None, categorical: Sequence[str] | None = None):
         "Returns a preprocessor fitted on the training frame `train`."
-        import pandas as pd
         if target not in train.columns:
             raise ValueError(f"target column {target!r} is not in the training frame (columns: {list(train.columns)})")
         features = [c for c in train.columns if c != target]
@@ -176,7 +179,6 @@ class TabularPreprocessor:
 
     def transform(self, frame) -> np.ndarray:
         "Returns the model's input matrix for a DataFrame."
-        import pandas as pd
         numeric = frame[self.numeric].astype(float).fillna(pd.Series(self.medians))
         parts = [((numeric - pd.Series(self.means)) / pd.Series(self.stds)).to_numpy()]
         for c in self.categorical:
@@ -228,7 +230,6 @@ class TabularDataModule(pl.LightningDataModule):
     @classmethod
     def from_products(cls, products: Mapping[str, str], target: str, **kwargs: Any) -> TabularDataModule:
         "Returns a data module over parquet files named train/val(/test), such as the `features` step's products."
-        import pandas as pd
         frames = {k: pd.read_parquet(products[k]) if k in products else None for k in ("train", "val", "test")}
         return cls(frames["train"], frames["val"], target, test=frames["test"], **kwargs)
 
@@ -309,7 +310,7 @@ class TabularMLP(pl.LightningModule):
         if self.hparams.task == "regression":
             self.log("val_rmse", torch.sqrt(nn.functional.mse_loss(out, y.float())))
             return
-        from sklearn.metrics import roc_auc_score
+        roc_auc_score = _sklearn_metrics.roc_auc_score
         proba = self._proba(out).cpu().numpy()
         labels = y.cpu().numpy()
         predicted = (proba > 0.5).astype(int) if self.hparams.task == "binary" else proba.argmax(1)

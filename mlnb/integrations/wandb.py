@@ -9,7 +9,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
-from ..core.errors import missing_dependency
+from ..core.lazy import optional_import
 from ..tracking.mirrors import Mirror
 
 # %% auto #0
@@ -20,10 +20,7 @@ class WandbMirror(Mirror):
     "Mirrors one mlnb run to one W&B run (the tracking layer starts it through the `mlnb.mirrors` entry point)."
 
     def __init__(self, project, run, params: dict[str, Any]):
-        try:
-            import wandb
-        except ImportError:
-            raise missing_dependency("wandb", "Mirroring runs to W&B") from None
+        wandb = optional_import("wandb", "Mirroring runs to W&B")
         config = project.config.wandb
         mode = config.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         folder = project.state_dir

@@ -13,16 +13,29 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 
+from ..core.config import find_project
 from ..core.errors import MonitorError, one_of
+from ..core.lazy import lazy_import
+from ..integrations.explain.api import run_models
+from .registry import resolve
+from ..pipeline.runner import PipelineRunner
+from ..store.artifacts import artifacts_for
+from ..store.runs import Store, open_store
+from ..tracking.run import start_run
+
 
 PSI_DRIFT, PSI_HINT, ALPHA, KS_MIN = 0.2, 0.1, 0.01, 0.1
 
 # %% auto #0
 __all__ = ['PSI_DRIFT', 'PSI_HINT', 'ALPHA', 'KS_MIN', 'DriftResult', 'drift', 'drift_html', 'reference_data', 'read_table',
            'MonitorOutcome', 'monitor']
+
+# %% ../../nbs/ops/02_monitor.ipynb #e9da51e9
+pd = lazy_import("pandas")
+np = lazy_import("numpy")
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_scipy_stats = lazy_import("scipy.stats")
 
 # %% ../../nbs/ops/02_monitor.ipynb #85989d39
 def _psi(reference_share: np.ndarray, current_share: np.ndarray) -> float:
@@ -32,7 +45,7 @@ def _psi(reference_share: np.ndarray, current_share: np.ndarray) -> float:
 
 def _ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
     "Returns the two-sample KS statistic and its asymptotic p-value (sorted arrays in)."
-    from scipy.stats import distributions
+    distributions = _scipy_stats.distributions
     values = np.concatenate([reference, current])
     d = float(np.max(np.abs(np.searchsorted(reference, values, side="right") / len(reference)
                             - np.searchsorted(current, values, side="right") / len(current))))
@@ -92,7 +105,7 @@ def drift(reference: pd.DataFrame, current: pd.DataFrame, *, threshold: float = 
             rows.append({"feature": column, "kind": "numeric", "psi": psi, "test": "ks", "statistic": statistic,
                          "p_value": p, "drifted": bool(drifted)})
         else:
-            from scipy.stats import chi2_contingency
+            chi2_contingency = _scipy_stats.chi2_contingency
             r_counts = ref.astype(str).value_counts()
             c_counts = cur.astype(str).value_counts()
             levels = sorted(set(r_counts.index) | set(c_counts.index))
@@ -152,13 +165,7 @@ Written by mlnb on {time.strftime('%Y-%m-%d %H:%M:%S')}.</small></p>
 # %% ../../nbs/ops/02_monitor.ipynb #be26115a
 def reference_data(reference: str, store) -> tuple[pd.DataFrame, Any]:
     "Returns (the data a run, or a registered version's run, trained on; the run record)."
-    from mlnb.store.artifacts import artifacts_for
-    from mlnb.integrations.explain.api import run_models
-    if "@" in reference:
-        from mlnb.ops.registry import resolve
-        record = store.get_run(resolve(reference, store).run_id)
-    else:
-        record = store.resolve_run(reference)
+    record = store.get_run(resolve(reference, store).run_id) if "@" in reference else store.resolve_run(reference)
     names = {a["name"]: a for a in record.artifacts}
     candidates = [f"{m}.reference.parquet" for m in run_models(record)] + \
                  [n for n in names if n.endswith(".reference.parquet")] + [f"{m}.eval.parquet" for m in run_models(record)]
@@ -192,9 +199,6 @@ def monitor(reference: str, current: str | Path | pd.DataFrame, *, store=None, t
             retrain: bool = False, reference_frame: pd.DataFrame | None = None, project=None,
             report_dir: str | Path | None = None, current_label: str | None = None) -> MonitorOutcome:
     "Returns the outcome of comparing `current` with the data `reference` trained on, recorded as a run."
-    from mlnb.core.config import find_project
-    from mlnb.store.runs import Store, open_store
-    from mlnb.tracking.run import start_run
     store = store if isinstance(store, Store) else open_store(store)
     frame = current if isinstance(current, pd.DataFrame) else read_table(current)
     if reference_frame is None:
@@ -221,7 +225,6 @@ def monitor(reference: str, current: str | Path | pd.DataFrame, *, store=None, t
     if retrain and result.drifted:
         if project is None:
             raise MonitorError("Retraining needs a project (mlnb.yaml) to run; run 'mlnb monitor' inside it.")
-        from mlnb.pipeline.runner import PipelineRunner
         pipeline = PipelineRunner(project, store=store, wait=True,
                                   tags={"mlnb.trigger": f"drift {result.share:.0%} in monitor run {run.id[:8]}"}).run()
         outcome.retrain_run_id = pipeline.run_id

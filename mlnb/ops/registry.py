@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import RegistryError, did_you_mean, one_of
+from ..integrations.explain.api import run_models
+from ..store.artifacts import artifacts_for
 from ..store.runs import Store, open_store
 
 # %% auto #0
@@ -96,7 +98,6 @@ def history(name: str, store: Store | None = None) -> list[dict[str, Any]]:
 
 # %% ../../nbs/ops/01_registry.ipynb #cdbed74f
 def _model_run(store: Store, run: str, artifact: str | None):
-    from mlnb.integrations.explain.api import run_models
     record = store.resolve_run(run)
     candidates = [record] + ([store.get_run(c.id) for c in store.children(record.id)]
                              if record.kind in ("pipeline", "trial") else [])
@@ -157,7 +158,6 @@ def rollback(name: str, alias: str = "champion", store: Store | None = None) -> 
 
 def load_model(ref: str, store: str | Store | None = None) -> Any:
     "Returns the model a registry reference names: 'churn@champion', 'churn@3' or 'churn' (the latest)."
-    from mlnb.store.artifacts import artifacts_for
     store = store if isinstance(store, Store) else open_store(store)
     version = resolve(ref, store)
     return pickle.loads(artifacts_for(store).read_bytes(version.sha256))

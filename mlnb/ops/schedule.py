@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import sys
 import threading
@@ -18,14 +19,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ..core.config import require_project
 from ..core.errors import MlnbError, ScheduleError, did_you_mean, one_of
+from ..core.lazy import lazy_import
+from ..pipeline.dag import Pipeline, check_params
+from ..pipeline.executors.base import get_executor
+from ..pipeline.runner import PipelineRunner
+from ..pipeline.step import WORKER_PRELOAD
 from ..store.runs import STALE_FACTOR, STALE_GRACE, Store
+from ..tracking.run import _interval
 
 # %% auto #0
 __all__ = ['CRON_ALIASES', 'MISFIRE', 'MISFIRE_GRACE', 'validate_cron', 'next_time', 'due_times', 'Schedule', 'list_schedules',
            'get_schedule', 'check_schedule', 'add_schedule', 'set_paused', 'remove_schedule', 'schedule_history',
            'claim', 'occurrence_taken', 'record_occurrence', 'end_occurrence', 'mark_crashed_occurrences', 'Scheduler',
            'export_crontab', 'export_systemd']
+
+# %% ../../nbs/ops/03_schedule.ipynb #95429f83
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_croniter = lazy_import("croniter")
 
 # %% ../../nbs/ops/03_schedule.ipynb #ca0ba113
 _FIELDS = [("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 7),
@@ -76,7 +88,7 @@ def validate_cron(expr: str) -> str:
             if why:
                 raise ScheduleError(f"Cron expression {expr!r}: the {name} field {value!r} is wrong ({why}). "
                                     f"It takes {lo}-{hi}, '*', lists a,b, ranges a-b and steps */n.")
-    from croniter import croniter
+    croniter = _croniter.croniter
     if not croniter.is_valid(text):
         raise ScheduleError(f"Cron expression {expr!r} is not valid; it needs {_CRON_HELP}.")
     return text
@@ -86,12 +98,12 @@ def _local(t: float) -> datetime:
 
 def next_time(cron: str, after: float) -> float:
     "Returns the first occurrence strictly after `after` (a UNIX time)."
-    from croniter import croniter
+    croniter = _croniter.croniter
     return croniter(cron, _local(after)).get_next(float)
 
 def due_times(cron: str, after: float, until: float, limit: int = 1000) -> list[float]:
     "Returns the occurrences in (after, until], newest last (at most `limit`, the newest ones)."
-    from croniter import croniter
+    croniter = _croniter.croniter
     it = croniter(cron, _local(until + 1e-3))
     times = []
     while len(times) < limit:
@@ -143,7 +155,6 @@ def get_schedule(store: Store, name: str) -> Schedule:
 
 def check_schedule(project, schedule: Schedule) -> None:
     "Raises if the schedule's pipeline, steps or params would not run in `project` now."
-    from mlnb.pipeline.dag import Pipeline, check_params
     pipeline = Pipeline(project, schedule.pipeline)
     selected = pipeline.select(schedule.only or None)
     for step in schedule.force:
@@ -256,7 +267,6 @@ class Scheduler:
     def __init__(self, project, store: Store, *, log: Callable[[str], None] | None = None,
                  jobs: int | None = None, heartbeat: float | None = None,
                  after_run: Callable[[Store, Any], None] | None = None):
-        from mlnb.tracking.run import _interval
         self.project, self.store = project, store
         self.log = log or _log
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -364,8 +374,6 @@ class Scheduler:
         "Returns the executor every scheduled run shares: its workers keep a kernel started ahead between runs."
         with self._lock:
             if self._executor is None:
-                from mlnb.pipeline.executors.base import get_executor
-                from mlnb.pipeline.step import WORKER_PRELOAD
                 self._executor = get_executor("local", jobs=self.jobs or os.cpu_count() or 1,
                                               prepare="mlnb.pipeline.step:prepare_worker", preload=WORKER_PRELOAD)
             return self._executor
@@ -378,8 +386,6 @@ class Scheduler:
 
     def _run_one(self, active: _Active) -> None:
         "Runs one occurrence's pipeline and records how it ended (a pipeline that no longer validates: failed)."
-        from mlnb.core.config import require_project
-        from mlnb.pipeline.runner import PipelineRunner
         schedule, when = active.schedule, active.when
         status, error = "failed", None
         def on_event(kind: str, step: str, info: dict) -> None:
@@ -458,7 +464,6 @@ def _stamp(t: float) -> str:
 
 # %% ../../nbs/ops/03_schedule.ipynb #c5697c61
 def _command(schedule: Schedule, mlnb: str) -> list[str]:
-    import shlex
     parts = [mlnb, "run", "--wait", "--quiet"]
     if schedule.pipeline:
         parts += ["--pipeline", schedule.pipeline]
@@ -479,7 +484,6 @@ def _five_fields(schedule: Schedule) -> list[str]:
 
 def export_crontab(schedules: list[Schedule], root, mlnb: str = "mlnb") -> str:
     "Returns crontab lines running each (unpaused) schedule in `root`, logging to .mlnb/logs/."
-    import shlex
     lines = [f"# mlnb schedules of {root} (install with: crontab -e)"]
     for s in schedules:
         prefix = "# paused: " if s.paused else ""

@@ -12,10 +12,15 @@ from typing import Any
 
 from ..core.config import Project
 from ..core.errors import InvalidPipeline, ParameterError, did_you_mean, one_of
+from ..core.lazy import lazy_import
 from .params import NotebookParameters, parse_parameters, read_notebook, resolve_params
 
 # %% auto #0
 __all__ = ['RESERVED_PARAMS', 'Step', 'Pipeline', 'parse_overrides', 'check_params']
+
+# %% ../../nbs/pipeline/02_dag.ipynb #2497fae4
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+yaml = lazy_import("yaml")
 
 # %% ../../nbs/pipeline/02_dag.ipynb #c07980e7
 RESERVED_PARAMS = ("upstream", "product")
@@ -145,7 +150,6 @@ class Pipeline:
 # %% ../../nbs/pipeline/02_dag.ipynb #bba9d981
 def parse_overrides(pairs: list[str]) -> list[tuple[str | None, str, Any]]:
     "Returns (step or None, name, value) for '-p step.name=value' / '-p name=value'; values read as YAML."
-    import yaml
     parsed = []
     for pair in pairs:
         key, sep, text = pair.partition("=")

@@ -16,13 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..store.artifacts import artifacts_for
-from ..core.config import Project
-from .dag import Pipeline, Step, check_params
+from ..core.config import Project, require_project
 from ..core.errors import InvalidPipeline, MlnbError, PipelineBusy, PipelineError, StepFailed
 from ..core.hashing import FileHashes, hash_json
+from .dag import Pipeline, Step, check_params
+from .executors.base import get_executor, Interrupted, StopRequests
+from .kernels.zygote import notebook_forks_warm, notebook_preload
 from .params import code_hash
+from .step import execute_step, launch_zygote, StepResult, StepTask, WORKER_PRELOAD
+from ..store.artifacts import artifacts_for
 from ..store.runs import RunRecord, Store, open_store
+from ..tracking.run import start_run
 
 # %% auto #0
 __all__ = ['MLNB_CACHE_VERSION', 'ProjectLock', 'StepPlan', 'expand_inputs', 'cache_key', 'upstream_fingerprint', 'StepOutcome',
@@ -231,7 +235,6 @@ class PipelineRunner:
     def run(self, *, params: list[str] | None = None, only: list[str] | None = None,
             from_step: str | None = None, until: str | None = None, resume: bool = False) -> PipelineOutcome:
         "Runs the selected steps (all by default) and returns how each ended."
-        from mlnb.tracking.run import start_run
         started = time.perf_counter()
         self.store = self.store or open_store()
         with ProjectLock(self.project, self.wait) if self.lock else _NoLock():
@@ -252,7 +255,6 @@ class PipelineRunner:
             self.executor = self.shared_executor
             if plans and self.executor is None and self.executor_options.get("scheduler"):
                 # a Dask scheduler that cannot be reached: said before any run is recorded
-                from mlnb.pipeline.executors.base import get_executor
                 self.executor = get_executor(self.executor_name, **self._executor_options()).start()
             self.pipeline_run = start_run(self.run_name, params=flat, store=self.store,
                                           kind=self.kind, parent=self.parent, activate=False,
@@ -290,7 +292,6 @@ class PipelineRunner:
         return reused
 
     def _execute(self, pipeline: Pipeline, plans: dict[str, StepPlan], reused: dict[str, RunRecord]) -> PipelineOutcome:
-        from mlnb.pipeline.executors.base import StopRequests, get_executor
         self.results: dict[str, RunRecord] = dict(reused)
         self.state: dict[str, str] = {name: "pending" for name in plans}
         self.plans, self.zygote, self.preloads = plans, None, {}
@@ -349,8 +350,6 @@ class PipelineRunner:
 
     # -- one step -----------------------------------------------------------------------------
     def _start(self, name: str, plan: StepPlan, get_executor) -> None:
-        from mlnb.pipeline.step import StepTask, execute_step
-        from mlnb.tracking.run import start_run
         step = plan.step
         user_params = plan.effective
         try:
@@ -403,7 +402,6 @@ class PipelineRunner:
         options = dict(self.executor_options)
         options.setdefault("jobs", self.jobs)
         if self.executor_name == "local":
-            from mlnb.pipeline.step import WORKER_PRELOAD
             options.setdefault("prepare", ("mlnb.pipeline.step:prepare_worker", {"zygote": self.zygote.address, "ahead": False})
                                if self.zygote is not None else "mlnb.pipeline.step:prepare_worker")
             options.setdefault("preload", WORKER_PRELOAD)
@@ -413,7 +411,6 @@ class PipelineRunner:
         """Returns the installed modules step `name`'s notebook starts by importing, or None when its kernel must
         boot: the notebook changes the environment or `sys.path` before an import (see `edits_before_import`)."""
         if name not in self.preloads:
-            from mlnb.pipeline.kernels.zygote import notebook_forks_warm, notebook_preload
             notebook = self.plans[name].step.notebook
             self.preloads[name] = notebook_preload(notebook, self.root) if notebook_forks_warm(notebook) else None
         return self.preloads[name]
@@ -425,7 +422,6 @@ class PipelineRunner:
         or Dask's) or with MLNB_FORK_KERNELS=0."""
         if self.executor_name != "local" or self.shared_executor is not None or self.executor_options.get("prepare"):
             return None
-        from mlnb.pipeline.step import launch_zygote
         return launch_zygote(list(dict.fromkeys(m for name, state in self.state.items() if state == "pending"
                                                 for m in self._preload(name) or [])))
 
@@ -465,10 +461,8 @@ class PipelineRunner:
         return paths[0], paths[1]
 
     def _complete(self, pipeline: Pipeline, plans: dict[str, StepPlan], handle: Any) -> None:
-        from mlnb.pipeline.step import StepResult
         name, run, began = self.running.pop(handle)
         plan = plans[name]
-        from mlnb.pipeline.executors.base import Interrupted
         try:
             result = self.executor.result(handle)
         except Interrupted as e:
@@ -578,7 +572,6 @@ class _NoLock:
 # %% ../../nbs/pipeline/04_runner.ipynb #bc253efd
 def run_pipeline(project: Project | None = None, **options: Any) -> PipelineOutcome:
     "Returns the outcome of running the pipeline of `project` (default: the project of the working directory)."
-    from mlnb.core.config import require_project
     project = project or require_project()
     runner_options = {k: options.pop(k) for k in ("store", "executor", "jobs", "force", "wait", "on_event")
                       if k in options}

@@ -6,20 +6,43 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing.util import Finalize
 from pathlib import Path
+from queue import Empty
 from typing import Any
+
+from ..core.lazy import lazy_import, preload
+from .executors.base import quiet_slow_imports
+from .kernels.zygote import pid_alive, Zygote, zygote_kernel_manager, ZygoteError
 
 # %% auto #0
 __all__ = ['KERNEL_NAME', 'WORKER_PRELOAD', 'kernel_dir', 'ensure_kernel', 'kernel_env', 'kernel_folder', 'render_html',
            'start_kernel_ahead', 'warm_reports', 'launch_zygote', 'prepare_worker', 'StepTask', 'StepResult',
            'execute_step']
+
+# %% ../../nbs/pipeline/03_step.ipynb #293fa7b7
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+asyncio = lazy_import("asyncio")
+_jinja2 = lazy_import("jinja2")
+_jupyter_client_asynchronous = lazy_import("jupyter_client.asynchronous")
+_jupyter_client_manager = lazy_import("jupyter_client.manager")
+_jupyter_core_utils = lazy_import("jupyter_core.utils")
+_nbconvert = lazy_import("nbconvert")
+_papermill_exceptions = lazy_import("papermill.exceptions")
+nbformat = lazy_import("nbformat")
+papermill = lazy_import("papermill")
+zmq = lazy_import("zmq")
 
 # %% ../../nbs/pipeline/03_step.ipynb #874a4fdc
 KERNEL_NAME = "mlnb"
@@ -57,10 +80,7 @@ def kernel_folder() -> str:
     """Returns a new private folder for one kernel's sockets, connection file and history, named after this
     process. A process killed outright (SIGKILL, the OOM killer) cannot remove its kernels' folders: the first
     kernel folder a later process makes removes those of processes that no longer run."""
-    import re
-    import tempfile
 
-    from mlnb.pipeline.kernels.zygote import pid_alive
     root = tempfile.gettempdir()
     if not _SWEPT:
         _SWEPT.append(True)
@@ -74,13 +94,10 @@ def _ipc_kernel_manager():
     "Returns a jupyter_client kernel manager class: IPC transport on private socket paths, quick readiness."
     if "manager" in _CLASSES:
         return _CLASSES["manager"]
-    import asyncio
-    from queue import Empty
 
-    import zmq
 
-    from jupyter_client.asynchronous import AsyncKernelClient
-    from jupyter_client.manager import AsyncKernelManager
+    AsyncKernelClient = _jupyter_client_asynchronous.AsyncKernelClient
+    AsyncKernelManager = _jupyter_client_manager.AsyncKernelManager
 
     class QuickReadyClient(AsyncKernelClient):
         """Ready as soon as the kernel answers kernel_info and IOPub is quiet for 20 ms.
@@ -210,11 +227,9 @@ _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 
 def render_html(notebook_path: str | Path, html_path: str | Path, title: str | None = None) -> Path:
     "Returns `html_path` after rendering the notebook there as a self-contained, offline HTML page."
-    from mlnb.pipeline.executors.base import quiet_slow_imports
     quiet_slow_imports()
-    import nbformat
-    from jinja2 import DictLoader
-    from nbconvert import HTMLExporter
+    DictLoader = _jinja2.DictLoader
+    HTMLExporter = _nbconvert.HTMLExporter
     nb = nbformat.read(str(notebook_path), as_version=4)
     if title:
         nb.metadata["title"] = title
@@ -239,7 +254,7 @@ def start_kernel_ahead() -> None:
     "Launches the kernel the next step in this process will run on (it boots while the process does other work)."
     if _AHEAD.get("km") is not None:
         return
-    from jupyter_core.utils import run_sync
+    run_sync = _jupyter_core_utils.run_sync
     if _AHEAD.get("zygote") is not None:
         _AHEAD["km"] = km = _forked_kernel()
         if km is not None:
@@ -254,9 +269,8 @@ def _forked_kernel(after: list[str] | None = None, **start: Any):
     """Returns a kernel forked from this worker's zygote, with this process's environment (`after`: see
     `Zygote.fork`; `start`: more for `start_kernel`, such as `cwd`); None once the zygote is gone (said once on
     stderr: from then on kernels boot)."""
-    from jupyter_core.utils import run_sync
+    run_sync = _jupyter_core_utils.run_sync
 
-    from mlnb.pipeline.kernels.zygote import ZygoteError, zygote_kernel_manager
     km = zygote_kernel_manager(_ipc_kernel_manager(), _AHEAD["zygote"], after=after, kernel_name=ensure_kernel())
     try:
         run_sync(km.start_kernel)(env={**os.environ, **kernel_env()}, **start)
@@ -268,7 +282,7 @@ def _forked_kernel(after: list[str] | None = None, **start: Any):
 
 def _take_kernel_ahead():
     "Returns the kernel started ahead (None if there is none or it died)."
-    from jupyter_core.utils import run_sync
+    run_sync = _jupyter_core_utils.run_sync
     km = _AHEAD.pop("km", None)
     if km is not None and not run_sync(km.is_alive)():
         _shutdown(km, now=True)
@@ -277,7 +291,7 @@ def _take_kernel_ahead():
 
 def _shutdown(km, now: bool = False) -> None:
     "Shuts a kernel down (gracefully by default: mlnb inside it flushes its metrics at exit)."
-    from jupyter_core.utils import run_sync
+    run_sync = _jupyter_core_utils.run_sync
     try:
         run_sync(km.shutdown_kernel)(now=now)
     except Exception:  # noqa: BLE001 - a kernel that is already gone is shut down
@@ -286,7 +300,7 @@ def _shutdown(km, now: bool = False) -> None:
 def _run_silently(km, code: str, timeout: float | None = None) -> None:
     """Runs `code` in the kernel without output, history or an execution count; `timeout`: seconds to wait for
     the kernel to answer, at each stage (None: 120 s to be ready, 60 s to run)."""
-    from jupyter_core.utils import run_sync
+    run_sync = _jupyter_core_utils.run_sync
     client = km.client()
     client.start_channels()
     try:
@@ -299,7 +313,6 @@ def _run_silently(km, code: str, timeout: float | None = None) -> None:
 
 def _deafen():
     "Ignores Ctrl-C from now on, in the main thread; returns the handler to put back (None: nothing to put back)."
-    import signal
     try:
         return signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread, where no KeyboardInterrupt arrives anyway
@@ -308,9 +321,8 @@ def _deafen():
 def _cancel_pending() -> None:
     """Cancels what an interrupted papermill run left on this thread's event loop (nbclient's cell tasks),
     so that they do not wake up later to report the kernel gone ("Task exception was never retrieved")."""
-    import asyncio
 
-    from jupyter_core.utils import ensure_event_loop
+    ensure_event_loop = _jupyter_core_utils.ensure_event_loop
     loop = ensure_event_loop()
     pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
     for task in pending:
@@ -336,14 +348,12 @@ _RETIRING: list = []
 
 def _retire(km) -> None:
     "Shuts a used kernel down in the background (the worker can return its result meanwhile)."
-    import threading
     thread = threading.Thread(target=_shutdown, args=(km,), name="mlnb-kernel-shutdown")
     thread.start()
     _RETIRING.append(thread)
 
 def warm_reports() -> None:
     "Imports nbconvert and builds the report exporter, its templates compiled, by rendering an empty notebook."
-    import tempfile
     with tempfile.TemporaryDirectory() as folder:
         empty = Path(folder) / "empty.ipynb"
         empty.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
@@ -356,7 +366,6 @@ def launch_zygote(modules: list[str]):
     workers run (see `prepare_worker`); None when MLNB_FORK_KERNELS=0 (then every kernel boots)."""
     if os.environ.get("MLNB_FORK_KERNELS", "1") == "0":
         return None
-    from mlnb.pipeline.kernels.zygote import Zygote
     return Zygote(modules, env={**os.environ, **kernel_env()}).launch()
 
 def prepare_worker(zygote: dict | None = None, ahead: bool = True) -> None:
@@ -367,10 +376,7 @@ def prepare_worker(zygote: dict | None = None, ahead: bool = True) -> None:
     last (the wait overlaps the work); a booted kernel is launched first, to boot while the worker imports.
     With `ahead=False` no kernel is started ahead: each step's kernel is forked when the step starts, once the
     zygote has what its notebook imports (`StepTask.preload`)."""
-    import threading
-    from multiprocessing.util import Finalize
 
-    from mlnb.pipeline.executors.base import quiet_slow_imports
     quiet_slow_imports()
 
     def at_exit() -> None:
@@ -383,11 +389,10 @@ def prepare_worker(zygote: dict | None = None, ahead: bool = True) -> None:
     Finalize(None, at_exit, exitpriority=10)
 
     if zygote:
-        from mlnb.pipeline.kernels.zygote import Zygote
         _AHEAD["zygote"] = Zygote.attach(**zygote)
     elif ahead:
         start_kernel_ahead()
-    import papermill  # noqa: F401
+    preload("papermill")
     if "exporter" not in _CLASSES:  # not forked warm from the fork server (mlnb.pipeline.executors.preload)
         _CLASSES["warming"] = thread = threading.Thread(target=warm_reports, name="mlnb-warm-reports", daemon=True)
         thread.start()
@@ -468,19 +473,16 @@ def _time_limit(timeout: float | None) -> tuple[Any, dict[str, Any]]:
 
 def execute_step(task: StepTask) -> StepResult:
     "Returns the result of executing `task`'s notebook with papermill (never raises for a failing notebook)."
-    from mlnb.pipeline.executors.base import quiet_slow_imports
     quiet_slow_imports()
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+    PapermillExecutionError = _papermill_exceptions.PapermillExecutionError
     start = time.perf_counter()
-    import logging
     logging.getLogger("papermill").addFilter(_quiet_nbclient_lines)  # nbclient logs through papermill's logger
     env = {**task.env, **kernel_env()}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     result = StepResult(status="finished", executed=task.executed)
     Path(task.executed).parent.mkdir(parents=True, exist_ok=True)
-    from jupyter_core.utils import run_sync
+    run_sync = _jupyter_core_utils.run_sync
     km = _take_kernel_ahead() if task.warm else None
     deaf, deadline = None, lambda: math.inf
     result.phases["kernel_ahead"] = float(km is not None)
@@ -558,7 +560,6 @@ def execute_step(task: StepTask) -> StepResult:
         return result
     finally:
         if deaf is not None:
-            import signal
             signal.signal(signal.SIGINT, deaf)
 
 def _read_json(path: str) -> dict | None:

@@ -13,8 +13,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ..core.config import find_project, resolve_artifact_root, STATE_DIR
 from ..core.errors import ArtifactError
 from ..core.hashing import CHUNK, hash_bytes, hash_file
+from ..core.lazy import optional_import
+from .database import parse_store_url
 
 # %% auto #0
 __all__ = ['validate_artifact_name', 'guess_media_type', 'Blob', 'ArtifactStore', 'artifact_root_for', 'artifacts_for']
@@ -64,11 +67,7 @@ class ArtifactStore:
         return Path(self.root[len("file://"):] if self.root.startswith("file://") else self.root)
 
     def _fs(self):
-        try:
-            import fsspec
-        except ImportError:
-            from mlnb.core.errors import missing_dependency
-            raise missing_dependency("fsspec", f"The artifact store {self.root}") from None
+        fsspec = optional_import("fsspec", f"The artifact store {self.root}")
         return fsspec.core.url_to_fs(self.root)
 
     def uri(self, sha256: str) -> str:
@@ -163,13 +162,11 @@ class ArtifactStore:
 # %% ../../nbs/store/04_artifacts.ipynb #42e9f110
 def artifact_root_for(store, explicit: str | None = None) -> str:
     "Returns the artifact root for `store` and records it in the store the first time."
-    from mlnb.core.config import find_project, resolve_artifact_root, STATE_DIR
     chosen = resolve_artifact_root(explicit or store.artifact_root)
     recorded = store.get_meta("artifact_root")
     if chosen is None:
         chosen = recorded
     if chosen is None:
-        from mlnb.store.database import parse_store_url
         backend, target = parse_store_url(store.url)
         if backend == "sqlite" and target not in ("", ":memory:"):
             chosen = str(Path(target).resolve().parent / "artifacts")

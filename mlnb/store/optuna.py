@@ -11,16 +11,25 @@ import threading
 from pathlib import Path
 
 from ..core.errors import StoreError
+from ..core.lazy import lazy_import
+from .database import masked, parse_store_url
 from .runs import Store
 
 # %% auto #0
 __all__ = ['optuna_storage', 'optuna_schema_head']
 
+# %% ../../nbs/store/06_optuna.ipynb #027ec344
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_optuna_storages = lazy_import("optuna.storages")
+_optuna_storages__rdb = lazy_import("optuna.storages._rdb")
+_sqlalchemy = lazy_import("sqlalchemy")
+optuna = lazy_import("optuna")
+sa = lazy_import("sqlalchemy")
+
 # %% ../../nbs/store/06_optuna.ipynb #505935cf
 def optuna_storage(store: Store):
     "Returns an Optuna RDBStorage on the store's database (SQLite transactions made immediate)."
-    from sqlalchemy import event
-    from mlnb.store.database import parse_store_url
+    event = _sqlalchemy.event
     backend, target = parse_store_url(store.url)
     if backend == "sqlite":
         storage = _rdb_storage(store, f"sqlite:///{target}", engine_kwargs={"connect_args": {"timeout": 30}})
@@ -50,7 +59,7 @@ _DOWN_REVISION = re.compile(r"^down_revision\s*=\s*(?:None|[\"']([^\"']+)[\"'])"
 def optuna_schema_head() -> str | None:
     """Returns the newest revision of Optuna's storage schema, read from its migration scripts' text; None unless
     every script names its revision and the one before, and they make one chain with one head."""
-    from optuna.storages import _rdb
+    _rdb = _optuna_storages._rdb
     revisions, parents = set(), set()
     for path in (Path(_rdb.__file__).parent / "alembic" / "versions").glob("*.py"):
         text = path.read_text(encoding="utf-8")
@@ -66,15 +75,13 @@ def optuna_schema_head() -> str | None:
 @functools.cache
 def _version_table():
     "Returns alembic's version table, as alembic defines it."
-    import sqlalchemy as sa
     return sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32), nullable=False),
                     sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"))
 
 @functools.cache
 def _plain_sql_version_manager():
     "Returns a subclass of Optuna's storage version manager that reads and stamps the revision in plain SQL."
-    import sqlalchemy as sa
-    from optuna.storages._rdb import storage as rdb
+    rdb = _optuna_storages__rdb.storage
 
     class PlainSqlVersionManager(rdb._VersionManager):
         def _revisions(self) -> list[str] | None:
@@ -112,9 +119,7 @@ _OPENING = threading.Lock()
 def _rdb_storage(store: Store, url: str, **kwargs):
     """Returns optuna.storages.RDBStorage(url, **kwargs) on `store`'s database, its schema version checked without
     alembic; StoreError when Optuna's tables there are at another version than this Optuna's."""
-    import optuna
-    from optuna.storages._rdb import storage as rdb
-    from mlnb.store.database import masked
+    rdb = _optuna_storages__rdb.storage
     with _OPENING:  # the version manager Optuna's constructor uses, swapped for this one call
         optuna_manager, rdb._VersionManager = rdb._VersionManager, _plain_sql_version_manager()
         try:

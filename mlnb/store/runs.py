@@ -13,16 +13,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..core.config import resolve_store_url
+from ..core.errors import RunNotFound, SchemaError, StoreError, one_of
+from ..core.hashing import hash_json
+from ..core.lazy import lazy_import
 from . import database
 from .database import Database, Tx, connect, masked
-from ..core.errors import RunNotFound, SchemaError, StoreError, one_of
 
 # %% auto #0
 __all__ = ['RUN_STATUSES', 'STALE_FACTOR', 'STALE_GRACE', 'effective_status', 'RunRecord', 'to_json', 'Store', 'add_run_files',
            'file_history', 'find_cached', 'copy_results', 'open_store']
+
+# %% ../../nbs/store/03_runs.ipynb #f8edf793
+# The schema describes the tables with SQLAlchemy (0.15 s to import): loaded only to create or migrate a store
+_schema = lazy_import("mlnb.store.schema")
 
 # %% ../../nbs/store/03_runs.ipynb #35524fd0
 RUN_STATUSES = ("running", "finished", "failed", "killed", "crashed", "cached", "skipped", "pruned")
@@ -73,7 +80,6 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         "Returns the record as plain JSON-able data."
-        from dataclasses import asdict
         data = asdict(self)
         data["duration"] = self.duration
         data.pop("stored_status")
@@ -225,8 +231,7 @@ class _StoreCore:
                                   f"understands ({database.SCHEMA_VERSION}). Upgrade mlnb (pip install -U mlnb).")
             if found == database.SCHEMA_VERSION:
                 return
-            from mlnb.store.schema import migrate as apply_migrations
-            target = apply_migrations(tx, found)
+            target = _schema.migrate(tx, found)
             self._put_meta(tx, "schema_version", str(target))
             if found == 0:
                 self._put_meta(tx, "created_at", repr(time.time()))
@@ -289,7 +294,6 @@ class _StoreWrites(_StoreCore):
 
     def environment_id(self, env: dict[str, Any]) -> int:
         "Returns the id of the environment row for `env` (deduplicated by content hash)."
-        from mlnb.core.hashing import hash_json
         known = self._environment_ids.get(id(env))
         if known is not None and known[0] is env:  # the same captured dict as last time: skip hashing
             return known[1]
@@ -691,7 +695,6 @@ _FORK_HOOK: list[bool] = []
 
 def open_store(url: str | None = None) -> Store:
     "Returns the opened store for `url` (default: $MLNB_STORE, the project's `store:`, or .mlnb/mlnb.db)."
-    from mlnb.core.config import resolve_store_url
     resolved = resolve_store_url(url)
     with _OPEN_LOCK:
         if not _FORK_HOOK:  # registered on first use: importing mlnb changes nothing

@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
+from ..core.lazy import lazy_import
 from . import database
 from .database import Tx
+
 
 metadata = sa.MetaData()
 _fk_run = lambda: sa.ForeignKey("mlnb_runs.id", ondelete="CASCADE")
@@ -115,6 +117,11 @@ __all__ = ['metadata', 'meta_table', 'experiments_table', 'environments_table', 
            'schedules_table', 'occurrences_table', 'models_table', 'model_versions_table', 'model_aliases_table',
            'model_events_table', 'MIGRATIONS', 'create_tables', 'migrate']
 
+# %% ../../nbs/store/02_schema.ipynb #637073ed
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_sqlalchemy_dialects = lazy_import("sqlalchemy.dialects")
+_sqlalchemy_schema = lazy_import("sqlalchemy.schema")
+
 # %% ../../nbs/store/02_schema.ipynb #d1044a93
 schedules_table = sa.Table("mlnb_schedules", metadata,
     sa.Column("name", sa.String(255), primary_key=True),
@@ -170,14 +177,15 @@ model_events_table = sa.Table("mlnb_model_events", metadata,
 # %% ../../nbs/store/02_schema.ipynb #c27d7d70
 def _dialect(backend: str):
     if backend == "postgresql":
-        from sqlalchemy.dialects import postgresql
+        postgresql = _sqlalchemy_dialects.postgresql
         return postgresql.dialect()
-    from sqlalchemy.dialects import sqlite
+    sqlite = _sqlalchemy_dialects.sqlite
     return sqlite.dialect()
 
 def create_tables(tx: Tx, *tables: sa.Table) -> None:
     "Creates tables (and their indexes) that do not exist yet, with DDL for the transaction's backend."
-    from sqlalchemy.schema import CreateIndex, CreateTable
+    CreateIndex = _sqlalchemy_schema.CreateIndex
+    CreateTable = _sqlalchemy_schema.CreateTable
     dialect = _dialect(tx.backend)
     for table in tables:
         tx.execute(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))

@@ -15,18 +15,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.config import Project
-from ..pipeline.dag import Pipeline, check_params
 from ..core.errors import RunNotFound, did_you_mean, one_of
-from ..store.optuna import optuna_storage
+from ..core.lazy import lazy_import, preload
+from ..pipeline.dag import Pipeline, check_params
+from ..pipeline.executors.base import get_executor, StopRequests
+from ..pipeline.kernels.zygote import notebook_forks_warm, notebook_preload, ZygoteError
 from ..pipeline.runner import PipelineRunner, ProjectLock
+from ..pipeline.step import launch_zygote, WORKER_PRELOAD
+from ..store.optuna import optuna_storage
 from ..store.runs import Store, open_store
 from .study import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, failed_study_error,
                         finished_trials, ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,
                         parse_objective, remember_importances, tell_trial, trial_rows)
+from ..tracking.run import start_run
 
 # %% auto #0
 __all__ = ['SweepSpec', 'sweep_from_config', 'check_sweep', 'SweepRunner', 'trial_updates']
+
+# %% ../../nbs/sweep/02_runner.ipynb #0e43411f
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+optuna = lazy_import("optuna")
 
 # %% ../../nbs/sweep/02_runner.ipynb #a88c8980
 @dataclass
@@ -178,8 +187,6 @@ class SweepRunner:
 
     def run(self) -> StudyResult:
         "Runs trials until the study has `trials` finished ones (or the time budget is spent)."
-        from mlnb.pipeline.executors.base import get_executor
-        from mlnb.tracking.run import start_run
         spec = self.spec
         with ProjectLock(self.project):
             pipeline = Pipeline(self.project)
@@ -194,7 +201,6 @@ class SweepRunner:
             # first: its imports are the longest part of the start; the store opens (or is created) meanwhile
             zygote = self.zygote = self._launch_zygote(pipeline) if spec.executor == "local" else None
             if spec.executor == "local":
-                from mlnb.pipeline.step import WORKER_PRELOAD
                 options.update(prepare=("mlnb.pipeline.step:prepare_worker", {"zygote": zygote and zygote.address}),
                                preload=WORKER_PRELOAD)
             status = "failed"
@@ -203,7 +209,6 @@ class SweepRunner:
                 self.executor = get_executor(spec.executor, **options).warm()
                 self.store = self.store or open_store(self.store_url)
                 self.store.mark_crashed()
-                import optuna
                 # A study reused with another space fails here, before any step runs; one already at its
                 # target runs nothing, not even the steps before it.
                 storage = optuna_storage(self.store)
@@ -264,7 +269,6 @@ class SweepRunner:
             return
         self._ranking_readied = True
         if self.zygote is not None and self.zygote.alive:
-            from mlnb.pipeline.kernels.zygote import ZygoteError
             try:  # (in a sweep of no more trials than jobs, this waits for the zygote to listen, as they do)
                 self._helper = self.zygote.helper("mlnb.sweep.study:importances_of")
                 return
@@ -283,7 +287,6 @@ class SweepRunner:
                 return known
             ranked = None
             if helper is not None:
-                from mlnb.pipeline.kernels.zygote import ZygoteError
                 try:
                     ranked = helper.call(importance_inputs(self.study))
                 except ZygoteError:
@@ -307,15 +310,12 @@ class SweepRunner:
         """Returns the kernel zygote the trials' kernels are forked from, launched now (it imports what the
         trial notebooks start by importing while the sweep sets up), or None when MLNB_FORK_KERNELS=0 or when a
         trial runs several steps and one of them changes the environment before an import."""
-        from mlnb.pipeline.kernels.zygote import notebook_forks_warm, notebook_preload
-        from mlnb.pipeline.step import launch_zygote
         notebooks = [pipeline.steps[step].notebook for step in self.trial_steps]
         if len(notebooks) > 1 and not all(notebook_forks_warm(n) for n in notebooks):
             return None  # one step's preload would be in every trial kernel (see `edits_before_import`): boot them
         return launch_zygote(list(dict.fromkeys(m for n in notebooks for m in notebook_preload(n, self.project.root))))
 
     def _loop(self, optuna, jobs: int) -> str:
-        from mlnb.pipeline.executors.base import StopRequests
         spec, started = self.spec, time.monotonic()
         running: dict[cf.Future, _Trial] = {}
         pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mlnb-trial")
@@ -436,7 +436,6 @@ class SweepRunner:
 
     def _completed_curves(self, metrics: list[str]) -> dict[int, list]:
         "Returns the objective curves of the study's completed trials (read once each)."
-        import optuna
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if t.number not in self._curves:
                 run_id = t.user_attrs.get("mlnb_metrics_run_id") or t.user_attrs.get("mlnb_step_run_id")
@@ -503,15 +502,13 @@ class SweepRunner:
 def _import_ranking() -> None:
     "Imports what `param_importances` needs (scikit-learn's forests: ~1.5 s of CPU)."
     try:
-        import optuna.importance  # noqa: F401
-        import sklearn.ensemble  # noqa: F401
+        preload("optuna.importance", "sklearn.ensemble")
     except ImportError:  # reported, if it matters, when the importances are computed
         pass
 
 # %% ../../nbs/sweep/02_runner.ipynb #f68d18cb
 def trial_updates(study, number: int | None) -> tuple[int, dict[str, dict[str, Any]]]:
     "Returns (trial number, {step: {param: value}}) for the best trial, or trial `number`."
-    import optuna
     signature = study.user_attrs.get("mlnb_signature") or {}
     step = signature.get("step")
     if not step:

@@ -6,17 +6,25 @@
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import html
+import itertools
 import json
 import math
+import random
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import SweepError, did_you_mean, one_of
+from ..core.lazy import lazy_import
+from ..pipeline.executors.base import StopRequests
 from ..store.optuna import optuna_storage
 from ..store.runs import Store, open_store
 from ..tracking.pruning import report_to_trial, reporting_to
+from ..tracking.run import start_run
 
 # %% auto #0
 __all__ = ['Curve', 'Param', 'parse_param', 'param_from_config', 'Objective', 'parse_objective', 'objective_values',
@@ -25,6 +33,15 @@ __all__ = ['Curve', 'Param', 'parse_param', 'param_from_config', 'Objective', 'p
            'fail_interrupted', 'current_trial', 'StudyResult', 'trial_counts', 'trial_rows', 'optimize',
            'failed_study_error', 'param_importances', 'importance_inputs', 'importances_of', 'remember_importances',
            'known_importances', 'study_importances']
+
+# %% ../../nbs/sweep/01_study.ipynb #7bf2e27f
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_optuna_distributions = lazy_import("optuna.distributions")
+_optuna_study__tell = lazy_import("optuna.study._tell")
+_optuna_trial = lazy_import("optuna.trial")
+optuna = lazy_import("optuna")
+pd = lazy_import("pandas")
+yaml = lazy_import("yaml")
 
 # %% ../../nbs/sweep/01_study.ipynb #cc692050
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -78,7 +95,6 @@ def parse_param(spec: str, name: str | None = None) -> Param:
         raise SweepError(f"{where}: unknown kind {kind_text!r}.{did_you_mean(kind_text, _KINDS)} "
                          f"Kinds: {one_of(_KINDS)}.")
     if kind == "categorical":
-        import yaml
         choices = tuple(yaml.safe_load(c) if c.strip() else c for c in rest.split(",")) if rest.strip() else ()
         if not choices:
             raise SweepError(f"{where}: a categorical needs at least one choice, e.g. {name}=categorical:relu,tanh")
@@ -159,7 +175,6 @@ _PRUNERS = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "pareto": 
 
 def make_sampler(name: str | None, space: Sequence[Param], n_objectives: int, seed: int | None = None):
     "Returns an Optuna sampler by name (default: TPE for one objective, NSGA-II for several)."
-    import optuna
     name = (name or ("tpe" if n_objectives == 1 else "nsga2")).lower()
     if name not in _SAMPLERS:
         raise SweepError(f"Unknown sampler {name!r}.{did_you_mean(name, _SAMPLERS)} Samplers: {one_of(_SAMPLERS)}.")
@@ -171,8 +186,6 @@ def make_sampler(name: str | None, space: Sequence[Param], n_objectives: int, se
 def grid_points(space: Sequence[Param], seed: int | None = None) -> list[dict[str, Any]]:
     """Returns every combination of a grid sweep's values, shuffled by `seed` (a study of fewer trials than
     points then covers the grid evenly, not its first rows); SweepError for a dimension without finite values."""
-    import itertools
-    import random
     values = {}
     for p in space:
         if p.kind == "categorical":
@@ -205,7 +218,6 @@ def _point_key(params: Mapping[str, Any]) -> str:
 def open_points(study, grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Returns the grid's points no trial holds: none finished there (an interrupted trial does not count,
     so a resumed sweep runs its point again) and none is running there."""
-    import optuna
     held = [t.params for t in finished_trials(study)]
     held += [t.params for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
     keys = {_point_key(params) for params in held}
@@ -226,7 +238,7 @@ def tell_trial(study, trial, values: Sequence[float] | None = None, state=None) 
     """Records how `trial` ended, as `study.tell` does, without what `study.tell` adds for its return value: a
     second read of the trial (a transaction of 6 statements) and a deep copy of it, ~1.5 ms a trial. Optuna's own
     `optimize` loop calls the same internal function (Optuna is pinned; the tests cover this call)."""
-    from optuna.study._tell import _tell_with_warning
+    _tell_with_warning = _optuna_study__tell._tell_with_warning
     _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
 
 def check_pruner(name: str | None, n_objectives: int = 1) -> str:
@@ -245,7 +257,6 @@ def check_pruner(name: str | None, n_objectives: int = 1) -> str:
 def make_pruner(name: str | None, n_objectives: int = 1):
     """Returns the Optuna pruner `check_pruner` names. For pareto, Optuna's is a no-op: the sweep
     runner prunes (`ParetoPruner`)."""
-    import optuna
     name = check_pruner(name, n_objectives)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
@@ -301,7 +312,6 @@ def open_study(name: str, space: Sequence[Param], objectives: Sequence[Objective
                seed: int | None = None, storage=None):
     """Returns the Optuna study `name` in the store, created now or resumed (the same space and objectives only).
     `storage`: the store's `optuna_storage`, if the caller has it already."""
-    import optuna
     storage = storage or optuna_storage(store)
     existing = existing_study(name, space, objectives, store, step=step, storage=storage)
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
@@ -319,7 +329,6 @@ def existing_study(name: str, space: Sequence[Param], objectives: Sequence[Objec
                    step: str | None = None, storage=None):
     """Returns the study `name` if the store has it (None if not), after checking it was made with this
     space, these objectives and this step; creates nothing, so a sweep can check before it does any work."""
-    import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         existing = optuna.load_study(study_name=name, storage=storage or optuna_storage(store))
@@ -334,14 +343,12 @@ def existing_study(name: str, space: Sequence[Param], objectives: Sequence[Objec
 
 def finished_trials(study) -> list:
     "Returns the trials that count as done: complete, pruned, or failed (but not interrupted)."
-    import optuna
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     return [t for t in study.get_trials(deepcopy=False)
             if t.state in done and t.user_attrs.get("mlnb_status") != "killed"]
 
 def fail_interrupted(study) -> int:
     "Marks trials left RUNNING by an interrupted sweep as failed (interrupted); returns how many."
-    import optuna
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(trial._trial_id, "mlnb_status", "killed")
@@ -381,7 +388,6 @@ class StudyResult:
 
     def frame(self):
         "Returns the trials as a DataFrame: number, state (killed for an interrupted one), objectives, params., run_id."
-        import pandas as pd
         names = self.objectives
         return pd.DataFrame([{"number": t["number"], "state": t["status"] or t["state"],
                               **dict(zip(names, t["values"] or [None] * len(names), strict=True)),
@@ -408,7 +414,6 @@ class StudyResult:
         return "\n".join([head, *(lines or ["  none completed"])])
 
     def _repr_html_(self) -> str:
-        import html
         head, best = self._summary()
         table = (self.frame().loc[lambda f: f["number"].isin([t["number"] for t in best])].to_html(index=False)
                  if best else "<p>none completed</p>")
@@ -435,8 +440,6 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
              pruner: str | None = None, timeout: float | None = None, seed: int | None = None) -> StudyResult:
     """Returns the result of a study whose trials run `fn(params)` as tracked mlnb runs, until it has `trials`
     finished ones (default 100; with only a `timeout`, as many as it allows)."""
-    import optuna
-    from mlnb.tracking.run import start_run
     store = store if isinstance(store, Store) else open_store(store)
     if isinstance(space, Mapping):
         space = [param_from_config(k, v) for k, v in space.items()]
@@ -452,7 +455,6 @@ def optimize(fn: Callable[[dict], Any], space: Sequence[Param | str] | Mapping[s
     trials = trial_target(trials, timeout, grid, default=100)
     done = len(finished_trials(opt))  # counted once: asking the storage every trial would cost O(trials)
     outcomes: list[str] = []  # how each trial this call ran ended
-    from mlnb.pipeline.executors.base import StopRequests
     # Ctrl-C (a kernel's interrupt): raised in `fn` or between trials, never inside a store or Optuna write
     with StopRequests() as stops:
         try:
@@ -523,9 +525,7 @@ def _run_trial(fn, opt, trial, params, objectives, study_run, store, name, start
 # %% ../../nbs/sweep/01_study.ipynb #7a41d2e8
 def param_importances(study) -> dict[str, dict[str, float]]:
     "Returns each objective's parameter importances (Optuna's fANOVA, seed 0); an objective it cannot rank is left out."
-    import warnings
 
-    import optuna
     result = {}
     objectives = study.user_attrs.get("mlnb_signature", {}).get("objectives") or [
         f"objective{i}" for i in range(len(study.directions))]
@@ -543,8 +543,8 @@ def param_importances(study) -> dict[str, dict[str, float]]:
 
 def importance_inputs(study) -> dict[str, Any]:
     "Returns what `param_importances` reads of a study (its complete trials), as JSON-ready data."
-    from optuna.distributions import distribution_to_json
-    from optuna.trial import TrialState
+    distribution_to_json = _optuna_distributions.distribution_to_json
+    TrialState = _optuna_trial.TrialState
     return {"directions": [d.name.lower() for d in study.directions],
             "objectives": study.user_attrs.get("mlnb_signature", {}).get("objectives"),
             "trials": [{"params": t.params, "values": t.values,
@@ -553,8 +553,7 @@ def importance_inputs(study) -> dict[str, Any]:
 
 def importances_of(inputs: dict[str, Any]) -> dict[str, dict[str, float]]:
     "Returns `param_importances` of the study `inputs` (from `importance_inputs`) describes: for another process."
-    import optuna
-    from optuna.distributions import json_to_distribution
+    json_to_distribution = _optuna_distributions.json_to_distribution
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=inputs["directions"])
     if inputs["objectives"]:
@@ -568,9 +567,8 @@ _RANKING = "fanova-seed0"  # how they are ranked: a stored ranking made another 
 
 def _ranking_key(study) -> str:
     "Identifies what a ranking of `study` is made from: its complete trials, and how it ranks."
-    import hashlib
 
-    from optuna.trial import TrialState
+    TrialState = _optuna_trial.TrialState
     numbers = ",".join(str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     return hashlib.sha1(f"{_RANKING}:{numbers}".encode()).hexdigest()
 
@@ -591,7 +589,6 @@ def study_importances(study, remember: bool = False) -> dict[str, dict[str, floa
         return known
     ranked = param_importances(study)
     if remember:
-        import optuna
         try:
             remember_importances(study, ranked)
         except optuna.exceptions.StorageInternalError:

@@ -14,11 +14,17 @@ import sys
 import threading
 import time
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..core.lazy import lazy_import
+
 # %% auto #0
 __all__ = ['installed_packages', 'capture_environment', 'git_info', 'current_source', 'seed_everything', 'take_pending_seed']
+
+# %% ../../nbs/tracking/01_environment.ipynb #e1c8adc2
+np = lazy_import("numpy")  # seeded when it is installed, imported only by `seed_everything`
 
 # %% ../../nbs/tracking/01_environment.ipynb #5877ff1a
 def installed_packages() -> list[str]:
@@ -27,7 +33,6 @@ def installed_packages() -> list[str]:
     Reads the names of `*.dist-info` folders (`name-version.dist-info`), which costs a directory
     listing, instead of parsing every package's METADATA file (a quarter of a second for the
     300 packages of a data-science environment); other installs fall back to their metadata."""
-    from importlib import metadata
     seen: dict[str, str] = {}
     for entry in sys.path:
         try:
@@ -109,9 +114,8 @@ def seed_everything(seed: int) -> int:
     random.seed(seed)
     os.environ["PL_GLOBAL_SEED"] = str(seed)
     try:
-        import numpy as np
         np.random.seed(seed % (2**32))
-    except ImportError:
+    except ImportError:  # numpy is not installed: nothing to seed
         pass
     torch = sys.modules.get("torch")
     if torch is not None:

@@ -20,9 +20,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ArtifactError, MlnbError
+from ..core.config import find_project
+from ..core.errors import ArtifactError, did_you_mean, MlnbError, one_of
+from ..core.lazy import lazy_import
 from ..store.artifacts import ArtifactStore, artifacts_for, guess_media_type, validate_artifact_name
-from ..store.runs import Store, open_store
+from ..store.query import available_fields, compile_where
+from ..store.runs import _json_default, open_store, Store
 from .environment import capture_environment, current_source, git_info, take_pending_seed
 from .mirrors import start_mirrors
 
@@ -30,6 +33,11 @@ from .mirrors import start_mirrors
 __all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'Run', 'read_output', 'start_run', 'active_run', 'stop_requested', 'flush_all',
            'log_metric', 'log_metrics', 'log_param', 'log_params', 'log_artifact', 'log_model', 'output', 'set_tags',
            'set_tag', 'end_run', 'load_model', 'Upstream', 'upstream', 'runs_frame']
+
+# %% ../../nbs/tracking/02_run.ipynb #c86a5afb
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+np = lazy_import("numpy")
+pd = lazy_import("pandas")
 
 # %% ../../nbs/tracking/02_run.ipynb #b2369b98
 FLUSH_SIZE = 5_000          # wake the flusher when a buffer holds this many points
@@ -255,7 +263,6 @@ class Run:
                                  media_type="application/x-python-pickle")
         for table, suffix in ((eval_data, "eval"), (reference_data, "reference")):
             if table is not None:
-                import pandas as pd
                 frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(
                     table, columns=[f"x{i}" for i in range(getattr(table, "shape", (0, 0))[1])])
                 buf = io.BytesIO()
@@ -326,19 +333,16 @@ def _encode_output(value: Any) -> tuple[str, str | None, bytes | None, str]:
     "Returns (kind, JSON text or description, bytes to store or None, file suffix) for an output value."
     module = type(value).__module__
     if module.startswith("pandas"):
-        import pandas as pd
         frame = value.to_frame() if isinstance(value, pd.Series) else value
         if isinstance(frame, pd.DataFrame):
             buf = io.BytesIO()
             frame.to_parquet(buf)
             return "dataframe", json.dumps(f"DataFrame {frame.shape[0]}x{frame.shape[1]}"), buf.getvalue(), ".parquet"
     if module == "numpy" and type(value).__name__ == "ndarray":
-        import numpy as np
         buf = io.BytesIO()
         np.save(buf, value, allow_pickle=False)
         return "ndarray", json.dumps(f"array {value.dtype} {tuple(value.shape)}"), buf.getvalue(), ".npy"
     try:
-        from mlnb.store.runs import _json_default
         text = json.dumps(value, allow_nan=True, default=_json_default if module == "numpy" else None)
         return "json", text, None, ""
     except (TypeError, ValueError):
@@ -348,7 +352,6 @@ def read_output(record, name: str, store: Store | None = None) -> Any:
     "Returns the value of output `name` of a run record (decoding frames, arrays and pickles)."
     store = store or open_store()
     if name not in record.outputs:
-        from mlnb.core.errors import did_you_mean, one_of
         raise MlnbError(f"Run {record.id[:8]} ({record.name}) has no output {name!r}."
                         f"{did_you_mean(name, record.outputs)} Its outputs: {one_of(record.outputs)}.")
     out = record.outputs[name]
@@ -356,10 +359,8 @@ def read_output(record, name: str, store: Store | None = None) -> Any:
         return out["value"]
     data = artifacts_for(store).read_bytes(out["sha256"])
     if out["kind"] == "dataframe":
-        import pandas as pd
         return pd.read_parquet(io.BytesIO(data))
     if out["kind"] == "ndarray":
-        import numpy as np
         return np.load(io.BytesIO(data), allow_pickle=False)
     return pickle.loads(data)
 
@@ -373,7 +374,6 @@ def start_run(name: str | None = None, params: Mapping[str, Any] | None = None,
     `columns` sets other run fields (cache_key, code_hash, ...) for the pipeline machinery."""
     store = store if isinstance(store, Store) else open_store(store)
     source = notebook or current_source()
-    from mlnb.core.config import find_project
     try:
         project = find_project()
     except MlnbError:
@@ -501,7 +501,6 @@ def load_model(run: str, name: str = "model", store: str | Store | None = None) 
     for art in record.artifacts:
         if art["name"] == wanted:
             return pickle.loads(artifacts_for(store).read_bytes(art["sha256"]))
-    from mlnb.core.errors import one_of
     names = one_of(a["name"] for a in record.artifacts)
     raise ArtifactError(f"Run {record.id[:8]} has no model {name!r} (artifacts: {names}). "
                         "Log one with mlnb.log_model(model).")
@@ -533,8 +532,6 @@ class Upstream(Mapping):
 
 def upstream(step: str) -> Upstream:
     "Returns the results of upstream step `step` (in a pipeline run: the run it used; else its newest good run)."
-    from mlnb.core.config import find_project
-    from mlnb.core.errors import did_you_mean, one_of
     store = open_store(os.environ.get("MLNB_STORE") or None)
     root = Path(os.environ["MLNB_PROJECT"]) if os.environ.get("MLNB_PROJECT") else None
     if root is None:
@@ -555,11 +552,9 @@ def upstream(step: str) -> Upstream:
 def runs_frame(store: str | Store | None = None, *, kind: str | None = None, status: str | None = None,
                where: str | None = None, limit: int | None = None):
     "Returns a pandas DataFrame of runs (newest first) with params.* and metrics.* (last value) columns."
-    import pandas as pd
     store = store if isinstance(store, Store) else open_store(store)
     if not where:
         return pd.DataFrame(store.frame_columns(kind=kind, status=status, limit=limit))
-    from mlnb.store.query import available_fields, compile_where
     records = store.list_runs(kind=kind, status=status)
     predicate = compile_where(where, available_fields(records))
     ids = [r.id for r in records if predicate(r)][: limit or None]
@@ -631,7 +626,6 @@ _UNKNOWN = object()
 def _make_sinks(run: Run, params: Mapping[str, Any], project: Any = _UNKNOWN) -> list:
     "Returns the mirrors the project asks for (see `mlnb.tracking.mirrors`), started for `run`."
     if project is _UNKNOWN:
-        from mlnb.core.config import find_project
         try:
             project = find_project()
         except MlnbError:

@@ -9,8 +9,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import plotly.graph_objects as go
+
+from ..core.lazy import lazy_import
+
 
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "height": 380}
 
@@ -25,6 +26,12 @@ def _short(run_id: str, name: str | None) -> str:
 # %% auto #0
 __all__ = ['curves_figure', 'parallel_figure', 'pareto_figure', 'importance_figure', 'beeswarm_figure', 'waterfall_figure',
            'lime_figure']
+
+# %% ../../nbs/ui/02_charts.ipynb #ee68fd3e
+go = lazy_import("plotly.graph_objects")
+np = lazy_import("numpy")
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+pd = lazy_import("pandas")
 
 # %% ../../nbs/ui/02_charts.ipynb #348df469
 def curves_figure(histories: Mapping[str, tuple[str | None, list[tuple[int, float, float]]]], metric: str) -> go.Figure:
@@ -42,7 +49,6 @@ def curves_figure(histories: Mapping[str, tuple[str | None, list[tuple[int, floa
 
 def parallel_figure(frame, params: Sequence[str], metric: str | None) -> go.Figure:
     "Returns parallel coordinates over `params` (categorical ones as codes) and a metric that colours the lines."
-    import pandas as pd
     fig = _figure("parallel", f"params and {metric or 'runs'}", height=420)
     dimensions = []
     for column in [*params, *([metric] if metric else [])]:
@@ -97,7 +103,6 @@ def importance_figure(explanation, top: int = 15) -> go.Figure:
 
 def beeswarm_figure(explanation, top: int = 12) -> go.Figure:
     "Returns each explained row's SHAP value per feature, coloured by the feature's value (low blue, high red)."
-    import pandas as pd
     features = list(explanation.importance().head(top).index)[::-1]
     fig = _figure("beeswarm", "SHAP values per row (colour: feature value)", height=max(320, 28 * len(features)),
                   xaxis_title=f"SHAP value ({explanation.output})")

@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import html
 import math
+import time as _time
 from typing import Any
 
-import ipywidgets as w
 
 from ..core.errors import MlnbError
+from ..core.lazy import lazy_import
+from ..integrations.explain.api import explain_run, Explanation, run_models
+from ..store.artifacts import artifacts_for
+from ..store.database import masked
+from ..store.optuna import optuna_storage
+from ..store.query import available_fields, compile_where
 from ..store.runs import Store, open_store
+from ..sweep.study import trial_rows
+from .charts import (beeswarm_figure, curves_figure, importance_figure, lime_figure, parallel_figure,
+                            pareto_figure, waterfall_figure)
+
 
 _STATUSES = ["any", "running", "finished", "failed", "killed", "crashed", "cached", "skipped", "pruned"]
 _KINDS = ["any", "run", "interactive", "pipeline", "step", "study", "trial"]
@@ -37,6 +47,14 @@ def _note(text: str, kind: str = "note") -> str:
 # %% auto #0
 __all__ = ['RunsPanel', 'panel']
 
+# %% ../../nbs/ui/03_panel.ipynb #44d43430
+w = lazy_import("ipywidgets")
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_IPython = lazy_import("IPython")
+_IPython_display = lazy_import("IPython.display")
+optuna = lazy_import("optuna")
+pd = lazy_import("pandas")
+
 # %% ../../nbs/ui/03_panel.ipynb #4d8e6486
 class RunsPanel:
     "The experiment panel over one store; `panel()` builds and shows it."
@@ -51,7 +69,6 @@ class RunsPanel:
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
-        from mlnb.store.database import masked
         self._busy = 0
         self.refresh_button = w.Button(description="Refresh", icon="refresh", tooltip="Reload runs from the store")
         self.refresh_button.on_click(lambda _: self.refresh())
@@ -135,13 +152,12 @@ class RunsPanel:
             self._busy -= 1
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
+        display = _IPython_display.display
         display(self.widget)
 
     # -- runs --------------------------------------------------------------------------------
     def refresh(self) -> None:
         "Reloads the runs (and everything shown about the selection) from the store."
-        import pandas as pd
         try:
             self.frame = pd.DataFrame(self.store.frame_columns())
         except MlnbError as e:
@@ -172,7 +188,6 @@ class RunsPanel:
         if self.status.value != "any":
             frame = frame[frame["status"] == self.status.value]
         if self.where.value.strip():
-            from mlnb.store.query import available_fields, compile_where
             records = self.store.list_runs()
             predicate = compile_where(self.where.value, available_fields(records))
             keep = {r.id for r in records if predicate(r)}
@@ -209,7 +224,6 @@ class RunsPanel:
         self._on_select()
 
     def _table_html(self, frame) -> str:
-        import time as _time
         params = [c for c in frame.columns if c.startswith("params.") and frame[c].astype(str).nunique() > 1][:4]
         counts = {c: int(frame[c].notna().sum()) for c in frame.columns if c.startswith("metrics.")}
         metrics = sorted((c for c, n in counts.items() if n), key=lambda c: (-counts[c], c))[:4]  # the most logged
@@ -241,8 +255,8 @@ class RunsPanel:
         return out
 
     def _show(self, output: w.Output, name: str, figure) -> None:
-        from IPython import get_ipython
-        from IPython.display import display
+        get_ipython = _IPython.get_ipython
+        display = _IPython_display.display
         self.figures[name] = figure
         if get_ipython() is None:
             return  # no kernel to show it in (a script or a benchmark): keep the figure only
@@ -255,7 +269,6 @@ class RunsPanel:
         keys = sorted({k for r in records for k in r.metrics})
         self._set(self.metric, keys, self.metric.value)
         self._show_compare()
-        from mlnb.integrations.explain.api import run_models
         with_models = [(f"{r.id[:8]} {r.name or ''} ({r.kind})", r.id) for r in records if run_models(r)]
         self._set(self.explain_run, with_models, self.explain_run.value)
         if with_models:
@@ -270,7 +283,6 @@ class RunsPanel:
             self._set(self.row, [])
 
     def _show_compare(self) -> None:
-        from mlnb.ui.charts import curves_figure
         records = self.selected()
         if not records:
             self.curves.clear_output()
@@ -303,7 +315,6 @@ class RunsPanel:
                                "</table>")
 
     def _show_parallel(self) -> None:
-        from mlnb.ui.charts import parallel_figure
         frame = self.visible() if self.frame is not None and len(self.frame) else None
         if frame is None or not len(frame):
             self.parallel.clear_output()
@@ -322,10 +333,6 @@ class RunsPanel:
             self.pareto.clear_output()
             self._set(self.study_trial, [])
             return
-        import optuna
-        from mlnb.ui.charts import pareto_figure
-        from mlnb.store.optuna import optuna_storage
-        from mlnb.sweep.study import trial_rows
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             study = optuna.load_study(study_name=self.study.value, storage=optuna_storage(self.store))
@@ -359,7 +366,6 @@ class RunsPanel:
 
     # -- explanations ------------------------------------------------------------------------
     def _models_of_run(self) -> None:
-        from mlnb.integrations.explain.api import run_models
         run_id = self.explain_run.value
         if not run_id:
             return
@@ -369,8 +375,6 @@ class RunsPanel:
 
     def _stored_explanation(self):
         "Returns the newest stored explanation of the chosen run and model, or None."
-        from mlnb.store.artifacts import artifacts_for
-        from mlnb.integrations.explain.api import Explanation
         run_id, model = self.explain_run.value, self.explain_model.value
         record = self.store.get_run(run_id)
         self.records[run_id] = record
@@ -381,7 +385,6 @@ class RunsPanel:
         return Explanation.from_bytes(artifacts_for(self.store).read_bytes(newest["sha256"]))
 
     def _show_explanation(self) -> None:
-        from mlnb.ui.charts import beeswarm_figure, importance_figure
         run_id, model = self.explain_run.value, self.explain_model.value
         if not run_id or not model:
             return
@@ -407,7 +410,6 @@ class RunsPanel:
         self._show_row()
 
     def _compute_explanation(self) -> None:
-        from mlnb.integrations.explain.api import explain_run
         self.explain_note.value = _note("Computing the explanation...")
         try:
             explain_run(self.explain_run.value, model=self.explain_model.value, store=self.store, lime_rows=[0])
@@ -417,12 +419,10 @@ class RunsPanel:
         self._show_explanation()
 
     def _show_row(self) -> None:
-        from mlnb.ui.charts import lime_figure, waterfall_figure
         e, row = getattr(self, "explanation", None), self.row.value
         if e is None or row is None:
             return
         if row not in e.lime:  # LIME for this row: computed now, stored with the run
-            from mlnb.integrations.explain.api import explain_run
             try:
                 self.explanation = e = explain_run(self.explain_run.value, rows=[row], model=self.explain_model.value,
                                                    store=self.store, lime_rows=[row])[0]

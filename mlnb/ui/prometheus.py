@@ -8,7 +8,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..core.errors import MlnbError
+from ..core.lazy import lazy_import
 from ..store.runs import Store, effective_status
+
 
 class StoreCollector:
     "A prometheus_client collector that reads the store at each scrape."
@@ -25,7 +28,8 @@ class StoreCollector:
         return self.store.read(self._families, "reading the metrics")
 
     def _families(self, tx) -> list:
-        from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+        GaugeMetricFamily = _prometheus_client_core.GaugeMetricFamily
+        SummaryMetricFamily = _prometheus_client_core.SummaryMetricFamily
         now = time.time()
         runs = GaugeMetricFamily("mlnb_runs", "Runs in the store by kind and status", labels=["kind", "status"])
         for (kind, status), count in sorted(self._run_counts(tx, now).items()):
@@ -59,7 +63,7 @@ class StoreCollector:
         return [(name, int(c), t, n) for name, (c, t, n) in sorted(stats.items())]
 
     def _schedules(self, tx):
-        from prometheus_client.core import GaugeMetricFamily
+        GaugeMetricFamily = _prometheus_client_core.GaugeMetricFamily
         counts = GaugeMetricFamily("mlnb_schedule_occurrences", "Occurrences of each schedule by status",
                                    labels=["schedule", "status"])
         for schedule, status, n in tx.query("SELECT schedule, status, COUNT(*) FROM mlnb_schedule_occurrences "
@@ -83,7 +87,7 @@ class StoreCollector:
         yield late
 
     def _drift(self):
-        from prometheus_client.core import GaugeMetricFamily
+        GaugeMetricFamily = _prometheus_client_core.GaugeMetricFamily
         share = GaugeMetricFamily("mlnb_drift_share", "Share of drifted features in the newest monitoring run",
                                   labels=["reference"])
         psi = GaugeMetricFamily("mlnb_drift_psi", "Population stability index per feature, newest monitoring run",
@@ -103,15 +107,16 @@ class StoreCollector:
 
 def metrics_text(store: Store) -> str:
     "Returns the metrics in Prometheus' text format (what a scrape gets)."
-    from prometheus_client import CollectorRegistry, generate_latest
+    CollectorRegistry = _prometheus_client.CollectorRegistry
+    generate_latest = _prometheus_client.generate_latest
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(store))
     return generate_latest(registry).decode()
 
 def serve_metrics(store: Store, port: int, host: str = "127.0.0.1") -> Any:
     "Serves the metrics on http://host:port/metrics from a background thread; returns the server (call shutdown())."
-    from prometheus_client import CollectorRegistry, start_http_server
-    from mlnb.core.errors import MlnbError
+    CollectorRegistry = _prometheus_client.CollectorRegistry
+    start_http_server = _prometheus_client.start_http_server
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(store))
     try:
@@ -123,3 +128,8 @@ def serve_metrics(store: Store, port: int, host: str = "127.0.0.1") -> Any:
 
 # %% auto #0
 __all__ = ['StoreCollector', 'metrics_text', 'serve_metrics']
+
+# %% ../../nbs/ui/04_prometheus.ipynb #af7ed3db
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_prometheus_client = lazy_import("prometheus_client")
+_prometheus_client_core = lazy_import("prometheus_client.core")

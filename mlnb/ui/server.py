@@ -11,8 +11,17 @@ import json
 import sys
 from typing import Any
 
+from ..core.lazy import lazy_import
+
 # %% auto #0
 __all__ = ['RETRY_PARAM', 'REPLY_GRACE', 'failure_snippet', 'stand_in_reply', 'await_reply', 'install', 'main']
+
+# %% ../../nbs/ui/06_server.ipynb #b23c2cc2
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_jupyter_core_utils = lazy_import("jupyter_core.utils")
+_voila_app = lazy_import("voila.app")
+_voila_execute = lazy_import("voila.execute")
+_voila_notebook_renderer = lazy_import("voila.notebook_renderer")
 
 # %% ../../nbs/ui/06_server.ipynb #087ed0aa
 RETRY_PARAM = "mlnb_retry"
@@ -66,7 +75,7 @@ async def await_reply(reply: asyncio.Future, outputs_done: asyncio.Future, grace
 # %% ../../nbs/ui/06_server.ipynb #8a02cdf7
 async def _ending_on_failure(renderer: Any, kernel_id: str | None, snippets):
     "Yields the page's `snippets`; when they stop on an error, ends the page with `failure_snippet` instead."
-    from jupyter_core.utils import ensure_async
+    ensure_async = _jupyter_core_utils.ensure_async
     try:
         async for item in snippets:
             yield item
@@ -85,8 +94,8 @@ async def _ending_on_failure(renderer: Any, kernel_id: str | None, snippets):
 def install() -> None:
     """Makes every page Voila renders in this process end with `failure_snippet` when its rendering fails, and
     go on past a cell whose reply never comes (`await_reply`)."""
-    from voila.execute import VoilaExecutor
-    from voila.notebook_renderer import NotebookRenderer
+    VoilaExecutor = _voila_execute.VoilaExecutor
+    NotebookRenderer = _voila_notebook_renderer.NotebookRenderer
     original = NotebookRenderer.generate_content_generator
     if getattr(original, "mlnb_guarded", False):
         return
@@ -112,7 +121,7 @@ def install() -> None:
 def main() -> None:
     "`python -m mlnb.ui.server NOTEBOOK [Voila's options]`: Voila, with `install` done first."
     install()
-    from voila.app import main as voila_main
+    voila_main = _voila_app.main
     voila_main()
 
 # %% ../../nbs/ui/06_server.ipynb #9520e658

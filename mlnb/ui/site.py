@@ -12,8 +12,11 @@ import os
 import time
 from pathlib import Path
 
-from .report import _CSS, _fmt, _status, write_pipeline_report
+from ..ops.registry import history, models, version_metrics, versions
+from ..ops.schedule import list_schedules, schedule_history
+from ..store.artifacts import artifacts_for
 from ..store.runs import RunRecord, Store
+from .report import _CSS, _fmt, _status, write_pipeline_report
 
 esc = html.escape
 
@@ -158,7 +161,6 @@ def _study_page(store: Store, study: RunRecord, out: Path) -> tuple[str, list[st
                   esc(", ".join(":".join(o) for o in objectives)), best_text]
 
 def _registry_section(store: Store) -> str:
-    from mlnb.ops.registry import history, models, version_metrics, versions
     parts = []
     for name in models(store):
         rows = []
@@ -184,7 +186,6 @@ def _registry_section(store: Store) -> str:
     return "".join(parts) or "<p class='meta'>No registered models: mlnb registry register NAME --run RUN</p>"
 
 def _drift_section(store: Store, root: Path, out: Path, limit: int = 30) -> str:
-    from mlnb.store.artifacts import artifacts_for
     rows = []
     for r in store.list_runs(kind="monitor", limit=limit):
         report = next(iter(sorted((root / "reports" / "monitor").glob(f"*-{r.id[:8]}.html"))), None)
@@ -210,7 +211,6 @@ def _drift_section(store: Store, root: Path, out: Path, limit: int = 30) -> str:
                   "No monitoring runs: mlnb monitor --reference RUN --current FILE")
 
 def _schedules_section(store: Store) -> str:
-    from mlnb.ops.schedule import list_schedules, schedule_history
     rows = []
     for s in list_schedules(store):
         recent = schedule_history(store, s.name, limit=5)

@@ -6,6 +6,6 @@
 __all__ = []
 
 # %% ../../../nbs/integrations/explain/00_explain.ipynb #2b3ac52a
-from .api import *  # noqa: F403
 from . import api as _api
+from .api import *  # noqa: F403
 __all__ = list(_api.__all__)

@@ -13,13 +13,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import pandas as pd
 
 from ...core.errors import ExplainError, one_of
+from ...core.hashing import hash_bytes, hash_json
+from ...core.lazy import lazy_import
+from ...store.artifacts import artifacts_for
+from ...store.runs import Store, open_store
 
 # %% auto #0
 __all__ = ['adapt', 'Explanation', 'check_rows', 'explain', 'lime_explain', 'lime_feature', 'run_models', 'explain_run']
+
+# %% ../../../nbs/integrations/explain/01_api.ipynb #25acbdfb
+pd = lazy_import("pandas")
+np = lazy_import("numpy")
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_lime_lime_tabular = lazy_import("lime.lime_tabular")
+shap = lazy_import("shap")
+torch = lazy_import("torch")
 
 # %% ../../../nbs/integrations/explain/01_api.ipynb #cc1fc6f5
 @dataclass
@@ -182,7 +192,6 @@ def _select(values: Any, base: Any, class_index: int | None) -> tuple[np.ndarray
     return values, base.reshape(-1)
 
 def _torch_logits(module: Any):
-    import torch
 
     class Logits(torch.nn.Module):  # SHAP's DeepExplainer wants a (rows, outputs) tensor
         def __init__(self, inner):
@@ -197,7 +206,6 @@ def _torch_logits(module: Any):
 def explain(model: Any, X: pd.DataFrame, rows: Sequence[int] | None = None, *, background: pd.DataFrame | None = None,
             explainer: str = "auto", class_index: int | None = None, max_background: int = 100) -> Explanation:
     "Returns SHAP values for `rows` of `X` (default: all), with the explainer that fits `model`."
-    import shap
     started = time.perf_counter()
     if isinstance(X, np.ndarray):
         X = pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])])
@@ -222,7 +230,6 @@ def explain(model: Any, X: pd.DataFrame, rows: Sequence[int] | None = None, *, b
             values, base = _select(explained.values, explained.base_values, k)
             output = "log-odds of class 1" if adapter.task == "classification" else "output"
         elif kind == "deep":
-            import torch
             net = _torch_logits(est)
             deep = shap.DeepExplainer(net, torch.as_tensor(base_inputs, dtype=torch.float32))
             raw = deep.shap_values(torch.as_tensor(inputs, dtype=torch.float32), check_additivity=False)
@@ -247,7 +254,6 @@ def explain(model: Any, X: pd.DataFrame, rows: Sequence[int] | None = None, *, b
 def _predict_fn(est: Any, adapter: _Adapter, k: int | None) -> Callable[[np.ndarray], np.ndarray]:
     "Returns f(input matrix) -> the explained output of the estimator, for model-agnostic explainers."
     if adapter.kind == "deep" or (hasattr(est, "forward") and not hasattr(est, "predict_proba")):
-        import torch
         net = _torch_logits(est)
         return lambda m: net(torch.as_tensor(np.asarray(m, dtype=np.float32))).detach().numpy()[:, 0]
     if adapter.task == "classification" and hasattr(est, "predict_proba"):
@@ -259,7 +265,7 @@ def lime_explain(model: Any, X: pd.DataFrame, row: int, *, background: pd.DataFr
                  class_index: int | None = None, num_features: int = 10, num_samples: int = 2000,
                  seed: int = 0) -> list[tuple[str, float]]:
     "Returns LIME's (condition, weight) list for row `row` of `X`, the largest weights first."
-    from lime.lime_tabular import LimeTabularExplainer
+    LimeTabularExplainer = _lime_lime_tabular.LimeTabularExplainer
     check_rows([row], len(X), "X")
     adapter = adapt(model, X)
     k = _class_index(adapter, class_index)
@@ -330,9 +336,6 @@ def explain_run(run: str, rows: Sequence[int] | None = None, *, model: str | Non
                 data: str | pd.DataFrame | None = None, store=None, refresh: bool = False,
                 lime_rows: Sequence[int] | None = None) -> tuple[Explanation, Any, bool]:
     "Returns (explanation, run record, whether it was reopened) for the model a run logged."
-    from mlnb.store.artifacts import artifacts_for
-    from mlnb.core.hashing import hash_bytes, hash_json
-    from mlnb.store.runs import Store, open_store
     store = store if isinstance(store, Store) else open_store(store)
     record = store.resolve_run(run)
     blobs = artifacts_for(store)

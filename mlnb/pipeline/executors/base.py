@@ -15,14 +15,19 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from multiprocessing import forkserver
 from typing import Any
 
 from ...core.errors import Interrupted, MlnbError
-from ...core.lazy import load
+from ...core.lazy import lazy_import, load, optional_import
 from ...core.plugins import Registry
 
 # %% auto #0
 __all__ = ['EXECUTORS', 'Executor', 'StopRequests', 'quiet_slow_imports', 'LocalExecutor', 'DaskExecutor', 'get_executor']
+
+# %% ../../../nbs/pipeline/executors/01_base.ipynb #484fb2f2
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_distributed = lazy_import("distributed")
 
 # %% ../../../nbs/pipeline/executors/01_base.ipynb #6f97a03f
 class Executor:
@@ -172,7 +177,6 @@ def _fork_server(preload: tuple[str, ...]):
     """Returns the multiprocessing context whose processes are forked from this process's fork server,
     started now if it is not running: it imports `preload` once, while the caller goes on. The server
     is one per process and keeps the preload it started with."""
-    from multiprocessing import forkserver
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(preload))
     forkserver.ensure_running()
@@ -273,21 +277,17 @@ class DaskExecutor(Executor):
 
     def _connect(self) -> None:
         if self._client is None:
-            try:
-                from distributed import Client, LocalCluster
-            except ImportError:
-                from mlnb.core.errors import missing_dependency
-                raise missing_dependency("distributed", "The Dask executor") from None
+            distributed = optional_import("distributed", "The Dask executor")
             if self.scheduler:
                 try:
-                    self._client = Client(self.scheduler, timeout=10)
+                    self._client = distributed.Client(self.scheduler, timeout=10)
                 except OSError as e:
                     raise MlnbError(f"Cannot reach the Dask scheduler at {self.scheduler} ({e}). Check the address, "
                                     "or drop --scheduler to start a local cluster.") from None
             else:
-                self._cluster = LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
+                self._cluster = distributed.LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
                                              host="127.0.0.1", dashboard_address=None, silence_logs=40)
-                self._client = Client(self._cluster)
+                self._client = distributed.Client(self._cluster)
 
     def submit(self, fn: Callable, *args: Any) -> Any:
         future = self.start()._client.submit(fn, *args, pure=False)
@@ -295,7 +295,7 @@ class DaskExecutor(Executor):
         return future
 
     def as_completed(self, handles: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
-        from distributed import wait
+        wait = _distributed.wait
         handles = list(handles)
         if not handles:
             return

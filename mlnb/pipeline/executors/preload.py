@@ -24,6 +24,7 @@ import papermill  # noqa: E402, F401
 
 from .. import step  # noqa: E402
 from ..kernels import zygote  # noqa: E402, F401
+from multiprocessing import forkserver  # noqa: E402
 
 try:
     step.warm_reports()
@@ -35,7 +36,6 @@ if _collecting:
 
 def _imported_by_the_fork_server() -> bool:
     "True when multiprocessing's fork server is importing this module as its preload."
-    from multiprocessing import forkserver
     frame = sys._getframe()
     while frame is not None:
         if frame.f_code is forkserver.main.__code__:

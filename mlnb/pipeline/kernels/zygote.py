@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ast
+import atexit
 import gc
 import importlib.util
 import json
@@ -17,16 +18,25 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any
 
 from ...core.errors import ZygoteError
+from ...core.lazy import lazy_import, preload
+from ..params import cell_source, cell_tags, read_notebook
 
 # %% auto #0
 __all__ = ['leading_imports', 'edits_before_import', 'notebook_preload', 'notebook_forks_warm', 'serve', 'main', 'pid_alive',
            'Zygote', 'ZygoteHelper', 'ForkedProcess', 'zygote_kernel_manager']
+
+# %% ../../../nbs/pipeline/kernels/01_zygote.ipynb #c7adaa1e
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_ipykernel_kernelapp = lazy_import("ipykernel.kernelapp")
+_jupyter_client_provisioning_local_provisioner = lazy_import("jupyter_client.provisioning.local_provisioner")
 
 # %% ../../../nbs/pipeline/kernels/01_zygote.ipynb #4d2002b0
 _UNSAFE_TO_FORK = {"tensorflow", "jax", "jaxlib"}  # start threads at import: a fork of them can hang
@@ -118,7 +128,6 @@ def _installed(module: str, project: Path) -> bool:
     return all(not Path(p).resolve().is_relative_to(project.resolve()) for p in places)
 
 def _code_cells(notebook: str | Path) -> list[str]:
-    from mlnb.pipeline.params import cell_source, cell_tags, read_notebook
     return [cell_source(c) for c in read_notebook(notebook)["cells"]
             if c.get("cell_type") == "code" and "parameters" not in cell_tags(c)]
 
@@ -139,8 +148,6 @@ def _reseed_child() -> None:
 
 def _run_kernel(request: dict) -> int:
     "Runs ipykernel in this (forked) process as `request` says; returns the exit code."
-    import atexit
-    import threading
     os.setsid()
     for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
@@ -157,12 +164,11 @@ def _run_kernel(request: dict) -> int:
     sys.argv = ["ipykernel_launcher", "-f", request["connection_file"], *request.get("argv", [])]
     code = 0
     try:
-        from ipykernel.kernelapp import IPKernelApp
+        IPKernelApp = _ipykernel_kernelapp.IPKernelApp
         IPKernelApp.launch_instance(argv=sys.argv[1:])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - reported on stderr like any kernel that fails to start
-        import traceback
         traceback.print_exc()
         code = 1
     try:  # what the interpreter does at exit: wait for threads, run atexit hooks, flush
@@ -206,7 +212,6 @@ def _run_helper(conn: socket.socket, function: str) -> int:
 def _import_one(name: str, loaded: list[str], skipped: dict[str, str]) -> bool:
     """Imports module `name`, noting it in `loaded` (or why not in `skipped`); False when it started a thread:
     then nothing more may be imported (a fork of a process with threads can hang)."""
-    import threading
     before = set(sys.modules)
     try:
         importlib.import_module(name)
@@ -245,8 +250,7 @@ def serve(socket_path: str, modules: list[str]) -> None:
     if not os.environ.get("MPLBACKEND"):  # as ipykernel sets it, before matplotlib can read it
         os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     gc.disable()  # imports make few cycles but many objects: the collector's passes cost ~20% of their time
-    import ipykernel.ipkernel
-    import ipykernel.kernelapp  # noqa: F401
+    preload("ipykernel.ipkernel", "ipykernel.kernelapp")  # after the environment above: ipykernel reads it
     loaded: list[str] = []
     skipped: dict[str, str] = {}
     todo = _with_mlnb_api(modules)  # imported while the zygote listens, one by one
@@ -337,7 +341,6 @@ def _serve_child(listener: socket.socket, conn: socket.socket, request: dict) ->
             conn.close()
             code = _run_kernel(request)
     except BaseException:  # noqa: BLE001 - reported on stderr, then the child exits like any failed one
-        import traceback
         traceback.print_exc()
     finally:
         os._exit(code)
@@ -576,7 +579,7 @@ class ForkedProcess:
 
 def zygote_kernel_manager(km_class: type, zygote: Zygote, after: list[str] | None = None, **kwargs: Any):
     "Returns a kernel manager (of `km_class`) whose kernel will be forked by `zygote` (`after`: see `Zygote.fork`)."
-    from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+    LocalProvisioner = _jupyter_client_provisioning_local_provisioner.LocalProvisioner
 
     class ForkedProvisioner(LocalProvisioner):
         async def launch_kernel(self, cmd: list[str], **kw: Any):
