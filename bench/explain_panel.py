@@ -55,22 +55,23 @@ def per_row_costs(rows: int = 100, kernel_rows: int = 10) -> list[dict]:
 
 def panel_table(runs: int = 10_000) -> float:
     from mlnb.ui.panel import RunsPanel
-    from mlnb.store.runs import Store
+    from mlnb.store.facade import Store
     store = Store(f"sqlite:///{tempfile.mkdtemp()}/.mlnb/mlnb.db").open()
     experiment = store.experiment_id("bench")
     now = time.time()
     ids = [f"{i:032x}" for i in range(runs)]
     store.write(lambda tx: tx.executemany(
         "INSERT INTO mlnb_runs (id, experiment_id, name, kind, status, start_time, end_time, heartbeat, heartbeat_interval) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(r, experiment, f"r{i}", "trial", "finished", now + i, now + i + 5,
-                                               now + i + 5, 10.0) for i, r in enumerate(ids)]))
-    store.write(lambda tx: tx.executemany("INSERT INTO mlnb_params (run_id, key, value) VALUES (?, ?, ?)",
+        "VALUES (:id, :experiment_id, :name, :kind, :status, :start_time, :end_time, :heartbeat, :interval)",
+        [(r, experiment, f"r{i}", "trial", "finished", now + i, now + i + 5, now + i + 5, 10.0)
+         for i, r in enumerate(ids)]))
+    store.write(lambda tx: tx.executemany("INSERT INTO mlnb_params (run_id, key, value) VALUES (:run_id, :key, :value)",
                                           [(r, k, str((i * 7 + j) % 13)) for i, r in enumerate(ids)
                                            for j, k in enumerate(("lr", "width", "depth", "dropout", "seed"))]))
     store.write(lambda tx: tx.executemany(
         "INSERT INTO mlnb_latest_metrics (run_id, key, step, value, timestamp, min_value, max_value, count) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(r, k, 10, (i % 100) / 100, now, 0.0, 1.0, 10) for i, r in enumerate(ids)
-                                            for k in ("val_auc", "val_loss", "n_params")]))
+        "VALUES (:run_id, :key, :step, :value, :timestamp, :min_value, :max_value, :count)",
+        [(r, k, 10, (i % 100) / 100, now, 0.0, 1.0, 10) for i, r in enumerate(ids) for k in ("val_auc", "val_loss", "n_params")]))
     RunsPanel(store, limit=50)  # warm imports (plotly, ipywidgets)
     times = []
     for _ in range(3):

@@ -47,7 +47,7 @@ def _project() -> Path:
 def scheduler_overhead(seconds: int) -> dict:
     from mlnb.core.config import require_project
     from mlnb.ops.schedule import add_schedule, schedule_history, set_paused
-    from mlnb.store.runs import Store
+    from mlnb.store.facade import Store
     root = _project()
     store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
     add_schedule(store, "every-second", "* * * * * *", force=["step"], project=require_project(root))

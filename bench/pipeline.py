@@ -149,7 +149,7 @@ def run_tool(tool: str, folder: Path, bench_bin: Path) -> dict[str, float]:
 def executed_steps(folder: Path) -> list[list[str]]:
     "Returns, per mlnb pipeline run (oldest first), the steps that executed (not restored)."
     sys.path.insert(0, str(ROOT))
-    from mlnb.store.runs import Store
+    from mlnb.store.facade import Store
     store = Store(f"sqlite:///{folder}/.mlnb/mlnb.db").open()
     pipelines = sorted(store.list_runs(kind="pipeline", details=False), key=lambda r: r.start_time)
     return [sorted(r.name for r in store.children(p.id) if r.status == "finished") for p in pipelines]

@@ -35,7 +35,7 @@ def _timed(fn):
 # -- mlnb -----------------------------------------------------------------------------------------
 def bench_mlnb(points: int, runs: int, load_runs: int) -> dict:
     import mlnb
-    from mlnb.store.runs import Store
+    from mlnb.store.facade import Store
     folder = Path(tempfile.mkdtemp(prefix="bench-mlnb-"))
     url = f"sqlite:///{folder}/.mlnb/mlnb.db"
     store = Store(url).open()

@@ -119,7 +119,7 @@ def test_truncated_sqlite_store_is_reported_not_crashed(tmp_path, project):
     url = f"sqlite:///{project}/.mlnb/mlnb.db"
     with mlnb.start_run("x", store=url) as run:
         run.log_metric("a", 1)
-    mlnb.store.runs._OPEN_STORES.clear()
+    mlnb.store.facade._OPEN_STORES.clear()
     path = project / ".mlnb" / "mlnb.db"
     for extra in ("-wal", "-shm"):
         (project / ".mlnb" / f"mlnb.db{extra}").unlink(missing_ok=True)

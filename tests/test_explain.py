@@ -77,14 +77,15 @@ def test_unsupported_models_and_text_columns_are_named(project):
 
 def test_panel_with_many_runs_shows_the_first_page_and_says_so(tmp_path):
     from mlnb.ui.panel import RunsPanel
-    from mlnb.store.runs import Store
+    from mlnb.store.facade import Store
     store = Store(f"sqlite:///{tmp_path}/.mlnb/mlnb.db").open()
     experiment = store.experiment_id("bulk")
     now = time.time()
     rows = [(f"{i:032x}", experiment, f"r{i}", "run", "finished", now + i, now + i, 10.0) for i in range(10_000)]
-    store.write(lambda tx: tx.executemany("INSERT INTO mlnb_runs (id, experiment_id, name, kind, status, start_time, "
-                                          "heartbeat, heartbeat_interval) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows))
-    store.write(lambda tx: tx.executemany("INSERT INTO mlnb_params (run_id, key, value) VALUES (?, ?, ?)",
+    store.write(lambda tx: tx.executemany(
+        "INSERT INTO mlnb_runs (id, experiment_id, name, kind, status, start_time, heartbeat, heartbeat_interval) "
+        "VALUES (:id, :experiment_id, :name, :kind, :status, :start_time, :heartbeat, :interval)", rows))
+    store.write(lambda tx: tx.executemany("INSERT INTO mlnb_params (run_id, key, value) VALUES (:run_id, :key, :value)",
                                           [(r[0], "lr", str(i % 7 / 100)) for i, r in enumerate(rows)]))
     panel = RunsPanel(store)
     assert "10,000 of 10,000 runs match (the first 200" in panel.message.value

@@ -1,7 +1,7 @@
 """The house rules of ../shared/DESIGN.md, checked on the exported package: layers point down (import-linter,
 which reads imports inside functions too), no import statement inside a function (heavy libraries come through
-mlnb.core.lazy), and no string naming a module of a higher layer (a registry's built-ins, a worker's
-"module:function"). Each check also runs on a small tree that breaks it, so it is known to fail."""
+mlnb.core.lazy), no string naming a module of a higher layer (a registry's built-ins, a worker's
+"module:function"), and no SQL outside mlnb.store. Each check also runs on a small tree that breaks it, so it is known to fail."""
 from __future__ import annotations
 
 import ast
@@ -61,6 +61,22 @@ def upward_strings(package: Path) -> list[str]:
     return found
 
 
+_SQL = re.compile(r"^\s*(?:SELECT\s.*\bFROM\b|INSERT\s+INTO\b|UPDATE\s+\w+\s+SET\b|DELETE\s+FROM\b|"
+                  r"CREATE\s+(?:TABLE|INDEX)\b|ALTER\s+TABLE\b|PRAGMA\s)", re.S)
+
+
+def sql_outside_the_store(package: Path) -> list[str]:
+    "Returns 'module:line: statement' for every string that is an SQL statement, outside mlnb.store."
+    found = []
+    for path, name in modules(package):
+        if layer_of(name) in (None, "store", "testing"):  # the store owns the SQL; its conformance suite checks it
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _SQL.match(node.value):
+                found.append(f"{name}:{node.lineno}: {node.value[:60]!r}")
+    return found
+
+
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=root, check=False,
                           capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
@@ -73,7 +89,7 @@ def _bad_tree(tmp_path: Path) -> Path:
         (bad / layer).mkdir(parents=True)
         (bad / layer / "__init__.py").write_text("")
     (bad / "__init__.py").write_text("")
-    (bad / "ui" / "panel.py").write_text("def panel():\n    return 1\n")
+    (bad / "ui" / "panel.py").write_text("def panel(tx):\n    return tx.query('SELECT name FROM mlnb_runs')\n")
     (bad / "store" / "runs.py").write_text("REFS = {'panel': 'mlnb.ui.panel:panel'}\n\n"
                                            "def show():\n    from mlnb.ui.panel import panel\n    return panel()\n")
     layers_only = (ROOT / ".importlinter").read_text().split("[importlinter:contract:public-names]")[0]
@@ -95,8 +111,13 @@ def test_no_string_names_a_higher_layer():
     assert upward_strings(PACKAGE) == []
 
 
+def test_every_sql_statement_lives_in_the_store():
+    assert sql_outside_the_store(PACKAGE) == []
+
+
 def test_the_checks_catch_a_house_that_breaks_them(tmp_path):
     bad = _bad_tree(tmp_path)
+    assert sql_outside_the_store(bad) == ["mlnb.ui.panel:2: 'SELECT name FROM mlnb_runs'"]
     assert function_local_imports(bad) == ["mlnb.store.runs:4: from mlnb.ui.panel import panel"]
     assert upward_strings(bad) == ["mlnb.store.runs:1: 'mlnb.ui.panel:panel' (store -> ui)"]
     result = lint_imports(tmp_path)

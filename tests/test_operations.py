@@ -20,7 +20,7 @@ from test_pipeline import notebook, outcome, project
 
 
 def store_of(root: Path):
-    return mlnb.store.runs.Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    return mlnb.store.facade.Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
 
 
 def history(root: Path, name: str) -> list[dict]:

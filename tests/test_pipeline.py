@@ -51,7 +51,7 @@ def statuses(result: subprocess.CompletedProcess) -> dict[str, str]:
 
 
 def store_of(root: Path):
-    return mlnb.store.runs.Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    return mlnb.store.facade.Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
 
 
 # -- a small pipeline that exercises outputs, products, upstream and metrics ---------------------
@@ -206,13 +206,13 @@ def test_step_kernels_are_forked_warm_from_a_zygote_or_booted_on_request(tmp_pat
         assert result.returncode == 0, result.stderr
         early, late, setup = (json.loads((root / f"{name}.json").read_text()) for name in ("early", "late", "setup"))
         assert early["pid"] != late["pid"]
-        assert "kernel_zygote" not in setup["parent"] and setup["imported_by"] == setup["pid"], setup
+        zygote = "mlnb.pipeline.kernels.zygote"  # in the command line of the zygote process
+        assert zygote not in setup["parent"] and setup["imported_by"] == setup["pid"], setup
         if fork == "1":
-            zygote = "mlnb.pipeline.kernels.zygote"
             assert zygote in early["parent"] and zygote in late["parent"], (early, late)
             assert late["imported_by"] not in (None, late["pid"]), late  # preloaded, by the zygote
         else:
-            assert "kernel_zygote" not in early["parent"] + late["parent"], (early, late)
+            assert zygote not in early["parent"] + late["parent"], (early, late)
             assert late["imported_by"] == late["pid"], late
         assert early["imported_by"] is None or fork == "1", early  # a booted kernel only has what it imports
 
@@ -421,7 +421,7 @@ def _kernels_under(pid: int) -> list[int]:
         parent = stack.pop()
         for child in children.get(parent, []):
             stack.append(child)
-            forked = b"kernel_zygote" in _cmdline(parent) and b"kernel_zygote" in _cmdline(child)
+            forked = b"kernels.zygote" in _cmdline(parent) and b"kernels.zygote" in _cmdline(child)
             if forked or b"ipykernel" in _cmdline(child):
                 found.append(child)
     return found

@@ -150,7 +150,7 @@ def test_multi_objective_sweep_has_a_pareto_front_and_apply_writes_the_chosen_tr
     assert yaml.safe_load(text)["pipeline"]["train"]["params"]["x"] == chosen["params"]["x"]
     run = json.loads(run_cli("run", "--json", "-q", cwd=tunable).stdout)
     train = next(s for s in run["steps"] if s["name"] == "train")
-    assert mlnb.store.runs.Store(f"sqlite:///{tunable}/.mlnb/mlnb.db").open().get_run(train["run_id"]).params["x"] == \
+    assert mlnb.store.facade.Store(f"sqlite:///{tunable}/.mlnb/mlnb.db").open().get_run(train["run_id"]).params["x"] == \
         chosen["params"]["x"]
 
 
@@ -554,7 +554,7 @@ def test_a_study_in_a_postgresql_store_is_one_plain_optuna_opens(pg_cluster):
     """mlnb stamps and checks the version of Optuna's tables in plain SQL (no alembic); on a real PostgreSQL
     the tables are Optuna's own: Optuna, its alembic check included, opens them and finds the study."""
     from mlnb.store.database import parse_store_url
-    from mlnb.store.runs import open_store
+    from mlnb.store.facade import open_store
     from mlnb.store.optuna import optuna_schema_head
     from mlnb.sweep.study import optimize
     url = pg_cluster.create_database()

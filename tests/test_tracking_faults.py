@@ -81,7 +81,7 @@ def test_sigkill_mid_run_reads_crashed_and_keeps_flushed_points(tmp_path):
     assert record.metrics["loss"]["count"] == 500
     assert record.params == {"epochs": 100}
     # The store opens cleanly afterwards and passes SQLite's own check.
-    fresh = mlnb.store.runs.Store(url).open()
+    fresh = mlnb.store.facade.Store(url).open()
     assert fresh.read(lambda tx: tx.scalar("PRAGMA integrity_check")) == "ok"
     assert fresh.get_run(run_id).status == "crashed"
 

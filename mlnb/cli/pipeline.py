@@ -22,7 +22,7 @@ from ..pipeline.executors.base import EXECUTORS
 from ..pipeline.params import parse_parameters
 from ..pipeline.runner import PipelineRunner
 from ..store.database import parse_store_url
-from ..store.runs import open_store
+from ..store.facade import open_store
 from ..ui.report import write_pipeline_report
 from ..ui.site import build_site
 

@@ -12,7 +12,7 @@ import click
 from .app import echo_json, fmt_time, fmt_value, format_table, json_option, store_option
 from ..ops.monitor import monitor, read_table
 from ..ops.registry import (history, models, promote, register, rollback, set_alias, version_metrics, versions)
-from ..store.runs import open_store
+from ..store.facade import open_store
 
 # %% auto #0
 __all__ = ['registry', 'register_command', 'alias_command', 'promote_command', 'rollback_command', 'list_command',

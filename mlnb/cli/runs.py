@@ -12,7 +12,7 @@ import click
 
 from .app import echo_json, fmt_duration, fmt_time, fmt_value, format_table, json_option, store_option
 from ..store.query import available_fields, compile_where, parse_sort, sort_records
-from ..store.runs import open_store
+from ..store.facade import open_store
 
 # %% auto #0
 __all__ = ['render_runs', 'runs', 'list_runs', 'show_run', 'render_run', 'compare_runs']

@@ -18,7 +18,7 @@ from ..core.config import require_project
 from ..core.errors import MlnbError
 from ..ops.schedule import (Scheduler, add_schedule, export_crontab, export_systemd, list_schedules, next_time,
                                remove_schedule, schedule_history, set_paused)
-from ..store.runs import open_store
+from ..store.facade import open_store
 from ..ui.prometheus import serve_metrics
 from ..ui.report import write_pipeline_report
 

@@ -16,7 +16,7 @@ from ..core.errors import did_you_mean, MlnbError, one_of
 from ..core.lazy import lazy_import
 from ..pipeline.params import parse_parameters
 from ..store.optuna import optuna_storage
-from ..store.runs import open_store
+from ..store.facade import open_store
 from ..sweep.runner import sweep_from_config, SweepRunner, SweepSpec, trial_updates
 from ..sweep.study import (parse_objective, parse_param, study_importances, SweepError, trial_counts, trial_rows)
 

@@ -18,7 +18,7 @@ import click
 from .app import store_option
 from ..core.config import STATE_DIR, find_project, resolve_store_url
 from ..pipeline.step import ensure_kernel, kernel_env, KERNEL_NAME
-from ..store.runs import open_store
+from ..store.facade import open_store
 
 # %% auto #0
 __all__ = ['panel_notebook', 'voila_command', 'ui_command']

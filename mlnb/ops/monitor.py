@@ -21,7 +21,7 @@ from ..integrations.explain.api import run_models
 from .registry import resolve
 from ..pipeline.runner import PipelineRunner
 from ..store.artifacts import artifacts_for
-from ..store.runs import Store, open_store
+from ..store.facade import open_store, Store
 from ..tracking.run import start_run
 
 

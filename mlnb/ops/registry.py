@@ -6,17 +6,15 @@
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import pickle
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import RegistryError, did_you_mean, one_of
 from ..integrations.explain.api import run_models
 from ..store.artifacts import artifacts_for
-from ..store.runs import Store, open_store
+from ..store.facade import open_store, Store
 
 # %% auto #0
 __all__ = ['ModelVersion', 'models', 'versions', 'resolve', 'history', 'register', 'set_alias', 'rollback', 'load_model',
@@ -39,19 +37,13 @@ class ModelVersion:
         return f"{self.name}@{self.version}"
 
 def _versions(store: Store, name: str) -> list[ModelVersion]:
-    rows = store.read(lambda tx: tx.query("SELECT name, version, run_id, artifact, sha256, created_at "
-                                          "FROM mlnb_model_versions WHERE name = ? ORDER BY version", (name,)))
-    aliases = _aliases(store, name)
-    return [ModelVersion(*row, aliases=sorted(a for a, v in aliases.items() if v == row[1])) for row in rows]
-
-def _aliases(store: Store, name: str) -> dict[str, int]:
-    rows = store.read(lambda tx: tx.query("SELECT alias, version FROM mlnb_model_aliases WHERE name = ?", (name,)))
-    return dict(rows)
+    aliases = store.models.aliases(name)
+    return [ModelVersion(**row, aliases=sorted(a for a, v in aliases.items() if v == row["version"]))
+            for row in store.models.versions(name)]
 
 def models(store: Store | None = None) -> list[str]:
     "Returns the names of the registered models."
-    store = store or open_store()
-    return [r[0] for r in store.read(lambda tx: tx.query("SELECT name FROM mlnb_models ORDER BY name"))]
+    return (store or open_store()).models.names()
 
 def versions(name: str, store: Store | None = None) -> list[ModelVersion]:
     "Returns the versions of a registered model, oldest first."
@@ -75,26 +67,17 @@ def resolve(ref: str, store: Store | None = None) -> ModelVersion:
         if not match:
             raise RegistryError(f"Model {name!r} has no version {which}; versions: {', '.join(str(v.version) for v in found)}.")
         return match[0]
-    aliases = _aliases(store, name)
+    aliases = store.models.aliases(name)
     if which not in aliases:
         raise RegistryError(f"Model {name!r} has no alias {which!r}.{did_you_mean(which, aliases)} "
                             f"Aliases: {one_of(aliases)}. Set one with 'mlnb registry alias {name} {which} VERSION'.")
     return next(v for v in found if v.version == aliases[which])
 
-def _event(tx, name: str, event: str, version: int | None = None, alias: str | None = None,
-           previous: int | None = None, details: dict | None = None) -> None:
-    tx.execute("INSERT INTO mlnb_model_events (name, time, event, version, alias, previous, details) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, time.time(), event, version, alias, previous,
-                                                  json.dumps(details or {}, default=str)))
-
 def history(name: str, store: Store | None = None) -> list[dict[str, Any]]:
     "Returns every registration, alias move, promotion, refusal and rollback of a model, oldest first."
     store = store or open_store()
     versions(name, store)
-    rows = store.read(lambda tx: tx.query("SELECT time, event, version, alias, previous, details FROM mlnb_model_events "
-                                          "WHERE name = ? ORDER BY id", (name,)))
-    return [{"time": t, "event": e, "version": v, "alias": a, "previous": p, "details": json.loads(d or "{}")}
-            for t, e, v, a, p, d in rows]
+    return store.models.events(name)
 
 # %% ../../nbs/ops/01_registry.ipynb #cdbed74f
 def _model_run(store: Store, run: str, artifact: str | None):
@@ -119,15 +102,7 @@ def register(name: str, run: str, artifact: str | None = None, store: Store | No
         raise RegistryError(f"Invalid model name {name!r}: use letters, digits, '-', '_' or '.'.")
     record, model = _model_run(store, run, artifact)
     art = next(a for a in record.artifacts if a["name"] == f"{model}.pkl")
-    def write(tx) -> int:
-        tx.execute("INSERT INTO mlnb_models (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                   (name, time.time()))
-        number = (tx.scalar("SELECT MAX(version) FROM mlnb_model_versions WHERE name = ?", (name,)) or 0) + 1
-        tx.execute("INSERT INTO mlnb_model_versions (name, version, run_id, artifact, sha256, created_at) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (name, number, record.id, art["name"], art["sha256"], time.time()))
-        _event(tx, name, "register", number, details={"run_id": record.id, "artifact": art["name"]})
-        return number
-    number = store.write(write, "registering a model")
+    number = store.models.add_version(name, record.id, art["name"], art["sha256"])
     return resolve(f"{name}@{number}", store)
 
 def set_alias(name: str, alias: str, version: int, store: Store | None = None, event: str = "alias",
@@ -137,14 +112,7 @@ def set_alias(name: str, alias: str, version: int, store: Store | None = None, e
     resolve(f"{name}@{version}", store)
     if alias in ("latest",) or alias.isdigit():
         raise RegistryError(f"{alias!r} cannot be an alias: it already means a version.")
-    def write(tx) -> int | None:
-        previous = tx.scalar("SELECT version FROM mlnb_model_aliases WHERE name = ? AND alias = ?", (name, alias))
-        tx.execute("INSERT INTO mlnb_model_aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-                   (name, alias, version, time.time()))
-        _event(tx, name, event, version, alias, previous, details)
-        return previous
-    return store.write(write, "moving an alias")
+    return store.models.move_alias(name, alias, version, event, details)
 
 def rollback(name: str, alias: str = "champion", store: Store | None = None) -> tuple[int, int]:
     "Moves `alias` back to the version it held before its last move; returns (from, to)."
@@ -266,7 +234,7 @@ def promote(name: str, version: int | str, to: str = "champion", gate: str | Non
     "Moves alias `to` to `version` if the gate holds; returns the decision (a refusal is recorded too)."
     store = store or open_store()
     candidate = resolve(f"{name}@{version}", store)
-    aliases = _aliases(store, name)
+    aliases = store.models.aliases(name)
     previous = aliases.get(to)
     lines: list[str] = []
     passed = True
@@ -280,6 +248,5 @@ def promote(name: str, version: int | str, to: str = "champion", gate: str | Non
     if passed:
         set_alias(name, to, candidate.version, store, event="promote", details={"gate": gate, "checks": lines})
     else:
-        store.write(lambda tx: _event(tx, name, "refuse", candidate.version, to, previous,
-                                      {"gate": gate, "checks": lines}), "recording a refused promotion")
+        store.models.record_event(name, "refuse", candidate.version, to, previous, {"gate": gate, "checks": lines})
     return decision

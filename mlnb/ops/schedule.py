@@ -5,7 +5,6 @@
 # %% ../../nbs/ops/03_schedule.ipynb #457eea59
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -26,14 +25,14 @@ from ..pipeline.dag import Pipeline, check_params
 from ..pipeline.executors.base import get_executor
 from ..pipeline.runner import PipelineRunner
 from ..pipeline.step import WORKER_PRELOAD
-from ..store.runs import STALE_FACTOR, STALE_GRACE, Store
+from ..store.records import STALE_FACTOR, STALE_GRACE
+from ..store.facade import Store
 from ..tracking.run import _interval
 
 # %% auto #0
 __all__ = ['CRON_ALIASES', 'MISFIRE', 'MISFIRE_GRACE', 'validate_cron', 'next_time', 'due_times', 'Schedule', 'list_schedules',
            'get_schedule', 'check_schedule', 'add_schedule', 'set_paused', 'remove_schedule', 'schedule_history',
-           'claim', 'occurrence_taken', 'record_occurrence', 'end_occurrence', 'mark_crashed_occurrences', 'Scheduler',
-           'export_crontab', 'export_systemd']
+           'Scheduler', 'export_crontab', 'export_systemd']
 
 # %% ../../nbs/ops/03_schedule.ipynb #95429f83
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -133,17 +132,9 @@ class Schedule:
     def to_dict(self) -> dict[str, Any]:
         return {**vars(self), "next": None if self.paused else next_time(self.cron, time.time())}
 
-def _from_row(row) -> Schedule:
-    name, cron, params, only, pipeline, misfire, paused, created_at, force = row
-    return Schedule(name, cron, json.loads(params), json.loads(only), pipeline, misfire, bool(paused), created_at,
-                    json.loads(force or "[]"))
-
-_COLUMNS = "name, cron, params, only, pipeline, misfire, paused, created_at, force"
-
 def list_schedules(store: Store) -> list[Schedule]:
     "Returns every schedule, by name."
-    rows = store.read(lambda tx: tx.query(f"SELECT {_COLUMNS} FROM mlnb_schedules ORDER BY name"), "reading schedules")
-    return [_from_row(r) for r in rows]
+    return [Schedule(**row) for row in store.schedules.all()]
 
 def get_schedule(store: Store, name: str) -> Schedule:
     "Returns the schedule `name`, or raises ScheduleError suggesting a close name."
@@ -174,12 +165,7 @@ def add_schedule(store: Store, name: str, cron: str, *, params: list[str] | None
                         time.time(), list(force or []))
     if project is not None:
         check_schedule(project, schedule)
-    def insert(tx) -> int:
-        return tx.execute(f"INSERT INTO mlnb_schedules ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                          "ON CONFLICT DO NOTHING",
-                          (name, schedule.cron, json.dumps(schedule.params), json.dumps(schedule.only), pipeline,
-                           misfire, False, schedule.created_at, json.dumps(schedule.force))).rowcount
-    if store.write(insert, "adding a schedule") != 1:
+    if not store.schedules.add(vars(schedule)):
         raise ScheduleError(f"A schedule named {name!r} exists already. Remove it first ('mlnb schedule remove "
                             f"{name}') or pick another name.")
     return schedule
@@ -187,65 +173,23 @@ def add_schedule(store: Store, name: str, cron: str, *, params: list[str] | None
 def set_paused(store: Store, name: str, paused: bool) -> Schedule:
     "Pauses or resumes a schedule (occurrences during a pause are not caught up); returns it."
     get_schedule(store, name)
-    store.write(lambda tx: tx.execute("UPDATE mlnb_schedules SET paused = ? WHERE name = ?", (paused, name)),
-                "pausing a schedule")
+    store.schedules.set_paused(name, paused)
     return get_schedule(store, name)
 
 def remove_schedule(store: Store, name: str) -> None:
     "Removes a schedule; its history stays readable."
     get_schedule(store, name)
-    store.write(lambda tx: tx.execute("DELETE FROM mlnb_schedules WHERE name = ?", (name,)), "removing a schedule")
+    store.schedules.remove(name)
 
 def schedule_history(store: Store, name: str, limit: int | None = 20) -> list[dict[str, Any]]:
     "Returns a schedule's occurrences, newest first, each with its status, run and lateness."
-    sql = ("SELECT scheduled_time, status, run_id, claimed_by, claimed_at, ended_at, error "
-           "FROM mlnb_schedule_occurrences WHERE schedule = ? ORDER BY scheduled_time DESC")
-    rows = store.read(lambda tx: tx.query(sql + (f" LIMIT {int(limit)}" if limit else ""), (name,)))
+    rows = store.schedules.history(name, limit)
     if not rows and name not in {s.name for s in list_schedules(store)}:
         get_schedule(store, name)  # raises, with a suggestion
-    return [{"scheduled_time": t, "status": status, "run_id": run_id, "scheduler": by,
-             "late_seconds": claimed - t, "seconds": (ended - claimed) if ended else None, "error": error}
-            for t, status, run_id, by, claimed, ended, error in rows]
-
-# %% ../../nbs/ops/03_schedule.ipynb #5b93f28d
-def claim(store: Store, schedule: str, when: float, owner: str) -> bool:
-    "Records occurrence `when` as running by `owner`; False when another scheduler has it or runs the schedule."
-    now = time.time()
-    def insert(tx) -> int:
-        return tx.execute("INSERT INTO mlnb_schedule_occurrences (schedule, scheduled_time, claimed_by, claimed_at, "
-                          "heartbeat, status) SELECT ?, ?, ?, ?, ?, 'running' WHERE NOT EXISTS (SELECT 1 FROM "
-                          "mlnb_schedule_occurrences WHERE schedule = ? AND status = 'running') ON CONFLICT DO NOTHING",
-                          (schedule, when, owner, now, now, schedule)).rowcount
-    return store.write(insert, "claiming a schedule occurrence") == 1
-
-def occurrence_taken(store: Store, schedule: str, when: float) -> bool:
-    "Returns whether occurrence `when` of `schedule` is recorded (fired, skipped or failed by some scheduler)."
-    return bool(store.read(lambda tx: tx.query("SELECT 1 FROM mlnb_schedule_occurrences WHERE schedule = ? AND "
-                                               "scheduled_time = ?", (schedule, when))))
-
-def record_occurrence(store: Store, schedule: str, when: float, owner: str, status: str, error: str | None) -> bool:
-    "Records an occurrence that did not run (skipped or failed before starting); False if it was recorded already."
-    now = time.time()
-    return store.write(lambda tx: tx.execute(
-        "INSERT INTO mlnb_schedule_occurrences (schedule, scheduled_time, claimed_by, claimed_at, heartbeat, status, "
-        "error, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        (schedule, when, owner, now, now, status, error, now)).rowcount, "recording an occurrence") == 1
-
-def end_occurrence(store: Store, schedule: str, when: float, status: str, run_id: str | None = None,
-                   error: str | None = None) -> None:
-    "Records how a running occurrence ended."
-    store.write(lambda tx: tx.execute(
-        "UPDATE mlnb_schedule_occurrences SET status = ?, run_id = COALESCE(?, run_id), error = ?, ended_at = ? "
-        "WHERE schedule = ? AND scheduled_time = ? AND status = 'running'",
-        (status, run_id, error, time.time(), schedule, when)), "ending an occurrence")
-
-def mark_crashed_occurrences(store: Store, interval: float) -> int:
-    "Records `crashed` for running occurrences whose scheduler stopped renewing them; returns how many."
-    stale_before = time.time() - (STALE_FACTOR * interval + STALE_GRACE)
-    return store.write(lambda tx: tx.execute(
-        "UPDATE mlnb_schedule_occurrences SET status = 'crashed', ended_at = heartbeat, error = 'the scheduler "
-        "running it stopped (killed or lost power); it is not fired again' WHERE status = 'running' AND heartbeat < ?",
-        (stale_before,)).rowcount, "marking crashed occurrences")
+    return [{"scheduled_time": r["scheduled_time"], "status": r["status"], "run_id": r["run_id"],
+             "scheduler": r["claimed_by"], "late_seconds": r["claimed_at"] - r["scheduled_time"],
+             "seconds": (r["ended_at"] - r["claimed_at"]) if r["ended_at"] else None, "error": r["error"]}
+            for r in rows]
 
 # %% ../../nbs/ops/03_schedule.ipynb #d519218e
 MISFIRE_GRACE = 5.0  # seconds late an occurrence may be and still count as on time
@@ -292,7 +236,7 @@ class Scheduler:
     # -- the loop ---------------------------------------------------------------------------
     def run(self, until: float | None = None) -> None:
         "Fires due occurrences until stopped (or the UNIX time `until`); returns after running pipelines end."
-        crashed = mark_crashed_occurrences(self.store, self.heartbeat)
+        crashed = self._mark_crashed_occurrences()
         if crashed:
             self.log(f"{crashed} occurrence(s) left running by a stopped scheduler now read crashed")
         self.store.mark_crashed()
@@ -331,9 +275,7 @@ class Scheduler:
 
     def _initial_cursor(self, schedule: Schedule) -> float:
         "Returns the time after which occurrences are due: the newest recorded one, else when the schedule was added."
-        last = self.store.read(lambda tx: tx.query("SELECT MAX(scheduled_time) FROM mlnb_schedule_occurrences "
-                                                   "WHERE schedule = ?", (schedule.name,)))[0][0]
-        return max(schedule.created_at, last or 0.0)
+        return max(schedule.created_at, self.store.schedules.last_time(schedule.name) or 0.0)
 
     def _consider(self, schedule: Schedule, now: float) -> None:
         "Fires, folds or skips the occurrences of one schedule that are due."
@@ -352,12 +294,12 @@ class Scheduler:
         late = now - latest
         if late > MISFIRE_GRACE and schedule.misfire == "skip":
             self.cursor[name] = latest
-            if record_occurrence(self.store, name, latest, self.owner, "skipped",
+            if self.store.schedules.record(name, latest, self.owner, "skipped",
                                  f"late by {late:.0f} s (misfire: skip)"):
                 self.log(f"{name}: skipped the occurrence of {_stamp(latest)}, {late:.0f} s late (misfire: skip)")
             return
-        if not claim(self.store, name, latest, self.owner):
-            if occurrence_taken(self.store, name, latest):
+        if not self.store.schedules.claim(name, latest, self.owner):
+            if self.store.schedules.taken(name, latest):
                 self.cursor[name] = latest  # another scheduler fired it
             else:  # another scheduler is running this schedule: decide when its run ends, as for our own
                 self._retry_at[name] = now + min(1.0, self.heartbeat)
@@ -391,9 +333,7 @@ class Scheduler:
         def on_event(kind: str, step: str, info: dict) -> None:
             if kind == "plan":
                 active.run_id = info["run_id"]
-                self.store.write(lambda tx: tx.execute(
-                    "UPDATE mlnb_schedule_occurrences SET run_id = ? WHERE schedule = ? AND scheduled_time = ?",
-                    (active.run_id, schedule.name, when)), "linking an occurrence to its run")
+                self.store.schedules.link_run(schedule.name, when, active.run_id)
                 self.log(f"{schedule.name}: occurrence {_stamp(when)} running as pipeline run {active.run_id[:8]} "
                          f"({time.time() - when:.2f} s after its time)")
         try:
@@ -420,7 +360,7 @@ class Scheduler:
         finally:
             if self._stop.is_set() and status == "failed" and active.run_id is None:
                 status = "killed"
-            end_occurrence(self.store, schedule.name, when, status, active.run_id, error)
+            self.store.schedules.end(schedule.name, when, status, active.run_id, error)
             self.fired.append((schedule.name, when, active.run_id))
             run = f"run {active.run_id[:8]} " if active.run_id else ""
             self.log(f"{schedule.name}: occurrence {_stamp(when)} {run}{status}" + (f": {error}" if error else ""))
@@ -435,11 +375,13 @@ class Scheduler:
         "Renews the heartbeat of this scheduler's running occurrences; marks other schedulers' stale ones crashed."
         now = time.time()
         for active in list(self.active.values()):
-            self.store.write(lambda tx, a=active: tx.execute(
-                "UPDATE mlnb_schedule_occurrences SET heartbeat = ? WHERE schedule = ? AND scheduled_time = ? AND "
-                "status = 'running'", (now, a.schedule.name, a.when)), "renewing a heartbeat")
-        if mark_crashed_occurrences(self.store, self.heartbeat):
+            self.store.schedules.renew(active.schedule.name, active.when, now)
+        if self._mark_crashed_occurrences():
             self.log("a stopped scheduler's occurrences now read crashed")
+
+    def _mark_crashed_occurrences(self) -> int:
+        "Records `crashed` for running occurrences whose scheduler stopped renewing them; returns how many."
+        return self.store.schedules.mark_crashed(time.time() - (STALE_FACTOR * self.heartbeat + STALE_GRACE))
 
     def _shutdown(self) -> None:
         "Interrupts running pipelines (their steps are killed and recorded), waits for them, stops the workers."
@@ -452,7 +394,7 @@ class Scheduler:
         for active in list(self.active.values()):
             active.thread.join(max(0.0, deadline - time.time()))
             if active.thread.is_alive():  # e.g. still waiting for the project lock
-                end_occurrence(self.store, active.schedule.name, active.when, "killed", active.run_id,
+                self.store.schedules.end(active.schedule.name, active.when, "killed", active.run_id,
                                "the scheduler stopped before the run ended")
         self.active.clear()
         if self._executor is not None:

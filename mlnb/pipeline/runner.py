@@ -25,7 +25,8 @@ from .kernels.zygote import notebook_forks_warm, notebook_preload
 from .params import code_hash
 from .step import execute_step, launch_zygote, StepResult, StepTask, WORKER_PRELOAD
 from ..store.artifacts import artifacts_for
-from ..store.runs import RunRecord, Store, open_store
+from ..store.records import RunRecord
+from ..store.facade import open_store, Store
 from ..tracking.run import start_run
 
 # %% auto #0

@@ -5,21 +5,30 @@
 # %% ../../nbs/store/01_database.ipynb #6c47e9dd
 from __future__ import annotations
 
+import functools
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..core.errors import StoreError
+from ..core.lazy import lazy_import, optional_import
+from ..core.plugins import Registry
 
 # %% auto #0
-__all__ = ['SUPPORTED', 'SCHEMA_VERSION', 'SQLITE_HEADER', 'masked', 'parse_store_url', 'Tx', 'Database', 'check_sqlite_file',
-           'SqliteDatabase', 'SqlAlchemyDatabase', 'connect']
+__all__ = ['SUPPORTED', 'SCHEMA_VERSION', 'SQLITE_HEADER', 'Params', 'BACKENDS', 'masked', 'parse_store_url', 'compile_binds',
+           'bind_values', 'Tx', 'Database', 'check_sqlite_file', 'SqliteDatabase', 'SqlAlchemyDatabase', 'connect']
+
+# %% ../../nbs/store/01_database.ipynb #50bf3d62
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+psycopg = lazy_import("psycopg")
+sa = lazy_import("sqlalchemy")
 
 # %% ../../nbs/store/01_database.ipynb #12a9b717
 SUPPORTED = "Use sqlite:///path/to/mlnb.db or postgresql+psycopg://user@host:port/dbname."
@@ -52,32 +61,71 @@ def parse_store_url(url: str) -> tuple[str, str]:
     raise StoreError(f"Unsupported store URL scheme {scheme!r} in {masked(url)}: mlnb stores runs in SQLite or "
                      f"PostgreSQL. {SUPPORTED}")
 
+# %% ../../nbs/store/01_database.ipynb #e0218255
+_BIND_TOKENS = re.compile(r"""
+      (?P<literal>'(?:[^']|'')*')            # a string literal ('' is a quote inside it)
+    | (?P<identifier>"(?:[^"]|"")*")         # a quoted identifier
+    | (?P<comment>--[^\n]*|/\*.*?\*/)        # comments
+    | (?P<cast>::)                           # PostgreSQL's cast, not a parameter
+    | :(?P<name>[A-Za-z_]\w*)                # a named parameter
+    | (?P<percent>%)
+    """, re.VERBOSE | re.DOTALL)
+
+@functools.lru_cache(maxsize=1024)
+def compile_binds(sql: str, style: str) -> tuple[str, tuple[str, ...]]:
+    "Returns (SQL in the driver's `style`: 'qmark' or 'format', the parameter names in order) for SQL with `:name` binds."
+    if style not in ("qmark", "format"):
+        raise ValueError(f"unknown parameter style {style!r}")
+    names: list[str] = []
+    def replace(match: re.Match) -> str:
+        if match.group("name"):
+            names.append(match.group("name"))
+            return "?" if style == "qmark" else "%s"
+        if match.group("percent") or (style == "format" and match.group("literal") and "%" in match.group(0)):
+            return match.group(0).replace("%", "%%") if style == "format" else match.group(0)
+        return match.group(0)
+    return _BIND_TOKENS.sub(replace, sql), tuple(names)
+
+def bind_values(names: Sequence[str], params: Mapping[str, Any] | Sequence[Any], sql: str = "") -> tuple:
+    "Returns the values for a compiled statement: from a mapping by name, or a sequence already in order."
+    if isinstance(params, Mapping):
+        try:
+            return tuple(params[name] for name in names)
+        except KeyError as e:
+            raise ValueError(f"no value for parameter :{e.args[0]} of {sql!r}") from None
+    values = tuple(params)
+    if len(values) != len(names):
+        raise ValueError(f"{len(values)} value(s) for {len(names)} parameter(s) of {sql!r}")
+    return values
+
 # %% ../../nbs/store/01_database.ipynb #966f9c4d
+Params = Mapping[str, Any] | Sequence[Any]
+
 class Tx:
-    "One transaction: `execute`, `executemany`, `query`, `scalar` with `?` placeholders."
+    "One transaction: `execute`, `executemany`, `query`, `scalar`, with `:name` parameters."
 
-    def __init__(self, cursor: Any, backend: str):
-        self.cursor, self.backend = cursor, backend
-        self._qmark = backend == "sqlite"
+    def __init__(self, cursor: Any, backend: str, paramstyle: str = "qmark"):
+        self.cursor, self.backend, self.paramstyle = cursor, backend, paramstyle
 
-    def _sql(self, sql: str) -> str:
-        return sql if self._qmark else sql.replace("?", "%s")
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+    def execute(self, sql: str, params: Params = ()) -> Any:
         "Runs one statement and returns the cursor."
-        self.cursor.execute(self._sql(sql), tuple(params))
+        text, names = compile_binds(sql, self.paramstyle)
+        self.cursor.execute(text, bind_values(names, params, sql))
         return self.cursor
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        "Runs one statement for each row."
+    def executemany(self, sql: str, rows: Sequence[Params]) -> None:
+        "Runs one statement for each row (tuples in parameter order are bound as they are: the fast path)."
         if rows:
-            self.cursor.executemany(self._sql(sql), rows)
+            text, names = compile_binds(sql, self.paramstyle)
+            if isinstance(rows[0], Mapping):
+                rows = [bind_values(names, row, sql) for row in rows]
+            self.cursor.executemany(text, rows)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    def query(self, sql: str, params: Params = ()) -> list[tuple]:
         "Returns every row of a query."
         return self.execute(sql, params).fetchall()
 
-    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+    def scalar(self, sql: str, params: Params = ()) -> Any:
         "Returns the first column of the first row, or None."
         row = self.execute(sql, params).fetchone()
         return None if row is None else row[0]
@@ -88,7 +136,13 @@ class Tx:
 
 # %% ../../nbs/store/01_database.ipynb #e0b6fd01
 class Database:
-    """Runs functions inside transactions on one store database.
+    """Runs functions inside transactions on one store database (the store-backend extension point).
+
+    Contract for an implementation: `from_url(url)` (classmethod) builds it without connecting; `read(fn)` and
+    `write(fn)` run `fn(tx)` in one transaction with a `Tx` over the driver's cursor and its `paramstyle`
+    ('qmark' or 'format'), a read seeing one snapshot, and join a transaction already open on the same
+    thread; `errors()` names the driver's exception types; `table_exists` and `lock_for_migration` cover what
+    differs between catalogs. The store's conformance suite (`mlnb.testing.store`) checks every operation on it.
 
     Thread- and process-safety: every thread uses its own connection; a forked child opens new
     ones. `write` transactions are serialised by the database and retried with backoff while it
@@ -98,6 +152,11 @@ class Database:
 
     def __init__(self, url: str):
         self.url = url
+
+    @classmethod
+    def from_url(cls, url: str) -> Database:
+        "Returns the database a store URL names, built without connecting."
+        raise NotImplementedError
 
     def read(self, fn: Callable[[Tx], Any]) -> Any:
         "Returns fn(tx) run in a read transaction."
@@ -112,6 +171,14 @@ class Database:
 
     def errors(self) -> tuple[type[BaseException], ...]:
         "Returns the exception types the driver raises."
+        raise NotImplementedError
+
+    def table_exists(self, tx: Tx, table: str) -> bool:
+        "Returns whether `table` exists (the catalogs differ between databases)."
+        raise NotImplementedError
+
+    def lock_for_migration(self, tx: Tx) -> None:
+        "Holds, until `tx` ends, the lock that lets one process at a time migrate the schema."
         raise NotImplementedError
 
     def is_transient(self, exc: BaseException) -> bool:
@@ -173,8 +240,19 @@ class SqliteDatabase(Database):
         self._shared: sqlite3.Connection | None = None
         self._pid = os.getpid()
 
+    @classmethod
+    def from_url(cls, url: str) -> SqliteDatabase:
+        "Returns the database of an `sqlite:///path` URL."
+        return cls(url, parse_store_url(url)[1])
+
     def errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
+
+    def table_exists(self, tx: Tx, table: str) -> bool:
+        return bool(tx.scalar("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :table", {"table": table}))
+
+    def lock_for_migration(self, tx: Tx) -> None:
+        pass  # a write transaction (BEGIN IMMEDIATE) already excludes every other writer
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path or ":memory:", timeout=30, isolation_level=None, check_same_thread=False)
@@ -244,28 +322,33 @@ class SqlAlchemyDatabase(Database):
     "Any SQLAlchemy URL (PostgreSQL with psycopg 3), the same SQL on the driver's cursor."
     backend = "postgresql"
 
+    @classmethod
+    def from_url(cls, url: str) -> SqlAlchemyDatabase:
+        "Returns the database of a `postgresql://` URL."
+        return cls(parse_store_url(url)[1])
+
     def __init__(self, url: str):
         super().__init__(url)
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            from mlnb.core.errors import missing_dependency
-            raise missing_dependency("psycopg[binary]", "A PostgreSQL store") from None
-        import sqlalchemy as sa
+        optional_import("psycopg", "A PostgreSQL store", "psycopg[binary]")
         self._sa = sa
         self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
         self._local = threading.local()
 
     def errors(self) -> tuple[type[BaseException], ...]:
-        import psycopg
         return (psycopg.Error, self._sa.exc.DBAPIError)
+
+    def table_exists(self, tx: Tx, table: str) -> bool:
+        return bool(tx.scalar("SELECT to_regclass(:table) IS NOT NULL", {"table": table}))
+
+    def lock_for_migration(self, tx: Tx) -> None:
+        tx.execute("SELECT pg_advisory_xact_lock(4242424242)")  # released when the transaction ends
 
     def _run(self, fn: Callable[[Tx], Any], snapshot: bool) -> Any:
         joined = getattr(self._local, "tx", None)
         if joined is not None:  # a read or write already open on this thread: join it (as on SQLite)
             return fn(joined)
         with self.engine.connect() as conn, conn.begin():
-            tx = Tx(conn.connection.driver_connection.cursor(), "postgresql")
+            tx = Tx(conn.connection.driver_connection.cursor(), "postgresql", "format")
             if snapshot:  # every statement of the read sees one snapshot (under READ COMMITTED, each its own)
                 tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             self._local.tx = tx
@@ -283,9 +366,20 @@ class SqlAlchemyDatabase(Database):
     def close(self) -> None:
         self.engine.dispose()
 
+BACKENDS = Registry("store backend", "mlnb.stores", {"sqlite": "mlnb.store.database:SqliteDatabase",
+                                                      "postgresql": "mlnb.store.database:SqlAlchemyDatabase"})
+
 def connect(url: str) -> Database:
-    "Returns the Database for a store URL."
-    backend, target = parse_store_url(url)
-    if backend == "sqlite":
-        return SqliteDatabase(url, target)
-    return SqlAlchemyDatabase(target)
+    """Returns the Database for a store URL, from the backend its scheme names: `sqlite`, `postgresql`, or one a
+    package adds through the `mlnb.stores` entry point (a `Database` subclass with a `from_url` classmethod)."""
+    if not isinstance(url, str) or "://" not in url:
+        raise StoreError(f"Cannot parse the store URL {url!r}. {SUPPORTED}")
+    scheme = url.split("://", 1)[0].lower()
+    name = scheme.partition("+")[0]
+    name = "postgresql" if name == "postgres" else name
+    if name not in BACKENDS:
+        others = [n for n in BACKENDS.names() if n not in ("sqlite", "postgresql")]
+        more = f" (or {', '.join(others)}, from installed plug-ins)" if others else ""
+        raise StoreError(f"Unsupported store URL scheme {scheme!r} in {masked(url)}: mlnb stores runs in SQLite or "
+                         f"PostgreSQL{more}. {SUPPORTED}")
+    return BACKENDS.get(name).from_url(url)

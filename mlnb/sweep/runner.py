@@ -23,7 +23,7 @@ from ..pipeline.kernels.zygote import notebook_forks_warm, notebook_preload, Zyg
 from ..pipeline.runner import PipelineRunner, ProjectLock
 from ..pipeline.step import launch_zygote, WORKER_PRELOAD
 from ..store.optuna import optuna_storage
-from ..store.runs import Store, open_store
+from ..store.facade import open_store, Store
 from .study import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, failed_study_error,
                         finished_trials, ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,

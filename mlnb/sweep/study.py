@@ -22,7 +22,7 @@ from ..core.errors import SweepError, did_you_mean, one_of
 from ..core.lazy import lazy_import
 from ..pipeline.executors.base import StopRequests
 from ..store.optuna import optuna_storage
-from ..store.runs import Store, open_store
+from ..store.facade import open_store, Store
 from ..tracking.pruning import report_to_trial, reporting_to
 from ..tracking.run import start_run
 

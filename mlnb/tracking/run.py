@@ -25,7 +25,8 @@ from ..core.errors import ArtifactError, did_you_mean, MlnbError, one_of
 from ..core.lazy import lazy_import
 from ..store.artifacts import ArtifactStore, artifacts_for, guess_media_type, validate_artifact_name
 from ..store.query import available_fields, compile_where
-from ..store.runs import _json_default, open_store, Store
+from ..store.records import json_default
+from ..store.facade import open_store, Store
 from .environment import capture_environment, current_source, git_info, take_pending_seed
 from .mirrors import start_mirrors
 
@@ -343,7 +344,7 @@ def _encode_output(value: Any) -> tuple[str, str | None, bytes | None, str]:
         np.save(buf, value, allow_pickle=False)
         return "ndarray", json.dumps(f"array {value.dtype} {tuple(value.shape)}"), buf.getvalue(), ".npy"
     try:
-        text = json.dumps(value, allow_nan=True, default=_json_default if module == "numpy" else None)
+        text = json.dumps(value, allow_nan=True, default=json_default if module == "numpy" else None)
         return "json", text, None, ""
     except (TypeError, ValueError):
         return "pickle", json.dumps(type(value).__name__), pickle.dumps(value), ".pkl"

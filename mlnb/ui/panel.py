@@ -18,7 +18,7 @@ from ..store.artifacts import artifacts_for
 from ..store.database import masked
 from ..store.optuna import optuna_storage
 from ..store.query import available_fields, compile_where
-from ..store.runs import Store, open_store
+from ..store.facade import open_store, Store
 from ..sweep.study import trial_rows
 from .charts import (beeswarm_figure, curves_figure, importance_figure, lime_figure, parallel_figure,
                             pareto_figure, waterfall_figure)

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..store.runs import RunRecord, Store
+from ..store.records import RunRecord
+from ..store.facade import Store
 
 # %% auto #0
 __all__ = ['pipeline_report_html', 'write_pipeline_report']

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..ops.registry import history, models, version_metrics, versions
 from ..ops.schedule import list_schedules, schedule_history
 from ..store.artifacts import artifacts_for
-from ..store.runs import RunRecord, Store
+from ..store.records import RunRecord
+from ..store.facade import Store
 from .report import _CSS, _fmt, _status, write_pipeline_report
 
 esc = html.escape

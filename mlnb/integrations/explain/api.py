@@ -18,7 +18,7 @@ from ...core.errors import ExplainError, one_of
 from ...core.hashing import hash_bytes, hash_json
 from ...core.lazy import lazy_import
 from ...store.artifacts import artifacts_for
-from ...store.runs import Store, open_store
+from ...store.facade import open_store, Store
 
 # %% auto #0
 __all__ = ['adapt', 'Explanation', 'check_rows', 'explain', 'lime_explain', 'lime_feature', 'run_models', 'explain_run']
