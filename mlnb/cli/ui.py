@@ -17,7 +17,7 @@ import click
 
 from .app import store_option
 from ..core.config import STATE_DIR, find_project, resolve_store_url
-from ..pipeline.step import ensure_kernel, kernel_env, KERNEL_NAME
+from ..pipeline.kernels.ipc import KERNEL_NAME, ensure_kernel, kernel_env
 from ..store.facade import open_store
 
 # %% auto #0

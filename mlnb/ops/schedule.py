@@ -24,7 +24,6 @@ from ..core.lazy import lazy_import
 from ..pipeline.dag import Pipeline, check_params
 from ..pipeline.executors.base import get_executor
 from ..pipeline.runner import PipelineRunner
-from ..pipeline.step import WORKER_PRELOAD
 from ..store.records import STALE_FACTOR, STALE_GRACE
 from ..store.facade import Store
 from ..tracking.run import _interval
@@ -316,8 +315,9 @@ class Scheduler:
         "Returns the executor every scheduled run shares: its workers keep a kernel started ahead between runs."
         with self._lock:
             if self._executor is None:
-                self._executor = get_executor("local", jobs=self.jobs or os.cpu_count() or 1,
-                                              prepare="mlnb.pipeline.step:prepare_worker", preload=WORKER_PRELOAD)
+                # its workers keep a kernel started ahead: occurrences run the same notebooks again and again
+                self._executor = get_executor("local", jobs=self.jobs or os.cpu_count() or 1).prepare(
+                    [], self.project.root, repeat=True)
             return self._executor
 
     def _fire(self, schedule: Schedule, when: float) -> None:

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.config import Project
-from ..core.errors import RunNotFound, did_you_mean, one_of
+from ..core.errors import RunNotFound, ZygoteError, did_you_mean, one_of
 from ..core.lazy import lazy_import, preload
 from ..pipeline.dag import Pipeline, check_params
-from ..pipeline.executors.base import get_executor, StopRequests
-from ..pipeline.kernels.zygote import notebook_forks_warm, notebook_preload, ZygoteError
+from ..pipeline.executors.base import StopRequests, get_executor
 from ..pipeline.runner import PipelineRunner, ProjectLock
-from ..pipeline.step import launch_zygote, WORKER_PRELOAD
 from ..store.optuna import optuna_storage
 from ..store.facade import open_store, Store
 from .study import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, failed_study_error,
@@ -170,9 +168,8 @@ class SweepRunner:
                  on_event=None, poll_interval: float = 0.25, importances: bool = False):
         self.project, self.spec = project, spec
         self.importances = importances  # compute the study's param importances at the end (StudyResult.importances)
-        self.zygote = None
         self._ranking_readied = False
-        self._helper = None  # the zygote's child that ranks them (see `_get_ready_to_rank`)
+        self._helper = None  # the process that ranks them (see `_get_ready_to_rank`)
         self.store, self.store_url = store, store_url  # without a store, `run` opens store_url's (default: the project's)
         self.on_event = on_event or (lambda kind, info: None)
         self.poll_interval = poll_interval
@@ -198,15 +195,13 @@ class SweepRunner:
             before = sorted(set().union(*(pipeline.upstream_of(s) for s in self.trial_steps)) - set(self.trial_steps))
             jobs = max(1, spec.jobs or 1)
             options = {"jobs": jobs, **({"scheduler": spec.scheduler} if spec.scheduler else {})}
-            # first: its imports are the longest part of the start; the store opens (or is created) meanwhile
-            zygote = self.zygote = self._launch_zygote(pipeline) if spec.executor == "local" else None
-            if spec.executor == "local":
-                options.update(prepare=("mlnb.pipeline.step:prepare_worker", {"zygote": zygote and zygote.address}),
-                               preload=WORKER_PRELOAD)
             status = "failed"
             try:
-                # the workers' fork server and the zygote import while Optuna does
-                self.executor = get_executor(spec.executor, **options).warm()
+                # first: the executor's warm-up (a local one's kernel zygote and its workers' fork server) is the
+                # longest part of the start; it imports while the store opens (or is created) and Optuna does
+                notebooks = [pipeline.steps[step].notebook for step in self.trial_steps]
+                self.executor = get_executor(spec.executor, **options).prepare(notebooks, self.project.root,
+                                                                               repeat=True).warm()
                 self.store = self.store or open_store(self.store_url)
                 self.store.mark_crashed()
                 # A study reused with another space fails here, before any step runs; one already at its
@@ -244,9 +239,9 @@ class SweepRunner:
                 status = self._loop(optuna, jobs) if self.study_run else "finished"
             finally:
                 if status == "finished":  # nothing runs any more: the workers exit while the results are shown
-                    threading.Thread(target=self._release, args=(zygote,), name="mlnb-sweep-release").start()
+                    threading.Thread(target=self._release, name="mlnb-sweep-release").start()
                 else:
-                    self._release(zygote)
+                    self._release()
                     if self._helper is not None:
                         self._helper.close()
         rows = trial_rows(self.study)
@@ -268,13 +263,9 @@ class SweepRunner:
         if not self.importances or self._ranking_readied:
             return
         self._ranking_readied = True
-        if self.zygote is not None and self.zygote.alive:
-            try:  # (in a sweep of no more trials than jobs, this waits for the zygote to listen, as they do)
-                self._helper = self.zygote.helper("mlnb.sweep.study:importances_of")
-                return
-            except ZygoteError:
-                pass  # ranked here instead
-        threading.Thread(target=_import_ranking, name="mlnb-import-ranking", daemon=True).start()
+        self._helper = self.executor.helper("mlnb.sweep.study:importances_of") if self.executor else None
+        if self._helper is None:  # ranked here instead
+            threading.Thread(target=_import_ranking, name="mlnb-import-ranking", daemon=True).start()
 
     def _rank(self, status: str, rows: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
         "Returns the study's importances when asked for, the sweep finished and it has completed trials (`rows`)."
@@ -299,21 +290,10 @@ class SweepRunner:
             if helper is not None:
                 helper.close()
 
-    def _release(self, zygote) -> None:
-        "Shuts the workers down, then the kernel zygote."
+    def _release(self) -> None:
+        "Shuts the workers down (and what the executor started for them: a local one's kernel zygote)."
         if self.executor is not None:
             self.executor.shutdown()
-        if zygote is not None:
-            zygote.close()
-
-    def _launch_zygote(self, pipeline: Pipeline):
-        """Returns the kernel zygote the trials' kernels are forked from, launched now (it imports what the
-        trial notebooks start by importing while the sweep sets up), or None when MLNB_FORK_KERNELS=0 or when a
-        trial runs several steps and one of them changes the environment before an import."""
-        notebooks = [pipeline.steps[step].notebook for step in self.trial_steps]
-        if len(notebooks) > 1 and not all(notebook_forks_warm(n) for n in notebooks):
-            return None  # one step's preload would be in every trial kernel (see `edits_before_import`): boot them
-        return launch_zygote(list(dict.fromkeys(m for n in notebooks for m in notebook_preload(n, self.project.root))))
 
     def _loop(self, optuna, jobs: int) -> str:
         spec, started = self.spec, time.monotonic()
