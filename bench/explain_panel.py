@@ -28,7 +28,8 @@ def per_row_costs(rows: int = 100, kernel_rows: int = 10) -> list[dict]:
     from sklearn.ensemble import RandomForestClassifier
 
     import mlnb
-    from mlnb.integrations.explain.api import adapt, _predict_fn, _class_index
+    from mlnb.integrations.explain import adapt
+    from mlnb.integrations.explain.base import predict_fn
     from mlnb.integrations.lightning import TabularMLP, TabularPredictor, TabularPreprocessor
     X, y = load_breast_cancer(return_X_y=True, as_frame=True)
     frame = X.assign(target=y)
@@ -41,10 +42,10 @@ def per_row_costs(rows: int = 100, kernel_rows: int = 10) -> list[dict]:
         start = time.perf_counter()
         chosen = mlnb.explain(model, X, rows=list(range(rows)))
         auto = (time.perf_counter() - start) / rows
-        adapter = adapt(model, X)
-        background = shap.kmeans(adapter.transform(X.head(100)), 10)
-        kernel = shap.KernelExplainer(_predict_fn(adapter.estimator, adapter, _class_index(adapter, None)), background)
-        inputs = adapter.transform(X.iloc[100:100 + kernel_rows])
+        view = adapt(model, X)
+        background = shap.kmeans(view.transform(X.head(100)), 10)
+        kernel = shap.KernelExplainer(predict_fn(view, view.class_index()), background)
+        inputs = view.transform(X.iloc[100:100 + kernel_rows])
         start = time.perf_counter()
         kernel.shap_values(inputs, silent=True)
         kernel_cost = (time.perf_counter() - start) / kernel_rows

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from .app import echo_json, fmt_value, format_table, json_option, store_option
-from ..integrations.explain.api import explain_run, lime_feature
+from ..integrations.explain import explain_run, lime_feature
 
 # %% auto #0
 __all__ = ['explain_command']

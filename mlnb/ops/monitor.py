@@ -17,7 +17,7 @@ from typing import Any
 from ..core.config import find_project
 from ..core.errors import MonitorError, one_of
 from ..core.lazy import lazy_import
-from ..integrations.explain.api import run_models
+from ..integrations.explain import run_models
 from .registry import resolve
 from ..pipeline.runner import PipelineRunner
 from ..store.artifacts import artifacts_for

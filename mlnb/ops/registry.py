@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import RegistryError, did_you_mean, one_of
-from ..integrations.explain.api import run_models
+from ..integrations.explain import run_models
 from ..store.artifacts import artifacts_for
 from ..store.facade import open_store, Store
 

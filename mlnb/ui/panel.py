@@ -13,7 +13,7 @@ from typing import Any
 
 from ..core.errors import MlnbError
 from ..core.lazy import lazy_import
-from ..integrations.explain.api import explain_run, Explanation, run_models
+from ..integrations.explain import explain_run, Explanation, run_models
 from ..store.artifacts import artifacts_for
 from ..store.database import masked
 from ..store.optuna import optuna_storage

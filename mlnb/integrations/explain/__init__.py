@@ -5,7 +5,11 @@
 # %% auto #0
 __all__ = []
 
-# %% ../../../nbs/integrations/explain/00_explain.ipynb #2b3ac52a
-from . import api as _api
-from .api import *  # noqa: F403
-__all__ = list(_api.__all__)
+# %% ../../../nbs/integrations/explain/00_explain.ipynb #51ed5e9b
+from .api import explain, explain_run, run_models
+from .base import (EXPLAINERS, Explainer, Explanation, ModelView, adapt,
+                                            check_rows, choose)
+from .lime import lime_explain, lime_feature
+
+__all__ = ["EXPLAINERS", "Explainer", "Explanation", "ModelView", "adapt", "check_rows", "choose", "explain",
+           "explain_run", "lime_explain", "lime_feature", "run_models"]
