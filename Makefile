@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mlnb-installed
 PG_BINARIES := $(wildcard /usr/lib/postgresql/*/bin/initdb)
 
-.PHONY: setup bytecode demo test check-export check-clean lint nbtest pytest system-deps bench clean
+.PHONY: setup bytecode demo test check-export check-clean lint types nbtest pytest system-deps bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,7 @@ test: setup system-deps
 	@$(MAKE) --no-print-directory bytecode
 	@$(MAKE) --no-print-directory check-clean
 	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory types
 	@$(MAKE) --no-print-directory nbtest
 	@$(MAKE) --no-print-directory pytest
 
@@ -74,6 +75,11 @@ check-clean: setup
 lint: setup
 	$(BIN)/ruff check mlnb tests bench
 	$(BIN)/lint-imports --no-cache
+
+# pyright (basic mode, pyrightconfig.json) on the package: the annotations say what the code does.
+# Its wheel carries pyright and Node, so nothing is downloaded here.
+types: setup
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(BIN)/pyright
 
 nbtest: setup
 	$(BIN)/nbdev_test --n_workers 2

@@ -8,7 +8,8 @@ __all__ = []
 # %% ../nbs/lightning.ipynb #3ef40ade
 from .integrations import lightning as _target
 from .integrations.lightning import *  # noqa: F403
-__all__ = list(_target.__all__)
+__all__ = []  # the same names as the module it stands for
+__all__ += _target.__all__
 
 def __getattr__(name: str):
     "Returns the module's other names too (such as the errors it raises, defined in `mlnb.core.errors`)."

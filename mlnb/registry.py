@@ -8,7 +8,8 @@ __all__ = []
 # %% ../nbs/registry.ipynb #3dbd5d29
 from .ops import registry as _target
 from .ops.registry import *  # noqa: F403
-__all__ = list(_target.__all__)
+__all__ = []  # the same names as the module it stands for
+__all__ += _target.__all__
 
 def __getattr__(name: str):
     "Returns the module's other names too (such as the errors it raises, defined in `mlnb.core.errors`)."

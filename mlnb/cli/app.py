@@ -132,7 +132,7 @@ def exit_now(code: int | str | None) -> NoReturn:
         code = 1
     try:
         try:
-            threading._shutdown()  # what Py_Finalize does first: wait for the non-daemon threads
+            threading._shutdown()  # pyright: ignore[reportAttributeAccessIssue]  # what Py_Finalize does first: wait for the non-daemon threads
         except KeyboardInterrupt:
             pass
         atexit._run_exitfuncs()   # prints, and goes past, a hook that raises

@@ -47,18 +47,7 @@ def explain_command(run, rows_text, model, data, top, refresh, as_json, store_ur
                                                 refresh=refresh, lime_rows=rows or [0])
     shown = rows or [0]
     importance = explanation.importance()
-    per_row = []
-    for row in shown:
-        shap_values = explanation.contributions(row)
-        position = explanation.rows.index(row)
-        lime = explanation.lime.get(row, [])
-        lime_by_feature = {lime_feature(c, explanation.feature_names): (c, w) for c, w in lime}
-        per_row.append({"row": row, "base_value": float(explanation.base_values[position]),
-                        "output": float(explanation.base_values[position] + shap_values.sum()),
-                        "features": [{"feature": f, "value": _plain(explanation.data.iloc[position].get(f)),
-                                      "shap": float(v), "lime_condition": lime_by_feature.get(f, (None, None))[0],
-                                      "lime_weight": lime_by_feature.get(f, (None, None))[1]}
-                                     for f, v in shap_values.items()]})
+    per_row = [_row_entry(explanation, row) for row in shown]
     if as_json:
         echo_json({"run_id": record.id, "explainer": explanation.explainer, "model_type": explanation.model_type,
                    "output": explanation.output, "rows_explained": len(explanation.rows), "reopened": reopened,
@@ -76,6 +65,18 @@ def explain_command(run, rows_text, model, data, top, refresh, as_json, store_ur
                   f["lime_condition"] or "-", "-" if f["lime_weight"] is None else f"{f['lime_weight']:+.4f}"]
                  for f in entry["features"][:top]]
         click.echo(format_table(["FEATURE", "VALUE", "SHAP", "LIME CONDITION", "LIME WEIGHT"], table))
+
+def _row_entry(explanation, row: int) -> dict:
+    "Returns one row's explanation: its base value and output, each feature's value, SHAP value and LIME condition."
+    position = explanation.rows.index(row)
+    contributions = {str(f): float(v) for f, v in explanation.contributions(row).items()}
+    lime = {lime_feature(c, explanation.feature_names): (c, w) for c, w in explanation.lime.get(row, [])}
+    values = {str(k): v for k, v in explanation.data.iloc[position].to_dict().items()}
+    base = float(explanation.base_values[position])
+    return {"row": row, "base_value": base, "output": base + sum(contributions.values()),
+            "features": [{"feature": f, "value": _plain(values.get(f)), "shap": v,
+                          "lime_condition": lime.get(f, (None, None))[0], "lime_weight": lime.get(f, (None, None))[1]}
+                         for f, v in contributions.items()]}
 
 def _plain(value):
     return value.item() if hasattr(value, "item") else value

@@ -176,10 +176,11 @@ def monitor_command(reference, current, reference_data, threshold, retrain, fail
     else:
         table = result.features.sort_values(["drifted", "psi"], ascending=[False, False])
         click.echo(format_table(["FEATURE", "KIND", "PSI", "TEST", "STATISTIC", "P-VALUE", "DRIFTED"],
-                                [[r.feature, r.kind, fmt_value(r.psi), r.test, fmt_value(r.statistic),
-                                  fmt_value(r.p_value), "yes" if r.drifted else ""] for r in table.itertuples()]))
+                                [[r["feature"], r["kind"], fmt_value(r["psi"]), r["test"], fmt_value(r["statistic"]),
+                                  fmt_value(r["p_value"]), "yes" if r["drifted"] else ""]
+                                 for r in table.to_dict("records")]))
         verdict = "DRIFTED" if result.drifted else "no drift"
-        click.echo(f"\n{verdict}: {int(result.features['drifted'].sum())} of {len(result.features)} features drifted "
+        click.echo(f"\n{verdict}: {result.n_drifted} of {len(result.features)} features drifted "
                    f"({result.share:.0%}; threshold {result.threshold:.0%}); monitoring run {outcome.run_id[:8]}; "
                    f"report: {outcome.report}")
         if outcome.retrain_run_id:

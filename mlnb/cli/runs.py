@@ -191,7 +191,7 @@ def render_run(record, store) -> str:
                   f"  host     {env.get('hostname')}", f"  packages {len(env.get('packages') or [])} installed"]
     return "\n".join(lines)
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"

@@ -337,7 +337,7 @@ def update_step_params(path: str | Path, updates: dict[str, dict[str, Any]]) -> 
     edits: list[tuple[int, int, str]] = []
     for step, params in updates.items():
         step_key, step_node = child(pipeline, step)
-        if step_node is None:
+        if step_key is None or step_node is None:
             raise ConfigError(f"{path}: no step {step!r} under pipeline:.")
         _, params_node = child(step_node, "params")
         if params_node is None or (isinstance(params_node, yaml.MappingNode) and params_node.flow_style):

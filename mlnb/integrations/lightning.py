@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
+from lightning_fabric.loggers.logger import rank_zero_experiment
+from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -89,8 +90,7 @@ class MlnbLogger(Logger):
         epoch = values.pop("epoch", None)
         at = int(epoch) if self.step_by == "epoch" and epoch is not None else step
         for key, value in values.items():
-            value = float(value.item() if hasattr(value, "item") else value)
-            self.run.log_metric(key, value, step=at)
+            self.run.log_metric(key, float(value), step=at)  # a tensor or numpy scalar converts itself
 
     def after_save_checkpoint(self, checkpoint_callback) -> None:
         self._checkpoint_callback = checkpoint_callback
@@ -175,7 +175,13 @@ class TabularPreprocessor:
 
     @property
     def n_outputs(self) -> int:
-        return len(self.classes_) if self.task == "multiclass" else 1
+        return len(self.classes()) if self.task == "multiclass" else 1
+
+    def classes(self) -> np.ndarray:
+        "Returns the classes, in the order of the model's outputs (a regression preprocessor has none)."
+        if self.classes_ is None:
+            raise ValueError(f"a {self.task} preprocessor has no classes")
+        return self.classes_
 
     def transform(self, frame) -> np.ndarray:
         "Returns the model's input matrix for a DataFrame."
@@ -191,7 +197,7 @@ class TabularPreprocessor:
         "Returns target values as the model's labels (class indices, or floats for regression)."
         if self.task == "regression":
             return np.asarray(values, dtype=np.float32)
-        index = {str(c): i for i, c in enumerate(self.classes_)}
+        index = {str(c): i for i, c in enumerate(self.classes())}
         return np.array([index[str(v)] for v in values], dtype=np.int64)
 
 class TabularDataModule(pl.LightningDataModule):
@@ -239,6 +245,9 @@ _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.Si
 class TabularMLP(pl.LightningModule):
     "A multilayer perceptron for binary, multi-class and regression targets."
 
+    target_mean: torch.Tensor  # buffers, registered in __init__
+    target_std: torch.Tensor
+
     def __init__(self, n_features: int, task: str = "binary", n_outputs: int = 1, hidden: Sequence[int] = (64, 32),
                  dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.0, activation: str = "relu",
                  target_mean: float | None = None, target_std: float | None = None):
@@ -248,6 +257,7 @@ class TabularMLP(pl.LightningModule):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation {activation!r}: choose one of {sorted(_ACTIVATIONS)}")
         self.save_hyperparameters()
+        self.task = task
         layers, width = [], n_features
         for size in hidden:
             layers += [nn.Linear(width, int(size)), _ACTIVATIONS[activation](), nn.Dropout(dropout)]
@@ -266,14 +276,14 @@ class TabularMLP(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
-        if self.hparams.task == "regression":
+        if self.task == "regression":
             return out.squeeze(-1) * self.target_std + self.target_mean
-        return out.squeeze(-1) if self.hparams.task != "multiclass" else out
+        return out.squeeze(-1) if self.task != "multiclass" else out
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.hparams.task == "binary":
+        if self.task == "binary":
             return nn.functional.binary_cross_entropy_with_logits(out, y.float())
-        if self.hparams.task == "multiclass":
+        if self.task == "multiclass":
             return nn.functional.cross_entropy(out, y)
         return nn.functional.mse_loss(out, y.float()) / self.target_std ** 2  # in the net's (standardised) units
 
@@ -289,10 +299,10 @@ class TabularMLP(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         scale = getattr(getattr(self.trainer, "datamodule", None), "preprocessor", None)
-        if (self.hparams.task == "regression" and self.hparams.target_mean is None
-                and getattr(scale, "target_mean", None) is not None):
+        if (self.task == "regression" and self.hparams["target_mean"] is None
+                and isinstance(scale, TabularPreprocessor) and scale.target_mean is not None):
             self.target_mean.fill_(scale.target_mean)
-            self.target_std.fill_(scale.target_std)
+            self.target_std.fill_(scale.target_std or 1.0)
         if self.logger is not None:
             self.logger.log_metrics({"n_params": float(self.n_params)}, step=0)
 
@@ -307,26 +317,26 @@ class TabularMLP(pl.LightningModule):
         y = torch.cat([t for _, t in self._val])
         self._val.clear()
         self.log("val_loss", self._loss(out, y), prog_bar=True)
-        if self.hparams.task == "regression":
+        if self.task == "regression":
             self.log("val_rmse", torch.sqrt(nn.functional.mse_loss(out, y.float())))
             return
         roc_auc_score = _sklearn_metrics.roc_auc_score
         proba = self._proba(out).cpu().numpy()
         labels = y.cpu().numpy()
-        predicted = (proba > 0.5).astype(int) if self.hparams.task == "binary" else proba.argmax(1)
+        predicted = (proba > 0.5).astype(int) if self.task == "binary" else proba.argmax(1)
         self.log("val_accuracy", float((predicted == labels).mean()))
         try:
-            auc = (roc_auc_score(labels, proba) if self.hparams.task == "binary"
+            auc = (roc_auc_score(labels, proba) if self.task == "binary"
                    else roc_auc_score(labels, proba, multi_class="ovr", labels=list(range(proba.shape[1]))))
         except ValueError:  # one class only in this validation set
             auc = float("nan")
         self.log("val_auc", float(auc), prog_bar=True)
 
     def _proba(self, out: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(out) if self.hparams.task == "binary" else torch.softmax(out, dim=-1)
+        return torch.sigmoid(out) if self.task == "binary" else torch.softmax(out, dim=-1)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
 
     @torch.no_grad()
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -334,12 +344,12 @@ class TabularMLP(pl.LightningModule):
         self.eval()
         out = self(torch.as_tensor(np.asarray(X, dtype=np.float32)))
         proba = self._proba(out).cpu().numpy()
-        return np.stack([1 - proba, proba], axis=1) if self.hparams.task == "binary" else proba
+        return np.stack([1 - proba, proba], axis=1) if self.task == "binary" else proba
 
     @torch.no_grad()
     def predict(self, X: np.ndarray) -> np.ndarray:
         "Returns predicted class indices (classification) or values (regression)."
-        if self.hparams.task == "regression":
+        if self.task == "regression":
             self.eval()
             return self(torch.as_tensor(np.asarray(X, dtype=np.float32))).cpu().numpy()
         return self.predict_proba(X).argmax(1)
@@ -380,7 +390,7 @@ class TabularPredictor:
     def predict(self, X) -> np.ndarray:
         "Returns predicted labels (the original classes) or values."
         out = self.model.predict(self._matrix(X))
-        return out if self.preprocessor.task == "regression" else self.classes_[out]
+        return out if self.preprocessor.task == "regression" else self.preprocessor.classes()[out]
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from ..core.config import find_project
@@ -24,6 +24,10 @@ from ..store.artifacts import artifacts_for
 from ..store.facade import open_store, Store
 from ..tracking.run import start_run
 
+if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
+    from numpy import ndarray
+    from pandas import DataFrame
+
 
 PSI_DRIFT, PSI_HINT, ALPHA, KS_MIN = 0.2, 0.1, 0.01, 0.1
 
@@ -32,18 +36,18 @@ __all__ = ['PSI_DRIFT', 'PSI_HINT', 'ALPHA', 'KS_MIN', 'DriftResult', 'drift', '
            'MonitorOutcome', 'monitor']
 
 # %% ../../nbs/ops/02_monitor.ipynb #e9da51e9
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
 pd = lazy_import("pandas")
 np = lazy_import("numpy")
-# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
 _scipy_stats = lazy_import("scipy.stats")
 
 # %% ../../nbs/ops/02_monitor.ipynb #85989d39
-def _psi(reference_share: np.ndarray, current_share: np.ndarray) -> float:
+def _psi(reference_share: ndarray, current_share: ndarray) -> float:
     r = np.clip(reference_share, 1e-4, None)
     c = np.clip(current_share, 1e-4, None)
     return float(np.sum((c - r) * np.log(c / r)))
 
-def _ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+def _ks(reference: ndarray, current: ndarray) -> tuple[float, float]:
     "Returns the two-sample KS statistic and its asymptotic p-value (sorted arrays in)."
     distributions = _scipy_stats.distributions
     values = np.concatenate([reference, current])
@@ -55,7 +59,7 @@ def _ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
 @dataclass
 class DriftResult:
     "The comparison of a current table with a reference, column by column."
-    features: pd.DataFrame          # feature, kind, psi, test, statistic, p_value, drifted
+    features: DataFrame          # feature, kind, psi, test, statistic, p_value, drifted
     share: float                    # the share of drifted columns
     threshold: float
     n_reference: int
@@ -66,7 +70,12 @@ class DriftResult:
     def drifted(self) -> bool:
         return self.share >= self.threshold
 
-def drift(reference: pd.DataFrame, current: pd.DataFrame, *, threshold: float = 0.5,
+    @property
+    def n_drifted(self) -> int:
+        "The number of drifted columns."
+        return int(np.count_nonzero(self.features["drifted"].to_numpy())) if len(self.features) else 0
+
+def drift(reference: DataFrame, current: DataFrame, *, threshold: float = 0.5,
           columns: list[str] | None = None) -> DriftResult:
     "Returns the drift of `current` against `reference`, per column and overall."
     if len(current) == 0:
@@ -140,11 +149,11 @@ def _svg(labels: list[str], reference: list[float], current: list[float], width:
 def drift_html(result: DriftResult, title: str) -> str:
     "Returns the self-contained HTML report of a drift result."
     rows = []
-    for r in result.features.sort_values(["drifted", "psi"], ascending=[False, False]).itertuples():
-        labels, ref, cur = result.histograms.get(r.feature, ([], [], []))
-        flag = '<b style="color:#a40e26">drifted</b>' if r.drifted else "stable"
-        rows.append(f"<tr><td><b>{html.escape(str(r.feature))}</b><br><small>{r.kind}</small></td><td>{flag}</td>"
-                    f"<td>{r.psi:.3f}</td><td>{r.test} {r.statistic:.3g} (p={r.p_value:.2g})</td>"
+    for r in result.features.sort_values(["drifted", "psi"], ascending=[False, False]).to_dict("records"):
+        labels, ref, cur = result.histograms.get(r["feature"], ([], [], []))
+        flag = '<b style="color:#a40e26">drifted</b>' if r["drifted"] else "stable"
+        rows.append(f"<tr><td><b>{html.escape(str(r['feature']))}</b><br><small>{r['kind']}</small></td><td>{flag}</td>"
+                    f"<td>{r['psi']:.3f}</td><td>{r['test']} {r['statistic']:.3g} (p={r['p_value']:.2g})</td>"
                     f"<td>{_svg(labels, ref, cur)}</td></tr>")
     verdict = "Data drift detected" if result.drifted else "No data drift"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
@@ -153,7 +162,7 @@ table{{border-collapse:collapse;width:100%}}
 td,th{{border-bottom:1px solid #eaeef2;padding:6px;text-align:left;vertical-align:middle}}
 th{{background:#f6f8fa}}.legend span{{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p><b>{verdict}</b>: {int(result.features['drifted'].sum())} of {len(result.features)} columns drifted
+<p><b>{verdict}</b>: {result.n_drifted} of {len(result.features)} columns drifted
 ({result.share:.0%}; threshold {result.threshold:.0%}). Reference {result.n_reference:,} rows, current {result.n_current:,} rows.
 <span class="legend"><span style="background:#1f77b4"></span>reference<span style="background:#ff7f0e"></span>current</span></p>
 <table><tr><th>column</th><th>verdict</th><th>PSI</th><th>test</th><th>distributions</th></tr>{''.join(rows)}</table>
@@ -163,7 +172,7 @@ Written by mlnb on {time.strftime('%Y-%m-%d %H:%M:%S')}.</small></p>
 </body></html>"""
 
 # %% ../../nbs/ops/02_monitor.ipynb #be26115a
-def reference_data(reference: str, store) -> tuple[pd.DataFrame, Any]:
+def reference_data(reference: str, store) -> tuple[DataFrame, Any]:
     "Returns (the data a run, or a registered version's run, trained on; the run record)."
     record = store.get_run(resolve(reference, store).run_id) if "@" in reference else store.resolve_run(reference)
     names = {a["name"]: a for a in record.artifacts}
@@ -175,7 +184,7 @@ def reference_data(reference: str, store) -> tuple[pd.DataFrame, Any]:
                            "on with mlnb.log_model(model, reference_data=X_train), or pass --reference-data FILE.")
     return pd.read_parquet(io.BytesIO(artifacts_for(store).read_bytes(chosen["sha256"]))), record
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path) -> DataFrame:
     "Returns a parquet or CSV file as a DataFrame, with errors that name the file."
     path = Path(path)
     if not path.is_file():
@@ -195,12 +204,12 @@ class MonitorOutcome:
     report: Path
     retrain_run_id: str | None = None
 
-def monitor(reference: str, current: str | Path | pd.DataFrame, *, store=None, threshold: float = 0.5,
-            retrain: bool = False, reference_frame: pd.DataFrame | None = None, project=None,
+def monitor(reference: str, current: str | Path | DataFrame, *, store=None, threshold: float = 0.5,
+            retrain: bool = False, reference_frame: DataFrame | None = None, project=None,
             report_dir: str | Path | None = None, current_label: str | None = None) -> MonitorOutcome:
     "Returns the outcome of comparing `current` with the data `reference` trained on, recorded as a run."
     store = store if isinstance(store, Store) else open_store(store)
-    frame = current if isinstance(current, pd.DataFrame) else read_table(current)
+    frame = read_table(current) if isinstance(current, (str, Path)) else current
     if reference_frame is None:
         ref, record = reference_data(reference, store)
     else:
@@ -212,7 +221,7 @@ def monitor(reference: str, current: str | Path | pd.DataFrame, *, store=None, t
     with start_run(f"drift vs {reference}", params={"reference": reference, "current": source, "threshold": threshold},
                    store=store, kind="monitor", activate=False,
                    tags={"mlnb.reference_run": record.id if record else None, "mlnb.drifted": result.drifted}) as run:
-        run.log_metrics({"drift_share": result.share, "drifted_columns": float(result.features["drifted"].sum())})
+        run.log_metrics({"drift_share": result.share, "drifted_columns": float(result.n_drifted)})
         run.log_metrics({f"psi.{f}": float(p) for f, p in zip(result.features["feature"], result.features["psi"],
                                                               strict=True) if p == p})
         run.output("features", result.features)

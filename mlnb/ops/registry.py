@@ -239,7 +239,8 @@ def promote(name: str, version: int | str, to: str = "champion", gate: str | Non
     lines: list[str] = []
     passed = True
     if gate:
-        baselines = {alias: version_metrics(resolve(f"{name}@{v}", store), store) for alias, v in aliases.items()}
+        baselines: dict[str, dict[str, float] | None] = {
+            alias: version_metrics(resolve(f"{name}@{v}", store), store) for alias, v in aliases.items()}
         baselines.setdefault(to, None)
         passed, lines = check_gate(gate, version_metrics(candidate, store), baselines)
     decision = Decision(passed, name, candidate.version, to, previous, lines, dry_run)

@@ -332,9 +332,9 @@ class Scheduler:
         status, error = "failed", None
         def on_event(kind: str, step: str, info: dict) -> None:
             if kind == "plan":
-                active.run_id = info["run_id"]
-                self.store.schedules.link_run(schedule.name, when, active.run_id)
-                self.log(f"{schedule.name}: occurrence {_stamp(when)} running as pipeline run {active.run_id[:8]} "
+                active.run_id = run_id = info["run_id"]
+                self.store.schedules.link_run(schedule.name, when, run_id)
+                self.log(f"{schedule.name}: occurrence {_stamp(when)} running as pipeline run {run_id[:8]} "
                          f"({time.time() - when:.2f} s after its time)")
         try:
             force: bool | list[str] = True if "*" in schedule.force else list(schedule.force)

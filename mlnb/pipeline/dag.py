@@ -73,14 +73,13 @@ class Pipeline:
                 raise InvalidPipeline(f"{project.config_path}: pipeline {name!r} has step {clash[0]!r}, which the main "
                                       "pipeline has too. Step names are shared by the cache: rename one.")
         self.steps: dict[str, Step] = {}
-        for name, spec in config.items():
-            if not _STEP_NAME.match(name):
-                raise InvalidPipeline(f"{project.config_path}: step name {name!r} may hold letters, digits, '-' and "
+        for step_name, spec in config.items():
+            if not _STEP_NAME.match(step_name):
+                raise InvalidPipeline(f"{project.config_path}: step name {step_name!r} may hold letters, digits, '-' and "
                                       "'_' only.")
-            self.steps[name] = Step(name=name, notebook=(self.root / spec.notebook).resolve(), params=dict(spec.params),
-                                    needs=list(spec.needs), inputs=list(spec.inputs),
-                                    products=_products(spec.products), cache=spec.cache,
-                                    timeout=spec.timeout)
+            self.steps[step_name] = Step(name=step_name, notebook=(self.root / spec.notebook).resolve(),
+                                         params=dict(spec.params), needs=list(spec.needs), inputs=list(spec.inputs),
+                                         products=_products(spec.products), cache=spec.cache, timeout=spec.timeout)
         for step in self.steps.values():
             for need in step.needs:
                 if need not in self.steps:

@@ -26,7 +26,8 @@ nbformat = lazy_import("nbformat")
 def quiet_slow_imports() -> None:
     """Skips an optional import that costs 1.3 s: jsonschema's IRI-syntax checker (rfc3987_syntax
     builds a grammar at import). nbformat pulls jsonschema in; no notebook validation needs IRIs."""
-    sys.modules.setdefault("rfc3987_syntax", None)
+    # None in sys.modules makes importing a module fail (the import system's documented "blocked" marker)
+    sys.modules.setdefault("rfc3987_syntax", None)  # pyright: ignore[reportArgumentType]
 
 _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}

@@ -137,7 +137,8 @@ def execute_step(task: StepTask) -> StepResult:
             result.cell = _source_cell_number(executed, e.cell_index)
             result.error = f"{e.ename}: {e.evalue}".strip()
             # the interrupted cell shows KeyboardInterrupt (or nothing, when it caught it)
-            if time.monotonic() >= deadline() and e.ename in ("KeyboardInterrupt", "CellExecutionError"):
+            if task.timeout is not None and time.monotonic() >= deadline() and \
+                    e.ename in ("KeyboardInterrupt", "CellExecutionError"):
                 result.error = f"TimeoutError: {_past_timeout(task.timeout)}"
     except KeyboardInterrupt:
         result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
@@ -146,7 +147,8 @@ def execute_step(task: StepTask) -> StepResult:
     except Exception as e:  # noqa: BLE001 - a dead kernel, a timeout, a bad notebook: all are step failures
         result.status = "failed"
         name = type(e).__name__
-        if name == "CellTimeoutError" and time.monotonic() >= deadline():  # the cell went on despite the interrupt
+        if name == "CellTimeoutError" and task.timeout is not None and time.monotonic() >= deadline():
+            # the cell went on despite the interrupt
             result.error = (f"TimeoutError: {_past_timeout(task.timeout)} (the cell ignored the interrupt: its kernel was "
                             "shut down)")
         elif name == "DeadKernelError":

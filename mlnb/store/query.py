@@ -68,7 +68,7 @@ def field_value(record: Any, field: str) -> Any:
 
 def available_fields(records: Iterable[Any]) -> list[str]:
     "Returns every field a where/sort expression may name for these records."
-    fields = set(TOP_FIELDS)
+    fields: set[str] = set(TOP_FIELDS)
     for r in records:
         fields.update(f"params.{k}" for k in r.params)
         fields.update(f"metrics.{k}" for k in r.metrics)
@@ -134,7 +134,8 @@ def compile_where(expr: str, fields: Iterable[str]) -> Callable[[Any], bool]:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             inner = build(node.operand)
             return lambda r: not inner(r)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
+                and isinstance(node.operand.value, (int, float)):
             value = -node.operand.value
             return lambda r: value
         if isinstance(node, ast.Compare):

@@ -24,7 +24,7 @@ _LISTS = ("params", "only", "force")  # JSON lists in the table
 _SELECTED = ", ".join(f'"{c}"' for c in SCHEDULE_COLUMNS)
 
 def _schedule(row: tuple) -> dict[str, Any]:
-    data = dict(zip(SCHEDULE_COLUMNS, row, strict=True))
+    data: dict[str, Any] = dict(zip(SCHEDULE_COLUMNS, row, strict=True))
     for key in _LISTS:
         data[key] = json.loads(data[key] or "[]")
     data["paused"] = bool(data["paused"])

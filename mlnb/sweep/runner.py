@@ -15,18 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.config import Project
-from ..core.errors import RunNotFound, ZygoteError, did_you_mean, one_of
+from ..core.errors import InternalError, RunNotFound, ZygoteError, did_you_mean, one_of
 from ..core.lazy import lazy_import, preload
 from ..pipeline.dag import Pipeline, check_params
-from ..pipeline.executors.base import StopRequests, get_executor
+from ..pipeline.executors.base import Executor, StopRequests, get_executor
 from ..pipeline.runner import PipelineRunner, ProjectLock
 from ..store.optuna import optuna_storage
 from ..store.facade import open_store, Store
-from .study import (Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, failed_study_error,
+from .study import (Curve, Objective, Param, ParetoPruner, StudyResult, SweepError, fail_interrupted, failed_study_error,
                         finished_trials, ask_trial, check_pruner, existing_study, grid_of, trial_target, objective_values,
                         importance_inputs, known_importances, open_study, param_from_config, param_importances,
                         parse_objective, remember_importances, tell_trial, trial_rows)
-from ..tracking.run import start_run
+from ..tracking.run import Run, start_run
 
 # %% auto #0
 __all__ = ['SweepSpec', 'sweep_from_config', 'check_sweep', 'SweepRunner', 'trial_updates']
@@ -115,7 +115,8 @@ def _targets(pipeline: Pipeline, spec: SweepSpec) -> dict[str, str]:
 def _example(p: Param) -> Any:
     if p.kind == "categorical":
         return p.choices[0]
-    return int(p.low) if p.kind in ("int", "logint") else float(p.low)
+    low = p.bounds[0]
+    return int(low) if p.kind in ("int", "logint") else float(low)
 
 def check_sweep(pipeline: Pipeline, spec: SweepSpec) -> list[str]:
     "Returns the steps each trial runs, after checking the sweep's params against the notebooks."
@@ -170,12 +171,27 @@ class SweepRunner:
         self.importances = importances  # compute the study's param importances at the end (StudyResult.importances)
         self._ranking_readied = False
         self._helper = None  # the process that ranks them (see `_get_ready_to_rank`)
-        self.store, self.store_url = store, store_url  # without a store, `run` opens store_url's (default: the project's)
+        self._store, self.store_url = store, store_url  # without a store, `run` opens store_url's (default: the project's)
         self.on_event = on_event or (lambda kind, info: None)
         self.poll_interval = poll_interval
         self.results: list[str] = []  # how each trial this run ran ended, in order: complete, pruned, failed, killed
-        self.executor = None
-        self._curves: dict[int, list | None] = {}  # completed trials' objective curves, for ParetoPruner
+        self._executor: Executor | None = None  # what `run` prepares from the spec
+        self.study_run: Run | None = None  # None: the study was already at its target, nothing runs
+        self._curves: dict[int, list[Curve] | None] = {}  # completed trials' objective curves, for ParetoPruner
+
+    @property
+    def store(self) -> Store:
+        "The store the trials are recorded in (opened the first time it is asked for)."
+        if self._store is None:
+            self._store = open_store(self.store_url)
+        return self._store
+
+    @property
+    def executor(self) -> Executor:
+        "The executor `run` prepared."
+        if self._executor is None:
+            raise InternalError("the sweep's executor was asked for before run() prepared it")
+        return self._executor
 
     @property
     def all_failed(self) -> bool:
@@ -200,10 +216,9 @@ class SweepRunner:
                 # first: the executor's warm-up (a local one's kernel zygote and its workers' fork server) is the
                 # longest part of the start; it imports while the store opens (or is created) and Optuna does
                 notebooks = [pipeline.steps[step].notebook for step in self.trial_steps]
-                self.executor = get_executor(spec.executor, **options).prepare(notebooks, self.project.root,
-                                                                               repeat=True).warm()
-                self.store = self.store or open_store(self.store_url)
-                self.store.mark_crashed()
+                self._executor = get_executor(spec.executor, **options).prepare(notebooks, self.project.root,
+                                                                                repeat=True).warm()
+                self.store.mark_crashed()  # opens it
                 # A study reused with another space fails here, before any step runs; one already at its
                 # target runs nothing, not even the steps before it.
                 storage = optuna_storage(self.store)
@@ -263,7 +278,7 @@ class SweepRunner:
         if not self.importances or self._ranking_readied:
             return
         self._ranking_readied = True
-        self._helper = self.executor.helper("mlnb.sweep.study:importances_of") if self.executor else None
+        self._helper = self._executor.helper("mlnb.sweep.study:importances_of") if self._executor else None
         if self._helper is None:  # ranked here instead
             threading.Thread(target=_import_ranking, name="mlnb-import-ranking", daemon=True).start()
 
@@ -292,8 +307,8 @@ class SweepRunner:
 
     def _release(self) -> None:
         "Shuts the workers down (and what the executor started for them: a local one's kernel zygote)."
-        if self.executor is not None:
-            self.executor.shutdown()
+        if self._executor is not None:
+            self._executor.shutdown()
 
     def _loop(self, optuna, jobs: int) -> str:
         spec, started = self.spec, time.monotonic()
@@ -335,7 +350,8 @@ class SweepRunner:
         """Starts a trial (None: a grid sweep has no open point); `last`: no other will start after it (from then
         on, cores free up: see `trial_start`); `follow`: its worker may run another trial after it (so it starts
         that trial's kernel ahead)."""
-        spec = self.spec
+        spec, study_run = self.spec, self.study_run
+        assert study_run is not None, "trials run under a study run"
         trial = ask_trial(self.study, self.grid)
         if trial is None:
             return None
@@ -351,7 +367,7 @@ class SweepRunner:
                 trial.set_user_attr("mlnb_run_id", info["run_id"])
 
         runner = PipelineRunner(self.project, store=self.store, executor=self.executor, lock=False, kind="trial",
-                                parent=self.study_run.id, name=f"{spec.study}#{trial.number}",
+                                parent=study_run.id, name=f"{spec.study}#{trial.number}",
                                 product_root=state.folder, on_event=on_event,
                                 report_root=self.project.root / "reports" / "sweeps" / spec.study,
                                 tags={"mlnb.study": spec.study, "mlnb.trial": trial.number},
@@ -385,6 +401,7 @@ class SweepRunner:
 
     def _flag_pruned(self, state: _Trial, step: int, reason: str | None = None) -> None:
         "Asks the trial's notebook to stop (`mlnb.tracking.stop_requested()`, `PruningCallback`)."
+        assert state.step_run_id is not None, "only a trial whose step started is pruned"
         state.pruned = True
         self.store.set_tags(state.step_run_id, {"mlnb.prune": True, **({"mlnb.prune_reason": reason} if reason else {})})
         self.on_event("prune", {"number": state.number, "step": step, "reason": reason})
@@ -410,11 +427,11 @@ class SweepRunner:
                     self._flag_pruned(state, step, f"dominated at step {step} by completed trial(s) {shown}")
                     break
 
-    def _curves_of(self, run_id: str, metrics: list[str]) -> list[list[tuple[int, float]]]:
+    def _curves_of(self, run_id: str, metrics: list[str]) -> list[Curve]:
         "Returns a run's (step, value) points of each metric."
         return [[(s, v) for s, v, _ in self.store.metric_history(run_id, m)] for m in metrics]
 
-    def _completed_curves(self, metrics: list[str]) -> dict[int, list]:
+    def _completed_curves(self, metrics: list[str]) -> dict[int, list[Curve]]:
         "Returns the objective curves of the study's completed trials (read once each)."
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if t.number not in self._curves:
@@ -435,7 +452,7 @@ class SweepRunner:
         status = step.status if step else "failed"
         run_failed = status == "failed"  # the trial's run says so already; not when only its objective is missing
         error = (step.error if step else None) or (None if outcome else error)
-        if status in ("finished", "cached"):
+        if step is not None and status in ("finished", "cached"):
             source = self.store.get_run(step.source_run_id or step.run_id)
             try:
                 values = objective_values(source.metrics, spec.objectives, f"trial {trial.number} ({spec.step})",
@@ -453,12 +470,14 @@ class SweepRunner:
             if trial_run_id:
                 self.store.update_run(trial_run_id, status="killed", error="interrupted: the sweep was stopped")
             result = "killed"
-        elif status in ("finished", "cached") and state.pruned and self.store.get_tags(step.run_id).get("mlnb.stopped"):
+        elif (step is not None and status in ("finished", "cached") and state.pruned
+              and self.store.get_tags(step.run_id).get("mlnb.stopped")):
             for run_id in (trial_run_id, step.run_id):
-                self.store.update_run(run_id, status="pruned")
+                if run_id:
+                    self.store.update_run(run_id, status="pruned")
             tell_trial(self.study, trial, state=TrialState.PRUNED)
             result = "pruned"
-        elif status in ("finished", "cached"):
+        elif status in ("finished", "cached") and trial_run_id:  # (a step that ran: a trial run planned it)
             tell_trial(self.study, trial, values)
             self.store.log_metrics([(trial_run_id, o.metric, 0, v, time.time())
                                     for o, v in zip(spec.objectives, values, strict=True)])

@@ -65,14 +65,21 @@ class Param:
         step = f":{self.step:g}" if self.step is not None else ""
         return f"{self.name}={self.kind}:{self.low:g}:{self.high:g}{step}"
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        "Returns (low, high) of a numeric dimension; SweepError for a categorical one."
+        if self.low is None or self.high is None:
+            raise SweepError(f"param {self.name!r} ({self.kind}) has no range, only choices.")
+        return self.low, self.high
+
     def suggest(self, trial) -> Any:
         "Returns a value for this parameter from an Optuna trial."
         if self.kind == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
+        low, high = self.bounds
         if self.kind in ("int", "logint"):
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1),
-                                     log=self.kind == "logint")
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.kind == "logfloat")
+            return trial.suggest_int(self.name, int(low), int(high), step=int(self.step or 1), log=self.kind == "logint")
+        return trial.suggest_float(self.name, low, high, step=self.step, log=self.kind == "logfloat")
 
 def _number(text: str, what: str) -> float:
     try:
@@ -191,10 +198,12 @@ def grid_points(space: Sequence[Param], seed: int | None = None) -> list[dict[st
         if p.kind == "categorical":
             values[p.name] = list(p.choices)
         elif p.kind == "int":
-            values[p.name] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+            low, high = p.bounds
+            values[p.name] = list(range(int(low), int(high) + 1, int(p.step or 1)))
         elif p.step is not None:
-            count = round((p.high - p.low) / p.step) + 1
-            values[p.name] = [round(p.low + i * p.step, 12) for i in range(count)]  # 0.3, not 0.30000000000000004
+            low, high = p.bounds
+            count = round((high - low) / p.step) + 1
+            values[p.name] = [round(low + i * p.step, 12) for i in range(count)]  # 0.3, not 0.30000000000000004
         else:
             raise SweepError(f"The grid sampler needs finite choices: give {p.name!r} a step "
                              f"({p.kind}:{p.low:g}:{p.high:g}:STEP) or make it categorical.")
@@ -286,16 +295,17 @@ class ParetoPruner:
     def point(self, curves: Sequence[Curve], step: int) -> tuple[float, ...] | None:
         "Returns the objectives' values at `step`, as minimization (None while one has no value)."
         values = [value_at(c, step) for c in curves]
-        if any(v is None for v in values):
+        known = [v for v in values if v is not None]
+        if len(known) < len(values):
             return None
-        return tuple(-v if d == "maximize" else v for v, d in zip(values, self.directions, strict=True))
+        return tuple(-v if d == "maximize" else v for v, d in zip(known, self.directions, strict=True))
 
     @staticmethod
     def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
         "True when `a` is at least as good as `b` everywhere and better somewhere (both minimized)."
         return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
 
-    def judge(self, curves: Sequence[Curve], completed: dict[int, Sequence[Curve]], step: int) -> list[int] | None:
+    def judge(self, curves: Sequence[Curve], completed: Mapping[int, Sequence[Curve]], step: int) -> list[int] | None:
         """Returns the completed trials that dominate the trial at `step` ([] if none), or None when
         the step cannot be judged (warm-up, the trial's point is incomplete, too few completed trials)."""
         mine = self.point(curves, step)

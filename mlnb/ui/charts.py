@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
-
+from typing import TYPE_CHECKING, Any
 
 from ..core.lazy import lazy_import
 
+if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
+    from plotly.graph_objects import Figure
 
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "height": 380}
 
-def _figure(kind: str, title: str, **layout: Any) -> go.Figure:
+def _figure(kind: str, title: str, **layout: Any) -> Figure:
     fig = go.Figure(layout={**_LAYOUT, **layout, "title": {"text": title, "x": 0.01}})
     fig.update_layout(meta=f"mlnb-{kind}")
     return fig
@@ -28,13 +29,13 @@ __all__ = ['curves_figure', 'parallel_figure', 'pareto_figure', 'importance_figu
            'lime_figure']
 
 # %% ../../nbs/ui/02_charts.ipynb #ee68fd3e
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
 go = lazy_import("plotly.graph_objects")
 np = lazy_import("numpy")
-# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
 pd = lazy_import("pandas")
 
 # %% ../../nbs/ui/02_charts.ipynb #348df469
-def curves_figure(histories: Mapping[str, tuple[str | None, list[tuple[int, float, float]]]], metric: str) -> go.Figure:
+def curves_figure(histories: Mapping[str, tuple[str | None, list[tuple[int, float, float]]]], metric: str) -> Figure:
     "Returns the curves of `metric` by step for each run ({run id: (name, [(step, value, time)])}), overlaid."
     fig = _figure("curves", f"{metric} by step", xaxis_title="step", yaxis_title=metric)
     for run_id, (name, points) in histories.items():
@@ -47,7 +48,7 @@ def curves_figure(histories: Mapping[str, tuple[str | None, list[tuple[int, floa
                            xref="paper", yref="paper")
     return fig
 
-def parallel_figure(frame, params: Sequence[str], metric: str | None) -> go.Figure:
+def parallel_figure(frame, params: Sequence[str], metric: str | None) -> Figure:
     "Returns parallel coordinates over `params` (categorical ones as codes) and a metric that colours the lines."
     fig = _figure("parallel", f"params and {metric or 'runs'}", height=420)
     dimensions = []
@@ -67,7 +68,7 @@ def parallel_figure(frame, params: Sequence[str], metric: str | None) -> go.Figu
     fig.add_trace(go.Parcoords(dimensions=dimensions, line=line))
     return fig
 
-def pareto_figure(trials: Sequence[Mapping[str, Any]], objectives: Sequence[str], best: set[int]) -> go.Figure:
+def pareto_figure(trials: Sequence[Mapping[str, Any]], objectives: Sequence[str], best: set[int]) -> Figure:
     "Returns a study's trials: the Pareto front (two objectives) or the value by trial (one), hover naming runs."
     done = [t for t in trials if t.get("values")]
     names = [o.split(":")[0] for o in objectives]
@@ -94,14 +95,14 @@ def pareto_figure(trials: Sequence[Mapping[str, Any]], objectives: Sequence[str]
     return fig
 
 # %% ../../nbs/ui/02_charts.ipynb #3c3b1221
-def importance_figure(explanation, top: int = 15) -> go.Figure:
+def importance_figure(explanation, top: int = 15) -> Figure:
     "Returns the mean |SHAP| per feature, largest on top."
     values = explanation.importance().head(top)[::-1]
     fig = _figure("importance", f"global importance: mean |SHAP| ({explanation.output})", height=max(300, 26 * len(values)))
     fig.add_trace(go.Bar(x=values.values, y=list(values.index), orientation="h", marker_color="#1f77b4"))
     return fig
 
-def beeswarm_figure(explanation, top: int = 12) -> go.Figure:
+def beeswarm_figure(explanation, top: int = 12) -> Figure:
     "Returns each explained row's SHAP value per feature, coloured by the feature's value (low blue, high red)."
     features = list(explanation.importance().head(top).index)[::-1]
     fig = _figure("beeswarm", "SHAP values per row (colour: feature value)", height=max(320, 28 * len(features)),
@@ -122,7 +123,7 @@ def beeswarm_figure(explanation, top: int = 12) -> go.Figure:
     fig.update_yaxes(tickvals=list(range(len(features))), ticktext=features)
     return fig
 
-def waterfall_figure(explanation, row: int, top: int = 12) -> go.Figure:
+def waterfall_figure(explanation, row: int, top: int = 12) -> Figure:
     "Returns how one row's output builds up from the base value, feature by feature (the largest `top`)."
     contributions = explanation.contributions(row)
     shown, rest = contributions.head(top), contributions.iloc[top:].sum()
@@ -140,7 +141,7 @@ def waterfall_figure(explanation, row: int, top: int = 12) -> go.Figure:
                        x=1, y=1.08, xref="paper", yref="paper", xanchor="right")
     return fig
 
-def lime_figure(pairs: Sequence[tuple[str, float]], row: int) -> go.Figure:
+def lime_figure(pairs: Sequence[tuple[str, float]], row: int) -> Figure:
     "Returns LIME's local weights for one row, the largest on top."
     ordered = sorted(pairs, key=lambda p: abs(p[1]))
     fig = _figure("lime", f"row {row}: LIME local weights", height=max(340, 30 * len(ordered)))

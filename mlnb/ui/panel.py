@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import math
 import time as _time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from ..core.errors import MlnbError
@@ -22,6 +22,10 @@ from ..store.facade import open_store, Store
 from ..sweep.study import trial_rows
 from .charts import (beeswarm_figure, curves_figure, importance_figure, lime_figure, parallel_figure,
                             pareto_figure, waterfall_figure)
+
+if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
+    from ipywidgets import Output
+    from pandas import DataFrame, Series
 
 
 _STATUSES = ["any", "running", "finished", "failed", "killed", "crashed", "cached", "skipped", "pruned"]
@@ -41,6 +45,11 @@ def _fmt(value: Any, width: int = 14) -> str:
     text = f"{value:.4g}" if isinstance(value, float) else str(value)
     return html.escape(text if len(text) <= width else text[: width - 1] + "…")
 
+def _plottable(frame, column: str) -> bool:
+    "Whether a param can be an axis of the parallel-coordinates chart: known in every run, not the same in all."
+    values: Series = frame[column]
+    return bool(values.notna().all()) and values.astype(str).nunique() > 1
+
 def _note(text: str, kind: str = "note") -> str:
     return f'<div class="mlnb-{kind}">{text}</div>'
 
@@ -48,8 +57,8 @@ def _note(text: str, kind: str = "note") -> str:
 __all__ = ['RunsPanel', 'panel']
 
 # %% ../../nbs/ui/03_panel.ipynb #44d43430
-w = lazy_import("ipywidgets")
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+w = lazy_import("ipywidgets")
 _IPython = lazy_import("IPython")
 _IPython_display = lazy_import("IPython.display")
 optuna = lazy_import("optuna")
@@ -178,10 +187,10 @@ class RunsPanel:
         self._show_parallel()
         self._show_study()
 
-    def visible(self):
-        "Returns the runs that pass the filters, in the chosen order (a DataFrame)."
-        frame = self.frame
-        if frame is None or not len(frame):
+    def visible(self) -> DataFrame:
+        "Returns the runs that pass the filters, in the chosen order."
+        frame = self.frame if self.frame is not None else pd.DataFrame()
+        if not len(frame):
             return frame
         if self.kind.value != "any":
             frame = frame[frame["kind"] == self.kind.value]
@@ -219,7 +228,8 @@ class RunsPanel:
         more = f" (the first {self.limit}; narrow with kind, status or where)" if total > self.limit else ""
         self.message.value = _note(f"{total:,} of {len(self.frame):,} runs match{more}.")
         self.table.value = self._table_html(shown)
-        options = [(f"{r.id[:8]} {r.name or ''} · {r.kind} · {r.status}", r.id) for r in shown.itertuples()]
+        options = [(f"{r['id'][:8]} {r['name'] or ''} · {r['kind']} · {r['status']}", r["id"])
+                   for r in shown.to_dict("records")]
         self._set(self.select, options, tuple(self.select.value))
         self._on_select()
 
@@ -254,7 +264,7 @@ class RunsPanel:
             out.append(self.records[run_id])
         return out
 
-    def _show(self, output: w.Output, name: str, figure) -> None:
+    def _show(self, output: Output, name: str, figure) -> None:
         get_ipython = _IPython.get_ipython
         display = _IPython_display.display
         self.figures[name] = figure
@@ -321,9 +331,8 @@ class RunsPanel:
             return
         metric = self.parallel_metric.value
         if metric:
-            frame = frame[frame[metric].notna()]
-        params = [c for c in frame.columns if c.startswith("params.") and frame[c].notna().all()
-                  and 1 < frame[c].astype(str).nunique() <= max(50, len(frame))][:8]
+            frame = frame.loc[frame[metric].notna()]
+        params = [c for c in frame.columns if c.startswith("params.") and _plottable(frame, c)][:8]
         self._show(self.parallel, "parallel", parallel_figure(frame.head(2000), params, metric))
 
     # -- studies -----------------------------------------------------------------------------

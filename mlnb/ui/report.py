@@ -53,7 +53,7 @@ def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | P
     rows = []
     for s in steps:
         link = "-"
-        if folder is not None and (folder / f"{s.name}.html").exists():
+        if s.name and folder is not None and (folder / f"{s.name}.html").exists():
             link = f'<a href="{esc(s.name)}.html">notebook</a>'
         origin = f" <span class='meta'>from {esc((s.source_run_id or '')[:8])}</span>" if s.source_run_id else ""
         error = f'<div class="err">{esc(s.error)}</div>' if s.error else ""

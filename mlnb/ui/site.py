@@ -138,9 +138,9 @@ def _study_page(store: Store, study: RunRecord, out: Path) -> tuple[str, list[st
     best = None
     if finished and objectives:
         metric, direction = objectives[0]
-        scored = [t for t in finished if value(t, metric) is not None]
+        scored = [(v, t) for t in finished if (v := value(t, metric)) is not None]
         if scored:
-            best = (max if direction.startswith("max") else min)(scored, key=lambda t: value(t, metric))
+            best = (max if direction.startswith("max") else min)(scored, key=lambda pair: pair[0])[1]
     names = sorted({k for t in trials for k in t.params})
     rows = [[esc(t.name or ""), _status(t.status), *(f"<code>{esc(_fmt(t.params.get(p, '-')))}</code>" for p in names),
              *(_fmt(value(t, m)) if value(t, m) is not None else "-" for m, _ in objectives)] for t in trials]

@@ -9,7 +9,7 @@ import io
 import pickle
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...core.errors import ExplainError, PluginError, one_of
 from ...core.hashing import hash_bytes, hash_json
@@ -18,6 +18,9 @@ from .base import Explainer, Explanation, adapt, check_rows, choose, explainer a
 from .lime import lime_explain
 from ...store.artifacts import artifacts_for
 from ...store.facade import Store, open_store
+
+if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
+    from pandas import DataFrame
 
 # %% auto #0
 __all__ = ['aggregate', 'explain', 'run_models', 'explain_run']
@@ -50,7 +53,7 @@ def _explainer_named(name: str, view: Any) -> Explainer:
                            f"(auto: {choose(view).name} for this model).")
     return chosen
 
-def explain(model: Any, X: pd.DataFrame, rows: Sequence[int] | None = None, *, background: pd.DataFrame | None = None,
+def explain(model: Any, X: DataFrame, rows: Sequence[int] | None = None, *, background: DataFrame | None = None,
             explainer: str = "auto", class_index: int | None = None, max_background: int = 100) -> Explanation:
     "Returns SHAP values (or LIME's, `explainer='lime'`) for `rows` of `X` (default: all), in its original columns."
     started = time.perf_counter()
@@ -80,66 +83,74 @@ def run_models(record) -> list[str]:
 def _artifact(record, name: str) -> dict | None:
     return next((a for a in record.artifacts if a["name"] == name), None)
 
-def explain_run(run: str, rows: Sequence[int] | None = None, *, model: str | None = None,
-                data: str | pd.DataFrame | None = None, store=None, refresh: bool = False,
-                lime_rows: Sequence[int] | None = None) -> tuple[Explanation, Any, bool]:
-    "Returns (explanation, run record, whether it was reopened) for the model a run logged."
-    store = store if isinstance(store, Store) else open_store(store)
-    record = store.resolve_run(run)
-    blobs = artifacts_for(store)
+def _model_artifact(record, model: str | None) -> tuple[str, dict]:
+    "Returns (name, artifact) of the model `model` a run logged (default: its first)."
     models = run_models(record)
     if not models:
         raise ExplainError(f"Run {record.id[:8]} ({record.name}) logged no model "
                            f"(artifacts: {one_of(a['name'] for a in record.artifacts)}). "
                            "Log one with mlnb.log_model(model, eval_data=X) and explain that run.")
     name = model or models[0]
-    if name not in models:
+    found = _artifact(record, f"{name}.pkl") if name in models else None
+    if found is None:
         raise ExplainError(f"Run {record.id[:8]} has no model {name!r}; its models: {one_of(models)}.")
-    model_art = _artifact(record, f"{name}.pkl")
-    if isinstance(data, pd.DataFrame):
-        frame = data
-    elif data is not None:
-        frame = pd.read_parquet(data) if str(data).endswith((".parquet", ".pq")) else pd.read_csv(data)
-    else:
-        data_art = _artifact(record, f"{name}.eval.parquet")
-        if data_art is None:
-            raise ExplainError(f"Run {record.id[:8]} logged model {name!r} without the data it was evaluated on. "
-                               f"Pass it: mlnb explain {record.id[:8]} --data test.parquet (or log the model with "
-                               "mlnb.log_model(model, eval_data=X_test)).")
-        frame = pd.read_parquet(io.BytesIO(blobs.read_bytes(data_art["sha256"])))
-    wanted = check_rows(rows, len(frame), f"the evaluation data of run {record.id[:8]}") if rows is not None else []
-    lime_rows = list(lime_rows) if lime_rows is not None else (wanted or [0])
-    check_rows(lime_rows, len(frame), f"the evaluation data of run {record.id[:8]}")
+    return name, found
+
+def _eval_frame(record, name: str, data: str | DataFrame | None, blobs) -> DataFrame:
+    "Returns the rows to explain a run's model on: `data` (a frame, or a parquet or CSV file), else those it logged."
+    if isinstance(data, str):
+        return pd.read_parquet(data) if data.endswith((".parquet", ".pq")) else pd.read_csv(data)
+    if data is not None:
+        return data
+    logged = _artifact(record, f"{name}.eval.parquet")
+    if logged is None:
+        raise ExplainError(f"Run {record.id[:8]} logged model {name!r} without the data it was evaluated on. "
+                           f"Pass it: mlnb explain {record.id[:8]} --data test.parquet (or log the model with "
+                           "mlnb.log_model(model, eval_data=X_test)).")
+    return pd.read_parquet(io.BytesIO(blobs.read_bytes(logged["sha256"])))
+
+def _explanation_key(model_artifact: dict, frame: DataFrame) -> str:
+    "Returns the key of an explanation: the model's and the data's content hashes."
     data_hash = hash_bytes(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
                            + str(list(frame.columns)).encode())
-    key = hash_json({"model": model_art["sha256"], "data": data_hash, "version": 1})[:12]
-    artifact_name = f"explanations/{name}-{key}.pkl"
-    stored = _artifact(record, artifact_name)
-    reopened = stored is not None and not refresh
-    loaded = None
-    if reopened:
-        explanation = Explanation.from_bytes(blobs.read_bytes(stored["sha256"]))
-    if not reopened or set(wanted) - set(explanation.rows) or set(lime_rows) - set(explanation.lime):
-        loaded = pickle.loads(blobs.read_bytes(model_art["sha256"]))
-    if not reopened:
+    return hash_json({"model": model_artifact["sha256"], "data": data_hash, "version": 1})[:12]
+
+def _extend(explanation: Explanation, extra: Explanation) -> None:
+    "Adds the rows of `extra` (the same model, data and explainer) to `explanation`."
+    explanation.rows += extra.rows
+    explanation.values = np.vstack([explanation.values, extra.values])
+    explanation.base_values = np.concatenate([explanation.base_values, extra.base_values])
+    explanation.data = pd.concat([explanation.data, extra.data], ignore_index=True)
+
+# %% ../../../nbs/integrations/explain/07_api.ipynb #30b4bcf2
+def explain_run(run: str, rows: Sequence[int] | None = None, *, model: str | None = None,
+                data: str | DataFrame | None = None, store=None, refresh: bool = False,
+                lime_rows: Sequence[int] | None = None) -> tuple[Explanation, Any, bool]:
+    "Returns (explanation, run record, whether it was reopened) for the model a run logged."
+    store = store if isinstance(store, Store) else open_store(store)
+    record = store.resolve_run(run)
+    blobs = artifacts_for(store)
+    name, model_art = _model_artifact(record, model)
+    frame = _eval_frame(record, name, data, blobs)
+    where = f"the evaluation data of run {record.id[:8]}"
+    wanted = check_rows(rows, len(frame), where) if rows is not None else []
+    lime_rows = check_rows(list(lime_rows) if lime_rows is not None else (wanted or [0]), len(frame), where)
+    artifact_name = f"explanations/{name}-{_explanation_key(model_art, frame)}.pkl"
+    stored = None if refresh else _artifact(record, artifact_name)
+    explanation = Explanation.from_bytes(blobs.read_bytes(stored["sha256"])) if stored is not None else None
+    missing = sorted(set(wanted) - set(explanation.rows)) if explanation is not None else []
+    unexplained = [row for row in lime_rows if explanation is None or row not in explanation.lime]
+    if explanation is not None and not missing and not unexplained:
+        return explanation, record, True
+    loaded = pickle.loads(blobs.read_bytes(model_art["sha256"]))
+    if explanation is None:
         budget = choose(adapt(loaded, frame)).max_rows
-        chosen = sorted(set(range(min(len(frame), budget))) | set(wanted))
-        explanation = explain(loaded, frame, chosen)
-    changed = not reopened
-    missing = sorted(set(wanted) - set(explanation.rows))
+        explanation = explain(loaded, frame, sorted(set(range(min(len(frame), budget))) | set(wanted)))
     if missing:
-        extra = explain(loaded, frame, missing, explainer=explanation.explainer)
-        explanation.rows += extra.rows
-        explanation.values = np.vstack([explanation.values, extra.values])
-        explanation.base_values = np.concatenate([explanation.base_values, extra.base_values])
-        explanation.data = pd.concat([explanation.data, extra.data], ignore_index=True)
-        changed = True
-    for row in lime_rows:
-        if row not in explanation.lime:
-            explanation.lime[row] = lime_explain(loaded, frame, row)
-            changed = True
-    if changed:
-        blob = blobs.put_bytes(explanation.to_bytes())
-        store.add_artifact(record.id, artifact_name, blob.sha256, blob.size, blob.uri, "application/x-python-pickle")
-        store.set_tags(record.id, {f"mlnb.explanation.{name}": explanation.explainer})
-    return explanation, record, reopened and not changed
+        _extend(explanation, explain(loaded, frame, missing, explainer=explanation.explainer))
+    for row in unexplained:
+        explanation.lime[row] = lime_explain(loaded, frame, row)
+    blob = blobs.put_bytes(explanation.to_bytes())
+    store.add_artifact(record.id, artifact_name, blob.sha256, blob.size, blob.uri, "application/x-python-pickle")
+    store.set_tags(record.id, {f"mlnb.explanation.{name}": explanation.explainer})
+    return explanation, record, False

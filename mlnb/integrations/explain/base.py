@@ -8,11 +8,15 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...core.errors import ExplainError
 from ...core.lazy import lazy_import
 from ...core.plugins import Registry
+
+if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
+    from numpy import ndarray
+    from pandas import DataFrame, Series
 
 # %% auto #0
 __all__ = ['EXPLAINERS', 'is_torch_module', 'ModelView', 'columns_of', 'adapt', 'Explanation', 'check_rows', 'Explainer',
@@ -35,7 +39,7 @@ class ModelView:
     "A model as the explainers see it: the estimator to explain, its inputs, the original columns, task, classes."
     model: Any                                   # what the caller gave
     estimator: Any                               # what is explained: a pipeline's last step, a network, the model
-    transform: Callable[[pd.DataFrame], np.ndarray]  # original data -> the estimator's inputs
+    transform: Callable[[DataFrame], ndarray]  # original data -> the estimator's inputs
     input_names: list[str]
     groups: list[str]                            # the original column of each estimator input
     task: str                                    # classification | regression
@@ -64,7 +68,7 @@ def columns_of(names: Sequence[str], originals: Sequence[str]) -> list[str]:
         result.append(match or bare)
     return result
 
-def _numeric(X: pd.DataFrame, what: str) -> None:
+def _numeric(X: DataFrame, what: str) -> None:
     bad = [str(c) for c in X.columns if not pd.api.types.is_numeric_dtype(X[c]) or pd.api.types.is_bool_dtype(X[c])]
     if bad:
         raise ExplainError(f"X has non-numeric columns {bad[:8]}{' ...' if len(bad) > 8 else ''}, but {what} takes "
@@ -72,7 +76,7 @@ def _numeric(X: pd.DataFrame, what: str) -> None:
                            "or encode them first.")
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #209d0895
-def adapt(model: Any, X: pd.DataFrame) -> ModelView:
+def adapt(model: Any, X: DataFrame) -> ModelView:
     "Returns how to explain `model` on data shaped like `X`, or raises ExplainError naming the model type."
     originals = [str(c) for c in X.columns]
     kind_name = f"{type(model).__module__}.{type(model).__qualname__}"
@@ -116,18 +120,18 @@ class Explanation:
     model_type: str
     output: str
     feature_names: list[str]
-    values: np.ndarray          # (rows, features)
-    base_values: np.ndarray     # (rows,)
-    data: pd.DataFrame          # the explained rows, original values
+    values: ndarray          # (rows, features)
+    base_values: ndarray     # (rows,)
+    data: DataFrame          # the explained rows, original values
     rows: list[int]             # their positions in the evaluation data
     seconds: float = 0.0
     lime: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
 
-    def importance(self) -> pd.Series:
+    def importance(self) -> Series:
         "Returns each feature's mean |attribution| over the explained rows, largest first."
         return pd.Series(np.abs(self.values).mean(axis=0), index=self.feature_names).sort_values(ascending=False)
 
-    def contributions(self, row: int) -> pd.Series:
+    def contributions(self, row: int) -> Series:
         "Returns the contributions for evaluation-data row `row`, largest magnitude first."
         if row not in self.rows:
             raise ExplainError(f"row {row} was not explained; explained rows: {self.rows[:10]}"
@@ -174,13 +178,13 @@ class Explainer:
         "Whether this explainer can explain `view.estimator`."
         raise NotImplementedError
 
-    def attributions(self, view: ModelView, inputs: np.ndarray, base_inputs: np.ndarray,
-                     class_index: int | None) -> tuple[np.ndarray, np.ndarray, str]:
+    def attributions(self, view: ModelView, inputs: ndarray, base_inputs: ndarray,
+                     class_index: int | None) -> tuple[ndarray, ndarray, str]:
         "Returns (values (rows, inputs), base values (rows,), what they are in)."
         raise NotImplementedError
 
-    def outputs(self, view: ModelView, inputs: np.ndarray, base_inputs: np.ndarray,
-                class_index: int | None) -> np.ndarray:
+    def outputs(self, view: ModelView, inputs: ndarray, base_inputs: ndarray,
+                class_index: int | None) -> ndarray:
         "Returns what the attributions of each row of `inputs` add up to (with their base value)."
         raise NotImplementedError
 
@@ -202,7 +206,7 @@ def choose(view: ModelView) -> Explainer:
     raise ExplainError(f"No explainer supports a {view.model_type}; explainers: {', '.join(EXPLAINERS.names())}.")
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #58c2873c
-def select(values: Any, base: Any, class_index: int | None) -> tuple[np.ndarray, np.ndarray]:
+def select(values: Any, base: Any, class_index: int | None) -> tuple[ndarray, ndarray]:
     "Returns (values, base values per row) for the explained class from what a SHAP explainer gave."
     values, base = np.asarray(values, dtype=float), np.asarray(base, dtype=float)
     if values.ndim == 3:  # (rows, features, classes)
@@ -229,7 +233,7 @@ def logits_module(module: Any) -> Any:
             return out if out.ndim == 2 else out.unsqueeze(-1)
     return Logits(module).eval()
 
-def predict_fn(view: ModelView, class_index: int | None) -> Callable[[np.ndarray], np.ndarray]:
+def predict_fn(view: ModelView, class_index: int | None) -> Callable[[ndarray], ndarray]:
     "Returns f(input matrix) -> the explained output of the estimator, for model-agnostic explainers."
     est = view.estimator
     if is_torch_module(est) and not hasattr(est, "predict_proba"):

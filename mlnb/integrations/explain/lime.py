@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...core.lazy import lazy_import
 from .base import Explainer, ModelView, adapt, check_rows, is_torch_module, predict_fn
+
+if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
+    from numpy import ndarray
+    from pandas import DataFrame
 
 # %% auto #0
 __all__ = ['lime_explain', 'lime_feature', 'LimeExplainer']
 
 # %% ../../../nbs/integrations/explain/06_lime.ipynb #eb3637bc
-lime_tabular = lazy_import("lime.lime_tabular")
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
+lime_tabular = lazy_import("lime.lime_tabular")
 
 # %% ../../../nbs/integrations/explain/06_lime.ipynb #1a41868e
-def lime_explain(model: Any, X: pd.DataFrame, row: int, *, background: pd.DataFrame | None = None,
+def lime_explain(model: Any, X: DataFrame, row: int, *, background: DataFrame | None = None,
                  class_index: int | None = None, num_features: int = 10, num_samples: int = 2000,
                  seed: int = 0) -> list[tuple[str, float]]:
     "Returns LIME's (condition, weight) list for row `row` of `X`, the largest weights first."
@@ -34,7 +38,7 @@ def lime_explain(model: Any, X: pd.DataFrame, row: int, *, background: pd.DataFr
     categories = {c: sorted(set(pd.concat([X[c], background[c]]).dropna().astype(str))) for c in columns if c not in numeric}
     medians = {c: float(pd.to_numeric(background[c], errors="coerce").median()) for c in numeric}
 
-    def encode(frame: pd.DataFrame) -> np.ndarray:
+    def encode(frame: DataFrame) -> ndarray:
         out = np.zeros((len(frame), len(columns)))
         for j, c in enumerate(columns):
             if c in categories:
@@ -44,7 +48,7 @@ def lime_explain(model: Any, X: pd.DataFrame, row: int, *, background: pd.DataFr
                 out[:, j] = frame[c].astype(float).fillna(medians[c]).to_numpy()
         return out
 
-    def decode(matrix: np.ndarray) -> pd.DataFrame:
+    def decode(matrix: ndarray) -> DataFrame:
         frame = pd.DataFrame({c: matrix[:, j] for j, c in enumerate(columns)})
         for c, values in categories.items():
             frame[c] = [values[round(v)] for v in frame[c]]

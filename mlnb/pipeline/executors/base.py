@@ -106,10 +106,9 @@ class StopRequests:
                     self._previous[signum] = signal.signal(signum, self._receive)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:  # never swallows the KeyboardInterrupt it raised
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
-        return False
 
     def _receive(self, signum: int, frame) -> None:
         if self.received is None:

@@ -73,7 +73,9 @@ class DaskExecutor(Executor):
                 self._client = distributed.Client(self._cluster)
 
     def submit(self, fn: Callable, *args: Any) -> Any:
-        future = self.start()._client.submit(fn, *args, pure=False)
+        client = self.start()._client
+        assert client is not None  # start() connected, or raised why it could not
+        future = client.submit(fn, *args, pure=False)
         self._pending.add(future)
         return future
 

@@ -424,6 +424,7 @@ class Zygote:
     def _hear(self, timeout: float) -> bool:
         "Reads what the zygote says for up to `timeout` s (it listens, then what it loaded); True once it has loaded all."
         deadline = time.monotonic() + timeout
+        assert self.process is not None and self.process.stdout is not None  # launched, with a pipe to read
         while not self.pid_reported:
             ready, _, _ = select.select([self.process.stdout], [], [], max(deadline - time.monotonic(), 0))
             line = self.process.stdout.readline() if ready else b""
@@ -498,6 +499,7 @@ class Zygote:
         "Ends the zygote (and any kernel of it still running), if this process launched it."
         if self.process is None:
             return
+        assert self.process.stdin is not None and self.process.stdout is not None  # launched with pipes
         try:
             if not self._hear(0):  # still importing (it only notices its stdin between two imports): its kernels,
                 self.process.kill()  # if it forked any, are ended by their managers, or exit when it is gone
@@ -561,11 +563,11 @@ class ForkedProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
+        while (code := self.poll()) is None:
+            if timeout is not None and deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(f"kernel {self.pid}", timeout)
             select.select([self._fd], [], [], 0.1)
-        return self.returncode
+        return code
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
@@ -584,8 +586,8 @@ def zygote_kernel_manager(km_class: type, zygote: Zygote, after: list[str] | Non
     class ForkedProvisioner(LocalProvisioner):
         async def launch_kernel(self, cmd: list[str], **kw: Any):
             at = cmd.index("-f")  # what follows the connection file: the kernel manager's extra_arguments
-            pid = zygote.fork(cmd[at + 1], kw.get("env") or os.environ, kw.get("cwd") or os.getcwd(), argv=cmd[at + 2:],
-                              after=after)
+            pid = zygote.fork(cmd[at + 1], dict(kw.get("env") or os.environ), kw.get("cwd") or os.getcwd(),
+                              argv=cmd[at + 2:], after=after)
             self.process = ForkedProcess(pid)
             self.pid = self.pgid = pid  # the kernel leads its own session
             self.cwd = kw.get("cwd") or os.getcwd()
