@@ -26,7 +26,7 @@ from ..pipeline.executors.base import get_executor
 from ..pipeline.runner import PipelineRunner
 from ..store.records import STALE_FACTOR, STALE_GRACE
 from ..store.facade import Store
-from ..tracking.run import _interval
+from ..tracking.writer import env_interval
 
 # %% auto #0
 __all__ = ['CRON_ALIASES', 'MISFIRE', 'MISFIRE_GRACE', 'validate_cron', 'next_time', 'due_times', 'Schedule', 'list_schedules',
@@ -213,7 +213,7 @@ class Scheduler:
         self.project, self.store = project, store
         self.log = log or _log
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.heartbeat = heartbeat or _interval("MLNB_HEARTBEAT_INTERVAL", 10.0)
+        self.heartbeat = heartbeat or env_interval("MLNB_HEARTBEAT_INTERVAL", 10.0)
         self.jobs = jobs
         # called with the store and each occurrence's PipelineOutcome (the command line writes its report there)
         self.after_run = after_run

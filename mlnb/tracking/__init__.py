@@ -7,6 +7,7 @@ __all__ = []
 
 # %% ../../nbs/tracking/00_tracking.ipynb #506c0d13
 from .environment import seed_everything  # noqa: F401
-from .run import (Run, active_run, end_run, flush_all, load_model, log_artifact, log_metric,  # noqa: F401
-                               log_metrics, log_model, log_param, log_params, output, read_output, runs_frame,
-                               set_tag, set_tags, start_run, stop_requested, Upstream, upstream)
+from .api import (end_run, load_model, log_artifact, log_metric, log_metrics, log_model,  # noqa: F401
+                               log_param, log_params, output, runs_frame, set_tag, set_tags)
+from .outputs import Upstream, read_output, upstream  # noqa: F401
+from .run import Run, active_run, flush_all, start_run, stop_requested  # noqa: F401

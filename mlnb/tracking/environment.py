@@ -15,13 +15,15 @@ import threading
 import time
 from functools import lru_cache
 from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..core.lazy import lazy_import
 
 # %% auto #0
-__all__ = ['installed_packages', 'capture_environment', 'git_info', 'current_source', 'seed_everything', 'take_pending_seed']
+__all__ = ['installed_packages', 'capture_environment', 'git_info', 'current_source', 'on_seed', 'seed_everything',
+           'take_pending_seed']
 
 # %% ../../nbs/tracking/01_environment.ipynb #e1c8adc2
 np = lazy_import("numpy")  # seeded when it is installed, imported only by `seed_everything`
@@ -107,6 +109,11 @@ def current_source() -> str | None:
 # %% ../../nbs/tracking/01_environment.ipynb #5c6475a5
 _PENDING_SEED: list[int] = []
 _SEED_LOCK = threading.Lock()
+_SEED_LISTENERS: list[Callable[[int], None]] = []  # told of each seed set (the run module records it on the active run)
+
+def on_seed(listener: Callable[[int], None]) -> None:
+    "Calls `listener(seed)` whenever `seed_everything` sets a seed."
+    _SEED_LISTENERS.append(listener)
 
 def seed_everything(seed: int) -> int:
     "Returns `seed` after seeding random, numpy, torch (if imported) and Lightning, and recording it on the run."
@@ -122,9 +129,8 @@ def seed_everything(seed: int) -> int:
         torch.manual_seed(seed)
     with _SEED_LOCK:
         _PENDING_SEED[:] = [seed]
-    hook = sys.modules.get("mlnb.tracking.run")
-    if hook is not None:
-        hook._record_seed(seed)
+    for listener in list(_SEED_LISTENERS):
+        listener(seed)
     return seed
 
 def take_pending_seed() -> int | None:
