@@ -96,7 +96,7 @@ def sweep_overhead(trials: int = 200) -> dict:
     import optuna
     from sqlalchemy import event
 
-    import mlnb.sweep.study
+    import mlnb.sweep
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def plain(tuned: bool = False) -> float:
@@ -296,7 +296,7 @@ def multi_objective_pruning(trials: int = 16) -> dict:
 def show_study(repeats: int = 7) -> dict:
     """Times a new process that prints a study's best trial: `mlnb sweep show --json` (its importances ranked and
     stored by a first call) and `optuna best-trial`, alternately, `repeats` times each: the medians."""
-    import mlnb.sweep.study
+    import mlnb.sweep
     folder = Path(tempfile.mkdtemp())
     url = f"sqlite:///{folder}/.mlnb/mlnb.db"
     mlnb.sweep.optimize(lambda p: objective_value(p["x"], p["y"]), {"x": "float:-10:10", "y": "float:-10:10"},

@@ -556,7 +556,7 @@ def test_a_study_in_a_postgresql_store_is_one_plain_optuna_opens(pg_cluster):
     from mlnb.store.database import parse_store_url
     from mlnb.store.facade import open_store
     from mlnb.store.optuna import optuna_schema_head
-    from mlnb.sweep.study import optimize
+    from mlnb.sweep.inprocess import optimize
     url = pg_cluster.create_database()
     result = optimize(lambda p: (p["x"] - 1) ** 2, {"x": "float:-3:3"}, ["loss:minimize"], trials=4, study="pg",
                       store=url, seed=0)

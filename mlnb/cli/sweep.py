@@ -12,13 +12,16 @@ import click
 
 from .app import echo_json, fmt_value, format_table, json_option, store_option
 from ..core.config import require_project, update_step_params
-from ..core.errors import did_you_mean, MlnbError, one_of
+from ..core.errors import MlnbError, SweepError, did_you_mean, one_of
 from ..core.lazy import lazy_import
 from ..pipeline.params import parse_parameters
 from ..store.optuna import optuna_storage
 from ..store.facade import open_store
-from ..sweep.runner import sweep_from_config, SweepRunner, SweepSpec, trial_updates
-from ..sweep.study import (parse_objective, parse_param, study_importances, SweepError, trial_counts, trial_rows)
+from ..sweep.runner import SweepRunner
+from ..sweep.spec import SweepSpec, sweep_from_config, trial_updates
+from ..sweep.importance import study_importances
+from ..sweep.space import parse_objective, parse_param
+from ..sweep.study import trial_counts, trial_rows
 
 # %% auto #0
 __all__ = ['DefaultGroup', 'sweep', 'run_sweep', 'show_sweep', 'apply_sweep', 'list_sweeps']

@@ -6,5 +6,6 @@
 __all__ = []
 
 # %% ../../nbs/sweep/00_sweep.ipynb #7f592673
-from .study import (Objective, Param, StudyResult, current_trial, optimize,  # noqa: F401
-                              parse_objective, parse_param)
+from .inprocess import current_trial, optimize  # noqa: F401
+from .space import Objective, Param, parse_objective, parse_param  # noqa: F401
+from .study import StudyResult  # noqa: F401
