@@ -21,7 +21,8 @@ from ...core.errors import ZygoteError
 from ...core.lazy import load
 from .base import Executor
 from ..kernels.warm import WORKER_PRELOAD, launch_zygote
-from ..kernels.zygote import Zygote, notebook_forks_warm, notebook_preload
+from ..kernels.preload import notebook_forks_warm, notebook_preload
+from ..kernels.zygote import Zygote
 from ..render import quiet_slow_imports
 from ..step import StepTask, execute_step
 
