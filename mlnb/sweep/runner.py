@@ -19,7 +19,8 @@ from ..core.errors import InternalError, RunNotFound, SweepError, ZygoteError
 from ..core.lazy import lazy_import, preload
 from ..pipeline.dag import Pipeline
 from ..pipeline.executors.base import Executor, StopRequests, get_executor
-from ..pipeline.runner import PipelineOutcome, PipelineRunner, ProjectLock
+from ..pipeline.record import PipelineOutcome
+from ..pipeline.runner import PipelineRunner, ProjectLock
 from ..store.facade import Store, open_store
 from ..store.optuna import optuna_storage
 from .importance import importance_inputs, known_importances, param_importances, remember_importances
