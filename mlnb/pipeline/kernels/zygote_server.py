@@ -258,7 +258,8 @@ def _serve_child(listener: socket.socket, conn: socket.socket, request: dict) ->
         os._exit(code)
 
 def main() -> None:
-    "Entry point of the zygote process: `python -c 'from mlnb.pipeline.kernels.zygote_server import main; main()' SOCKET MODULES_JSON`."
+    """Entry point of the zygote process:
+    `python -c 'from mlnb.pipeline.kernels.zygote_server import main; main()' SOCKET MODULES_JSON`."""
     serve(sys.argv[1], json.loads(sys.argv[2]))
     sys.stdout.flush()
     sys.stderr.flush()
