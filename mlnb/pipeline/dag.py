@@ -16,7 +16,7 @@ from ..core.lazy import lazy_import
 from .params import NotebookParameters, parse_parameters, read_notebook, resolve_params
 
 # %% auto #0
-__all__ = ['RESERVED_PARAMS', 'Step', 'Pipeline', 'parse_overrides', 'check_params']
+__all__ = ['RESERVED_PARAMS', 'Step', 'read_steps', 'topological_order', 'Pipeline', 'parse_overrides', 'check_params']
 
 # %% ../../nbs/pipeline/02_dag.ipynb #2497fae4
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -50,7 +50,49 @@ def _products(raw: Any) -> dict[str, str]:
         return {str(k): str(v) for k, v in raw.items()}
     return {Path(str(p)).stem: str(p) for p in raw or []}
 
-# %% ../../nbs/pipeline/02_dag.ipynb #dfd0be44
+# %% ../../nbs/pipeline/02_dag.ipynb #ed9c5fb4
+def read_steps(project: Project, config: dict) -> dict[str, Step]:
+    "Returns the steps `config` (a pipeline's section of mlnb.yaml) declares, checked: names, needs, params."
+    steps: dict[str, Step] = {}
+    for step_name, spec in config.items():
+        if not _STEP_NAME.match(step_name):
+            raise InvalidPipeline(f"{project.config_path}: step name {step_name!r} may hold letters, digits, '-' and "
+                                  "'_' only.")
+        steps[step_name] = Step(name=step_name, notebook=(project.root / spec.notebook).resolve(),
+                                params=dict(spec.params), needs=list(spec.needs), inputs=list(spec.inputs),
+                                products=_products(spec.products), cache=spec.cache, timeout=spec.timeout)
+    for step in steps.values():
+        for need in step.needs:
+            if need not in steps:
+                raise InvalidPipeline(f"{project.config_path}: step {step.name!r} needs {need!r}, which is not a "
+                                      f"step.{did_you_mean(need, steps)} Steps: {one_of(steps)}.")
+        for name in step.params:
+            if name in RESERVED_PARAMS:
+                raise InvalidPipeline(f"{project.config_path}: step {step.name!r} sets param {name!r}, which mlnb "
+                                      "fills itself (product paths / upstream products). Rename it.")
+    return steps
+
+def topological_order(steps: dict[str, Step], where: str | Path) -> list[str]:
+    "Returns the steps in an order where every step follows what it needs (ties: declaration order)."
+    done: list[str] = []
+    state: dict[str, str] = {}
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = [*path[path.index(name):], name]
+            raise InvalidPipeline(f"{where}: the steps' needs form a cycle: "
+                                  f"{' -> '.join(cycle)}. Remove one of these needs.")
+        state[name] = "visiting"
+        for need in steps[name].needs:
+            visit(need, [*path, name])
+        state[name] = "done"
+        done.append(name)
+    for name in steps:
+        visit(name, [])
+    return done
+
+# %% ../../nbs/pipeline/02_dag.ipynb #9749f00f
 class Pipeline:
     "The steps of a project's pipeline, checked: known names, no cycles, notebooks that exist."
 
@@ -72,44 +114,8 @@ class Pipeline:
             if clash:
                 raise InvalidPipeline(f"{project.config_path}: pipeline {name!r} has step {clash[0]!r}, which the main "
                                       "pipeline has too. Step names are shared by the cache: rename one.")
-        self.steps: dict[str, Step] = {}
-        for step_name, spec in config.items():
-            if not _STEP_NAME.match(step_name):
-                raise InvalidPipeline(f"{project.config_path}: step name {step_name!r} may hold letters, digits, '-' and "
-                                      "'_' only.")
-            self.steps[step_name] = Step(name=step_name, notebook=(self.root / spec.notebook).resolve(),
-                                         params=dict(spec.params), needs=list(spec.needs), inputs=list(spec.inputs),
-                                         products=_products(spec.products), cache=spec.cache, timeout=spec.timeout)
-        for step in self.steps.values():
-            for need in step.needs:
-                if need not in self.steps:
-                    raise InvalidPipeline(f"{project.config_path}: step {step.name!r} needs {need!r}, which is not a "
-                                          f"step.{did_you_mean(need, self.steps)} Steps: {one_of(self.steps)}.")
-            for name in step.params:
-                if name in RESERVED_PARAMS:
-                    raise InvalidPipeline(f"{project.config_path}: step {step.name!r} sets param {name!r}, which mlnb "
-                                          "fills itself (product paths / upstream products). Rename it.")
-        self.order = self._topological_order()
-
-    def _topological_order(self) -> list[str]:
-        "Returns the steps in an order where every step follows what it needs (ties: declaration order)."
-        done: list[str] = []
-        state: dict[str, str] = {}
-        def visit(name: str, path: list[str]) -> None:
-            if state.get(name) == "done":
-                return
-            if state.get(name) == "visiting":
-                cycle = [*path[path.index(name):], name]
-                raise InvalidPipeline(f"{self.project.config_path}: the steps' needs form a cycle: "
-                                      f"{' -> '.join(cycle)}. Remove one of these needs.")
-            state[name] = "visiting"
-            for need in self.steps[name].needs:
-                visit(need, [*path, name])
-            state[name] = "done"
-            done.append(name)
-        for name in self.steps:
-            visit(name, [])
-        return done
+        self.steps = read_steps(project, config)
+        self.order = topological_order(self.steps, project.config_path)
 
     def upstream_of(self, name: str) -> set[str]:
         "Returns every step `name` depends on, directly or not."

@@ -30,7 +30,7 @@ jupyter_utils = lazy_import("jupyter_core.utils")
 papermill = lazy_import("papermill")
 papermill_exceptions = lazy_import("papermill.exceptions")
 
-# %% ../../nbs/pipeline/04_step.ipynb #323696d4
+# %% ../../nbs/pipeline/04_step.ipynb #afbb6171
 @dataclass
 class StepTask:
     "Everything a worker needs to execute one step notebook."
@@ -61,6 +61,7 @@ class StepResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+# %% ../../nbs/pipeline/04_step.ipynb #3c7e56a8
 def _source_cell_number(executed: dict | None, cell_index: int | None) -> int | None:
     """Returns the 1-based position in the source notebook of the executed copy's failing cell.
 
@@ -80,8 +81,37 @@ def _quiet_nbclient_lines(record) -> bool:
                                            "Kernel died while waiting for execute reply"))
 
 def _past_timeout(timeout: float) -> str:
+    "Returns what a step that ran past its `timeout:` says."
     return f"the step ran past its timeout ({timeout:g} s) and was stopped; raise timeout: in mlnb.yaml if it needs longer"
 
+def _record_cell_error(result: StepResult, e: Any, task: StepTask, deadline: float) -> None:
+    "Sets `result` from papermill's error for a cell that raised (`deadline`: when the step's time ran out)."
+    if e.ename == "SystemExit" and str(e.evalue).strip() in ("", "0", "None"):
+        return  # sys.exit(0): the notebook chose to stop early
+    result.status = "failed"
+    result.cell = _source_cell_number(_read_json(task.executed), e.cell_index)
+    result.error = f"{e.ename}: {e.evalue}".strip()
+    # the interrupted cell shows KeyboardInterrupt (or nothing, when it caught it)
+    if task.timeout is not None and time.monotonic() >= deadline and e.ename in ("KeyboardInterrupt", "CellExecutionError"):
+        result.error = f"TimeoutError: {_past_timeout(task.timeout)}"
+
+def _kernel_error(e: Exception, task: StepTask, deadline: float) -> str:
+    "Returns what a step failing outside its cells says: a dead kernel, one that ignored the interrupt, a bad notebook."
+    name = type(e).__name__
+    if name == "CellTimeoutError" and task.timeout is not None and time.monotonic() >= deadline:
+        return f"TimeoutError: {_past_timeout(task.timeout)} (the cell ignored the interrupt: its kernel was shut down)"
+    if name == "DeadKernelError":
+        return ("DeadKernelError: the kernel died while running the step (the notebook killed its own process, or it "
+                "ran out of memory)")
+    return f"{name}: {e}"
+
+def _read_json(path: str) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+# %% ../../nbs/pipeline/04_step.ipynb #77ff60dd
 def _time_limit(timeout: float | None) -> tuple[Any, dict[str, Any]]:
     """Returns a function giving the monotonic deadline (inf: none yet) and the nbclient options that hold the
     notebook's cells to `timeout` seconds together, counted from the first cell (a kernel's start does not count):
@@ -101,105 +131,7 @@ def _time_limit(timeout: float | None) -> tuple[Any, dict[str, Any]]:
         "timeout_func": left, "interrupt_on_timeout": True,
         "error_on_timeout": {"ename": "TimeoutError", "evalue": stopped, "traceback": [stopped]}}
 
-
-def execute_step(task: StepTask) -> StepResult:
-    "Returns the result of executing `task`'s notebook with papermill (never raises for a failing notebook)."
-    quiet_slow_imports()
-    start = time.perf_counter()
-    logging.getLogger("papermill").addFilter(_quiet_nbclient_lines)  # nbclient logs through papermill's logger
-    env = {**task.env, **kernel_env()}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    result = StepResult(status="finished", executed=task.executed)
-    Path(task.executed).parent.mkdir(parents=True, exist_ok=True)
-    km = take_kernel_ahead() if task.warm else None
-    deaf, deadline = None, lambda: math.inf
-    result.phases["kernel_ahead"] = float(km is not None)
-    forked = km is None and task.preload is not None and has_zygote()
-    try:
-        if forked:
-            # once the zygote has the notebook's imports, in the step's folder (its environment is set above)
-            km = forked_kernel(task.preload, cwd=task.cwd)  # None: the zygote is gone, papermill boots a kernel
-        elif km is not None:
-            enter_step(km, task)
-        kernel = {"km": km} if km is not None else {"kernel_manager_class": ipc_kernel_manager()}
-        result.phases["ready"] = time.perf_counter() - start
-        deadline, limit = _time_limit(task.timeout)
-        papermill.execute_notebook(
-            task.notebook, task.executed, parameters=task.params, kernel_name=ensure_kernel(), language="python",
-            cwd=task.cwd, progress_bar=False, log_output=False, request_save_on_cell_execute=False, **limit, **kernel)
-    except papermill_exceptions.PapermillExecutionError as e:
-        executed = _read_json(task.executed)
-        if e.ename == "SystemExit" and str(e.evalue).strip() in ("", "0", "None"):
-            result.status = "finished"  # sys.exit(0): the notebook chose to stop early
-        else:
-            result.status = "failed"
-            result.cell = _source_cell_number(executed, e.cell_index)
-            result.error = f"{e.ename}: {e.evalue}".strip()
-            # the interrupted cell shows KeyboardInterrupt (or nothing, when it caught it)
-            if task.timeout is not None and time.monotonic() >= deadline() and \
-                    e.ename in ("KeyboardInterrupt", "CellExecutionError"):
-                result.error = f"TimeoutError: {_past_timeout(task.timeout)}"
-    except KeyboardInterrupt:
-        result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
-        deaf = _deafen()  # a second Ctrl-C (a terminal sends the workers one too) must not cut the stop short
-        _cancel_pending()
-    except Exception as e:  # noqa: BLE001 - a dead kernel, a timeout, a bad notebook: all are step failures
-        result.status = "failed"
-        name = type(e).__name__
-        if name == "CellTimeoutError" and task.timeout is not None and time.monotonic() >= deadline():
-            # the cell went on despite the interrupt
-            result.error = (f"TimeoutError: {_past_timeout(task.timeout)} (the cell ignored the interrupt: its kernel was "
-                            "shut down)")
-        elif name == "DeadKernelError":
-            result.error = ("DeadKernelError: the kernel died while running the step (the notebook killed its own "
-                            "process, or it ran out of memory)")
-        else:
-            result.error = f"{name}: {e}"
-    finally:
-        if deaf is None:  # the notebook is over: from here a Ctrl-C could only lose its result, not stop it
-            deaf = _deafen()
-        result.phases["executed"] = time.perf_counter() - start
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if km is not None:
-            try:
-                if result.status != "killed" and jupyter_utils.run_sync(km.is_alive)():
-                    # a kernel still busy in the cell that ran out of time may never answer: brief
-                    leave_step(km, timeout=5 if time.monotonic() >= deadline() else None)
-            except Exception:  # noqa: BLE001 - the kernel's own exit flushes too
-                pass
-            if task.warm and task.ahead and result.status != "killed" and task.preload is None:
-                try:
-                    start_kernel_ahead()  # the next kernel boots while this one shuts down
-                except Exception:  # noqa: BLE001 - the next step will start its own kernel
-                    pass
-            retire(km)
-    try:
-        result.phases["shut_down"] = time.perf_counter() - start
-        if os.path.exists(task.executed):
-            try:
-                result.html = str(render_html(task.executed, task.html, title=task.step))
-            except Exception as e:  # noqa: BLE001 - a report that cannot render must not hide the step's result
-                result.error = (result.error + "; " if result.error else "") + f"report not rendered: {e}"
-        else:
-            result.executed = None
-        result.seconds = time.perf_counter() - start
-        return result
-    finally:
-        if deaf is not None:
-            signal.signal(signal.SIGINT, deaf)
-
-def _read_json(path: str) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-# %% ../../nbs/pipeline/04_step.ipynb #403d2e22
+# %% ../../nbs/pipeline/04_step.ipynb #dc6ce2cf
 def _deafen():
     "Ignores Ctrl-C from now on, in the main thread; returns the handler to put back (None: nothing to put back)."
     try:
@@ -219,3 +151,94 @@ def _cancel_pending() -> None:
             loop.run_until_complete(asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), timeout=5))
         except BaseException:  # noqa: BLE001 - what does not end in 5 s is left to the process's exit
             pass
+
+# %% ../../nbs/pipeline/04_step.ipynb #6e8acc2b
+def _swap_env(env: dict[str, str]) -> dict[str, str | None]:
+    "Sets `env` in this process (the kernel inherits it); returns what to put back."
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return saved
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+def _ready_kernel(km: Any, task: StepTask) -> Any:
+    "Returns the kernel the step runs on: the one started ahead (given the step), one forked, or None (papermill boots)."
+    if km is None and task.preload is not None and has_zygote():
+        return forked_kernel(task.preload, cwd=task.cwd)  # once the zygote has the notebook's imports (None: it is gone)
+    if km is not None:
+        enter_step(km, task)
+    return km
+
+def _leave_kernel(km: Any, task: StepTask, result: StepResult, deadline: float) -> None:
+    "Has the kernel flush its metrics, starts the next one ahead if a step follows, and shuts this one down."
+    try:
+        if result.status != "killed" and jupyter_utils.run_sync(km.is_alive)():
+            # a kernel still busy in the cell that ran out of time may never answer: brief
+            leave_step(km, timeout=5 if time.monotonic() >= deadline else None)
+    except Exception:  # noqa: BLE001 - the kernel's own exit flushes too
+        pass
+    if task.warm and task.ahead and result.status != "killed" and task.preload is None:
+        try:
+            start_kernel_ahead()  # the next kernel boots while this one shuts down
+        except Exception:  # noqa: BLE001 - the next step will start its own kernel
+            pass
+    retire(km)
+
+def _render(result: StepResult, task: StepTask) -> None:
+    "Renders the executed notebook to the step's HTML report (a report that cannot render is said in the error)."
+    if not os.path.exists(task.executed):
+        result.executed = None
+        return
+    try:
+        result.html = str(render_html(task.executed, task.html, title=task.step))
+    except Exception as e:  # noqa: BLE001 - a report that cannot render must not hide the step's result
+        result.error = (result.error + "; " if result.error else "") + f"report not rendered: {e}"
+
+# %% ../../nbs/pipeline/04_step.ipynb #d630c8c8
+def execute_step(task: StepTask) -> StepResult:
+    "Returns the result of executing `task`'s notebook with papermill (never raises for a failing notebook)."
+    quiet_slow_imports()
+    start = time.perf_counter()
+    logging.getLogger("papermill").addFilter(_quiet_nbclient_lines)  # nbclient logs through papermill's logger
+    saved = _swap_env({**task.env, **kernel_env()})
+    result = StepResult(status="finished", executed=task.executed)
+    Path(task.executed).parent.mkdir(parents=True, exist_ok=True)
+    km = take_kernel_ahead() if task.warm else None
+    result.phases["kernel_ahead"] = float(km is not None)
+    deaf, deadline = None, lambda: math.inf
+    try:
+        km = _ready_kernel(km, task)
+        kernel = {"km": km} if km is not None else {"kernel_manager_class": ipc_kernel_manager()}
+        result.phases["ready"] = time.perf_counter() - start
+        deadline, limit = _time_limit(task.timeout)
+        papermill.execute_notebook(
+            task.notebook, task.executed, parameters=task.params, kernel_name=ensure_kernel(), language="python",
+            cwd=task.cwd, progress_bar=False, log_output=False, request_save_on_cell_execute=False, **limit, **kernel)
+    except papermill_exceptions.PapermillExecutionError as e:
+        _record_cell_error(result, e, task, deadline())
+    except KeyboardInterrupt:
+        result.status, result.error = "killed", "interrupted (Ctrl-C or SIGTERM)"
+        deaf = _deafen()  # a second Ctrl-C (a terminal sends the workers one too) must not cut the stop short
+        _cancel_pending()
+    except Exception as e:  # noqa: BLE001 - a dead kernel, a timeout, a bad notebook: all are step failures
+        result.status, result.error = "failed", _kernel_error(e, task, deadline())
+    finally:
+        if deaf is None:  # the notebook is over: from here a Ctrl-C could only lose its result, not stop it
+            deaf = _deafen()
+        result.phases["executed"] = time.perf_counter() - start
+        _restore_env(saved)
+        if km is not None:
+            _leave_kernel(km, task, result, deadline())
+    try:
+        result.phases["shut_down"] = time.perf_counter() - start
+        _render(result, task)
+        result.seconds = time.perf_counter() - start
+        return result
+    finally:
+        if deaf is not None:
+            signal.signal(signal.SIGINT, deaf)

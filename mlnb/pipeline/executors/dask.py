@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 from ...core.errors import Interrupted, MlnbError
 from ...core.lazy import lazy_import, optional_import
@@ -23,9 +23,8 @@ __all__ = ['DaskExecutor']
 _distributed = lazy_import("distributed")
 
 # %% ../../../nbs/pipeline/executors/03_dask.ipynb #e53810fb
-class DaskExecutor(Executor):
-    "Runs callables on a Dask cluster: a LocalCluster of `jobs` workers, or the scheduler at `scheduler`."
-    name = "dask"
+class _DaskConnection(Executor):
+    "The client of a Dask cluster: a LocalCluster of `jobs` workers, or the scheduler at `scheduler`."
 
     def __init__(self, jobs: int | None = None, scheduler: str | None = None):
         self.jobs = max(1, jobs or os.cpu_count() or 1)
@@ -36,7 +35,7 @@ class DaskExecutor(Executor):
         self._starting = threading.Lock()
         self._failed: Exception | None = None  # why connecting failed: raised again, not retried
 
-    def warm(self) -> DaskExecutor:
+    def warm(self) -> Self:
         "Connects (or starts the local cluster: seconds) in the background, while the caller prepares the work."
         def connect() -> None:
             try:
@@ -46,7 +45,7 @@ class DaskExecutor(Executor):
         threading.Thread(target=connect, name="mlnb-dask-connect", daemon=True).start()
         return self
 
-    def start(self) -> DaskExecutor:
+    def start(self) -> Self:
         "Connects to the scheduler, or starts a local cluster."
         with self._starting:
             if self._failed is not None:
@@ -71,6 +70,19 @@ class DaskExecutor(Executor):
                 self._cluster = distributed.LocalCluster(n_workers=self.jobs, threads_per_worker=1, processes=True,
                                              host="127.0.0.1", dashboard_address=None, silence_logs=40)
                 self._client = distributed.Client(self._cluster)
+
+    def shutdown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+# %% ../../../nbs/pipeline/executors/03_dask.ipynb #bd5cea20
+class DaskExecutor(_DaskConnection):
+    "Runs callables on a Dask cluster: a LocalCluster of `jobs` workers, or the scheduler at `scheduler`."
+    name = "dask"
 
     def submit(self, fn: Callable, *args: Any) -> Any:
         client = self.start()._client
@@ -105,11 +117,3 @@ class DaskExecutor(Executor):
     def interrupt(self) -> None:
         if self._client is not None and self._pending:
             self._client.cancel(list(self._pending), force=True)
-
-    def shutdown(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self._cluster is not None:
-            self._cluster.close()
-            self._cluster = None

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing import forkserver
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ...core.errors import ZygoteError
 from ...core.lazy import load
@@ -25,8 +25,6 @@ from ..kernels.preload import notebook_forks_warm, notebook_preload
 from ..kernels.zygote import Zygote
 from ..render import quiet_slow_imports
 from ..step import StepTask, execute_step
-
-_PREPARE_WORKER = "mlnb.pipeline.kernels.warm:prepare_worker"  # what each step worker runs as it starts
 
 # %% auto #0
 __all__ = ['LocalExecutor']
@@ -91,15 +89,13 @@ def _fork_server(preload: tuple[str, ...]):
     return context
 
 # %% ../../../nbs/pipeline/executors/02_local.ipynb #5889d497
-class LocalExecutor(Executor):
-    """A pool of `jobs` worker processes on this machine (default: one per core), whose steps' kernels start warm.
+class _ProcessPool(Executor):
+    """A pool of `jobs` worker processes on this machine (default: one per core).
 
     Workers are forked from a fork server: a fresh Python that imported `preload` (module names)
     once, so every worker starts with them and no worker repeats them. `worker_init` ("module:function",
     or that and a dict of keyword arguments) runs in each worker when it starts, to warm what tasks
-    need. Workers see this process's environment and folder as they were when the pool started.
-    `prepare` (the Executor contract) sets both for steps: see the section below."""
-    name = "local"
+    need. Workers see this process's environment and folder as they were when the pool started."""
 
     def __init__(self, jobs: int | None = None, worker_init: str | tuple[str, dict] | None = None,
                  preload: tuple[str, ...] = (), warm_kernels: bool = True):
@@ -113,12 +109,12 @@ class LocalExecutor(Executor):
         self._preloads: dict[str, list[str] | None] = {}  # notebook -> what its kernel is forked with
         self._fork_each_step = False
 
-    def warm(self) -> LocalExecutor:
+    def warm(self) -> Self:
         "Starts the fork server (its imports run while the caller prepares the work)."
         _fork_server(self.preload)
         return self
 
-    def start(self) -> LocalExecutor:
+    def start(self) -> Self:
         "Creates the pool; workers are forked as work arrives, up to `jobs` (a one-step run starts one)."
         with self._starting:  # two trials submitting at once must not each make a pool (one would be dropped)
             if self._pool is None:
@@ -159,7 +155,14 @@ class LocalExecutor(Executor):
             self._zygote.close()
             self._zygote = None
 
-    # -- warm kernels for steps (the Executor contract) ------------------------------------------
+
+# %% ../../../nbs/pipeline/executors/02_local.ipynb #25737de2
+_PREPARE_WORKER = "mlnb.pipeline.kernels.warm:prepare_worker"  # what each step worker runs as it starts
+
+class LocalExecutor(_ProcessPool):
+    "A pool of worker processes on this machine whose steps' kernels start warm (`prepare`: see above)."
+    name = "local"
+
     def prepare(self, notebooks: Sequence[str | Path], root: str | Path, repeat: bool = False) -> LocalExecutor:
         """Launches the kernel zygote the steps' kernels are forked from (it imports, in the background, what the
         notebooks start by importing) and sets how each worker readies itself. Once; before the pool starts."""
