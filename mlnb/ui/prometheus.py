@@ -49,11 +49,11 @@ class StoreCollector:
     def _families(self) -> list:
         gauge, summary = prometheus_core.GaugeMetricFamily, prometheus_core.SummaryMetricFamily
         runs = gauge("mlnb_runs", "Runs in the store by kind and status", labels=["kind", "status"])
-        for (kind, status), count in sorted(self.store.runs.status_counts().items()):
+        for (kind, status), count in sorted(self.store.run_queries.status_counts().items()):
             runs.add_metric([kind, status], count)
         steps = summary("mlnb_step_duration_seconds", "Durations of finished step runs", labels=["step"])
         last = gauge("mlnb_step_last_duration_seconds", "Duration of the newest finished run of a step", labels=["step"])
-        for name, count, total, newest in step_stats(self.store.runs.step_durations()):
+        for name, count, total, newest in step_stats(self.store.run_queries.step_durations()):
             steps.add_metric([name], count_value=count, sum_value=total)
             last.add_metric([name], newest)
         return [runs, steps, last, *self._schedules(), *self._drift()]
