@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from ..core.errors import StoreError
@@ -199,7 +199,7 @@ def _retry(db: Database, attempt: Callable[[], Any]) -> Any:
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 0.5)
 
-# %% ../../nbs/store/01_database.ipynb #36be1de0
+# %% ../../nbs/store/01_database.ipynb #6beece17
 def check_sqlite_file(path: Path) -> None:
     "Raises StoreError when the store file or its folder cannot serve as an SQLite store."
     if path.is_dir():
@@ -224,8 +224,9 @@ def check_sqlite_file(path: Path) -> None:
         raise StoreError(f"Cannot create the store in {path.parent}: permission denied. Run from a writable "
                          "project folder, or set --store / MLNB_STORE to a writable location.")
 
-class SqliteDatabase(Database):
-    "An SQLite file (or `:memory:`) through the standard library's sqlite3."
+# %% ../../nbs/store/01_database.ipynb #07140c93
+class _SqliteConnections(Database):
+    "The connections of an SQLite file (or `:memory:`): one per thread."
     backend = "sqlite"
 
     def __init__(self, url: str, path: str):
@@ -241,7 +242,7 @@ class SqliteDatabase(Database):
         self._pid = os.getpid()
 
     @classmethod
-    def from_url(cls, url: str) -> SqliteDatabase:
+    def from_url(cls, url: str) -> Self:
         "Returns the database of an `sqlite:///path` URL."
         return cls(url, parse_store_url(url)[1])
 
@@ -277,6 +278,19 @@ class SqliteDatabase(Database):
             conn = self._local.conn = self._connect()
         return conn
 
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._connections, self._local, self._shared = [], threading.local(), None
+
+# %% ../../nbs/store/01_database.ipynb #a9758895
+class SqliteDatabase(_SqliteConnections):
+    "An SQLite file (or `:memory:`) through the standard library's sqlite3."
+
     def _run(self, fn: Callable[[Tx], Any], begin: str) -> Any:
         conn = self._connection()
         if conn.in_transaction:  # a read or write already open on this thread: join it
@@ -299,15 +313,6 @@ class SqliteDatabase(Database):
     def write(self, fn: Callable[[Tx], Any]) -> Any:
         return _retry(self, lambda: self._run(fn, "BEGIN IMMEDIATE"))
 
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
-            self._connections, self._local, self._shared = [], threading.local(), None
-
 class _NoLock:
     def __enter__(self):
         return self
@@ -317,13 +322,13 @@ class _NoLock:
 
 _NO_LOCK = _NoLock()
 
-# %% ../../nbs/store/01_database.ipynb #cca72002
+# %% ../../nbs/store/01_database.ipynb #274ef5c1
 class SqlAlchemyDatabase(Database):
     "Any SQLAlchemy URL (PostgreSQL with psycopg 3), the same SQL on the driver's cursor."
     backend = "postgresql"
 
     @classmethod
-    def from_url(cls, url: str) -> SqlAlchemyDatabase:
+    def from_url(cls, url: str) -> Self:
         "Returns the database of a `postgresql://` URL."
         return cls(parse_store_url(url)[1])
 
@@ -366,6 +371,7 @@ class SqlAlchemyDatabase(Database):
     def close(self) -> None:
         self.engine.dispose()
 
+# %% ../../nbs/store/01_database.ipynb #fa4e7e30
 BACKENDS = Registry("store backend", "mlnb.stores", {"sqlite": "mlnb.store.database:SqliteDatabase",
                                                       "postgresql": "mlnb.store.database:SqlAlchemyDatabase"})
 

@@ -16,7 +16,7 @@ from .database import masked, parse_store_url
 from .facade import Store
 
 # %% auto #0
-__all__ = ['optuna_storage', 'optuna_schema_head']
+__all__ = ['optuna_schema_head', 'optuna_storage']
 
 # %% ../../nbs/store/12_optuna.ipynb #027ec344
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -25,31 +25,6 @@ _optuna_storages__rdb = lazy_import("optuna.storages._rdb")
 _sqlalchemy = lazy_import("sqlalchemy")
 optuna = lazy_import("optuna")
 sa = lazy_import("sqlalchemy")
-
-# %% ../../nbs/store/12_optuna.ipynb #505935cf
-def optuna_storage(store: Store):
-    "Returns an Optuna RDBStorage on the store's database (SQLite transactions made immediate)."
-    event = _sqlalchemy.event
-    backend, target = parse_store_url(store.url)
-    if backend == "sqlite":
-        storage = _rdb_storage(store, f"sqlite:///{target}", engine_kwargs={"connect_args": {"timeout": 30}})
-        engine = storage.engine
-
-        @event.listens_for(engine, "connect")
-        def _connect(dbapi_conn, _record):
-            dbapi_conn.isolation_level = None
-            dbapi_conn.execute("PRAGMA busy_timeout = 30000")
-            dbapi_conn.execute("PRAGMA synchronous = NORMAL")  # the store's own setting (mlnb.store.database)
-
-        # Each Optuna session commits once per checkout of a pooled connection, so the transaction begins there.
-        # A pool event, unlike SQLAlchemy's "begin" (a connection event), leaves every statement without event
-        # dispatch: ~1 ms a trial. A failed BEGIN reaches Optuna as SQLAlchemy's OperationalError either way.
-        @event.listens_for(engine, "checkout")
-        def _begin(dbapi_conn, _record, _proxy):
-            dbapi_conn.execute("BEGIN IMMEDIATE")
-        engine.dispose()  # connections opened while Optuna created its tables lack the hooks
-        return storage
-    return _rdb_storage(store, target)
 
 # %% ../../nbs/store/12_optuna.ipynb #05bc6715
 _REVISION = re.compile(r"^revision\s*=\s*[\"']([^\"']+)[\"']", re.M)
@@ -78,6 +53,7 @@ def _version_table():
     return sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32), nullable=False),
                     sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"))
 
+# %% ../../nbs/store/12_optuna.ipynb #654c0a7d
 @functools.cache
 def _plain_sql_version_manager():
     "Returns a subclass of Optuna's storage version manager that reads and stamps the revision in plain SQL."
@@ -131,3 +107,28 @@ def _rdb_storage(store: Store, url: str, **kwargs):
                              f"{str(e).rstrip('.')}. Back the store up first.") from None
         finally:
             rdb._VersionManager = optuna_manager
+
+# %% ../../nbs/store/12_optuna.ipynb #505935cf
+def optuna_storage(store: Store):
+    "Returns an Optuna RDBStorage on the store's database (SQLite transactions made immediate)."
+    event = _sqlalchemy.event
+    backend, target = parse_store_url(store.url)
+    if backend == "sqlite":
+        storage = _rdb_storage(store, f"sqlite:///{target}", engine_kwargs={"connect_args": {"timeout": 30}})
+        engine = storage.engine
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None
+            dbapi_conn.execute("PRAGMA busy_timeout = 30000")
+            dbapi_conn.execute("PRAGMA synchronous = NORMAL")  # the store's own setting (mlnb.store.database)
+
+        # Each Optuna session commits once per checkout of a pooled connection, so the transaction begins there.
+        # A pool event, unlike SQLAlchemy's "begin" (a connection event), leaves every statement without event
+        # dispatch: ~1 ms a trial. A failed BEGIN reaches Optuna as SQLAlchemy's OperationalError either way.
+        @event.listens_for(engine, "checkout")
+        def _begin(dbapi_conn, _record, _proxy):
+            dbapi_conn.execute("BEGIN IMMEDIATE")
+        engine.dispose()  # connections opened while Optuna created its tables lack the hooks
+        return storage
+    return _rdb_storage(store, target)

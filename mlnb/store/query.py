@@ -108,72 +108,79 @@ def _compare(op: ast.cmpop, a: Any, b: Any) -> bool:
         return False
 
 # %% ../../nbs/store/11_query.ipynb #41d3cd44
-def compile_where(expr: str, fields: Iterable[str]) -> Callable[[Any], bool]:
-    "Returns a predicate over run records for `expr`, or raises QueryError pointing at the bad token."
-    known = set(fields)
-    text = _normalize(expr)
-    hint = "Write comparisons like: metrics.val_auc > 0.9 and params.lr < 0.01"
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as e:
-        col = (e.offset or 1) - 1
-        near = text[col:col + 12] or "end of expression"
-        raise QueryError(f"Invalid --where expression at column {col + 1} (near {near!r}): {e.msg}. {hint}."
-                         + _pointer(text, col)) from None
+_HINT = "Write comparisons like: metrics.val_auc > 0.9 and params.lr < 0.01"
 
-    def fail(node: ast.AST, what: str) -> QueryError:
+class _Where:
+    "Builds the predicate of one parsed expression, refusing anything outside the grammar."
+
+    def __init__(self, text: str, known: set[str]):
+        self.text, self.known = text, known
+
+    def fail(self, node: ast.AST, what: str) -> QueryError:
         col = getattr(node, "col_offset", 0)
-        return QueryError(f"{what} in --where at column {col + 1}." + _pointer(text, col))
+        return QueryError(f"{what} in --where at column {col + 1}." + _pointer(self.text, col))
 
-    def build(node: ast.AST) -> Callable[[Any], Any]:
+    def build(self, node: ast.AST) -> Callable[[Any], Any]:
         if isinstance(node, ast.BoolOp):
-            parts = [build(v) for v in node.values]
+            parts = [self.build(v) for v in node.values]
             if isinstance(node.op, ast.And):
                 return lambda r: all(p(r) for p in parts)
             return lambda r: any(p(r) for p in parts)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            inner = build(node.operand)
+            inner = self.build(node.operand)
             return lambda r: not inner(r)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
                 and isinstance(node.operand.value, (int, float)):
             value = -node.operand.value
             return lambda r: value
         if isinstance(node, ast.Compare):
-            left = build(node.left)
-            rights = [build(c) for c in node.comparators]
-            ops = node.ops
-            for op in ops:
-                if type(op) not in _OPS:
-                    raise fail(node, f"Unsupported comparison {type(op).__name__}")
-            def compare(r):
-                a = left(r)
-                for op, right in zip(ops, rights, strict=True):
-                    b = right(r)
-                    if not _compare(op, a, b):
-                        return False
-                    a = b
-                return True
-            return compare
+            return self.comparison(node)
         if isinstance(node, ast.Constant):
             value = node.value
             return lambda r: value
         if isinstance(node, (ast.List, ast.Tuple)):
-            items = [build(e) for e in node.elts]
+            items = [self.build(e) for e in node.elts]
             return lambda r: [i(r) for i in items]
         field = _field_of(node)
         if field is not None:
-            if field not in known:
-                group = field.partition(".")[0]
-                if group in GROUPS and "." in field:
-                    pool = [f for f in known if f.startswith(group + ".")]
-                    listing = one_of(pool, limit=15)
-                else:
-                    listing = one_of(known, limit=15)
-                raise fail(node, f"Unknown field {field!r}.{did_you_mean(field, known)} Valid fields: {listing}")
-            return lambda r: field_value(r, field)
-        raise fail(node, f"Unsupported expression {ast.unparse(node)!r} ({hint})")
+            return self.field(node, field)
+        raise self.fail(node, f"Unsupported expression {ast.unparse(node)!r} ({_HINT})")
 
-    predicate = build(tree.body)
+    def comparison(self, node: ast.Compare) -> Callable[[Any], bool]:
+        left, rights, ops = self.build(node.left), [self.build(c) for c in node.comparators], node.ops
+        for op in ops:
+            if type(op) not in _OPS:
+                raise self.fail(node, f"Unsupported comparison {type(op).__name__}")
+        def compare(r):
+            a = left(r)
+            for op, right in zip(ops, rights, strict=True):
+                b = right(r)
+                if not _compare(op, a, b):
+                    return False
+                a = b
+            return True
+        return compare
+
+    def field(self, node: ast.AST, field: str) -> Callable[[Any], Any]:
+        if field not in self.known:
+            group = field.partition(".")[0]
+            pool = [f for f in self.known if f.startswith(group + ".")] if group in GROUPS and "." in field else self.known
+            raise self.fail(node, f"Unknown field {field!r}.{did_you_mean(field, self.known)} "
+                                  f"Valid fields: {one_of(pool, limit=15)}")
+        return lambda r: field_value(r, field)
+
+# %% ../../nbs/store/11_query.ipynb #1b6542fc
+def compile_where(expr: str, fields: Iterable[str]) -> Callable[[Any], bool]:
+    "Returns a predicate over run records for `expr`, or raises QueryError pointing at the bad token."
+    text = _normalize(expr)
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as e:
+        col = (e.offset or 1) - 1
+        near = text[col:col + 12] or "end of expression"
+        raise QueryError(f"Invalid --where expression at column {col + 1} (near {near!r}): {e.msg}. {_HINT}."
+                         + _pointer(text, col)) from None
+    predicate = _Where(text, set(fields)).build(tree.body)
     return lambda record: bool(predicate(record))
 
 # %% ../../nbs/store/11_query.ipynb #2313844e

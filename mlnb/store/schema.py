@@ -13,7 +13,18 @@ from ..core.lazy import lazy_import
 from . import database
 from .database import Tx
 
+# %% auto #0
+__all__ = ['metadata', 'meta_table', 'experiments_table', 'environments_table', 'runs_table', 'params_table', 'tags_table',
+           'metrics_table', 'latest_metrics_table', 'outputs_table', 'artifacts_table', 'run_files_table',
+           'schedules_table', 'occurrences_table', 'models_table', 'model_versions_table', 'model_aliases_table',
+           'model_events_table', 'MIGRATIONS', 'create_tables', 'migrate']
 
+# %% ../../nbs/store/02_schema.ipynb #637073ed
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+_sqlalchemy_dialects = lazy_import("sqlalchemy.dialects")
+_sqlalchemy_schema = lazy_import("sqlalchemy.schema")
+
+# %% ../../nbs/store/02_schema.ipynb #982e0057
 metadata = sa.MetaData()
 _fk_run = lambda: sa.ForeignKey("mlnb_runs.id", ondelete="CASCADE")
 
@@ -57,6 +68,7 @@ runs_table = sa.Table("mlnb_runs", metadata,
     sa.Column("error", sa.Text),
     )
 
+# %% ../../nbs/store/02_schema.ipynb #adfcc3ea
 params_table = sa.Table("mlnb_params", metadata,
     sa.Column("run_id", sa.String(32), _fk_run(), primary_key=True),
     sa.Column("key", sa.String(255), primary_key=True),
@@ -85,6 +97,7 @@ latest_metrics_table = sa.Table("mlnb_latest_metrics", metadata,
     sa.Column("max_value", sa.Float),
     sa.Column("count", sa.BigInteger, nullable=False))
 
+# %% ../../nbs/store/02_schema.ipynb #020238fb
 outputs_table = sa.Table("mlnb_outputs", metadata,
     sa.Column("run_id", sa.String(32), _fk_run(), primary_key=True),
     sa.Column("name", sa.String(255), primary_key=True),
@@ -110,17 +123,6 @@ run_files_table = sa.Table("mlnb_run_files", metadata,
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Index("ix_mlnb_run_files_path", "path"),
     sa.Index("ix_mlnb_run_files_sha", "sha256"))
-
-# %% auto #0
-__all__ = ['metadata', 'meta_table', 'experiments_table', 'environments_table', 'runs_table', 'params_table', 'tags_table',
-           'metrics_table', 'latest_metrics_table', 'outputs_table', 'artifacts_table', 'run_files_table',
-           'schedules_table', 'occurrences_table', 'models_table', 'model_versions_table', 'model_aliases_table',
-           'model_events_table', 'MIGRATIONS', 'create_tables', 'migrate']
-
-# %% ../../nbs/store/02_schema.ipynb #637073ed
-# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
-_sqlalchemy_dialects = lazy_import("sqlalchemy.dialects")
-_sqlalchemy_schema = lazy_import("sqlalchemy.schema")
 
 # %% ../../nbs/store/02_schema.ipynb #d1044a93
 schedules_table = sa.Table("mlnb_schedules", metadata,
