@@ -59,8 +59,8 @@ class Blob:
     size: int
     uri: str
 
-class ArtifactStore:
-    "Content-addressed blob storage under a local folder or an fsspec URL. Safe across threads and processes."
+class _BlobPlaces:
+    "Where blobs live under an artifact root (a local folder, or an fsspec URL), and writing one atomically."
 
     def __init__(self, root: str | Path):
         self.root = str(root)
@@ -89,6 +89,30 @@ class ArtifactStore:
             return os.path.exists(self.uri(sha256))
         fs, _ = self._fs()
         return fs.exists(self.uri(sha256))
+
+    def _write_local(self, target: str, write) -> None:
+        "Writes a blob through a temporary file and an atomic rename, so readers never see half a blob."
+        folder = os.path.dirname(target)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        except OSError as e:
+            raise ArtifactError(f"Cannot write artifacts under {self.root}: {e.strerror}. Check that the "
+                                "folder is writable, or set MLNB_ARTIFACTS / 'artifacts:' in mlnb.yaml.") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+# %% ../../nbs/store/10_artifacts.ipynb #3b364dd7
+class ArtifactStore(_BlobPlaces):
+    "Content-addressed blob storage under a local folder or an fsspec URL. Safe across threads and processes."
 
     def put_bytes(self, data: bytes) -> Blob:
         "Returns the stored blob for `data`, writing it only if the digest is new."
@@ -119,25 +143,6 @@ class ArtifactStore:
                 fs, _ = self._fs()
                 fs.put_file(str(path), target)
         return Blob(sha, size, target)
-
-    def _write_local(self, target: str, write) -> None:
-        "Writes a blob through a temporary file and an atomic rename, so readers never see half a blob."
-        folder = os.path.dirname(target)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        except OSError as e:
-            raise ArtifactError(f"Cannot write artifacts under {self.root}: {e.strerror}. Check that the "
-                                "folder is writable, or set MLNB_ARTIFACTS / 'artifacts:' in mlnb.yaml.") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     def read_bytes(self, sha256: str) -> bytes:
         "Returns the bytes of a stored blob."

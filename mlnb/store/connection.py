@@ -16,7 +16,7 @@ from . import database
 from .database import Database, Tx, connect, masked
 
 # %% auto #0
-__all__ = ['Connection']
+__all__ = ['store_error', 'ensure_schema', 'Connection']
 
 # %% ../../nbs/store/04_connection.ipynb #1cb7637f
 # The schema describes the tables with SQLAlchemy (0.15 s to import): loaded only to create or migrate a store
@@ -34,12 +34,48 @@ def _put_meta(tx: Tx, key: str, value: str) -> None:
     tx.execute("INSERT INTO mlnb_meta (key, value) VALUES (:key, :value) "
                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", {"key": key, "value": value})
 
+def store_error(exc: BaseException, url: str, doing: str) -> StoreError:
+    "Returns a StoreError for a driver's error that names the store (`url`) and says what to do."
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    where, lowered = masked(url), text.lower()
+    if "file is not a database" in lowered or "malformed" in lowered:
+        return StoreError(f"The store {where} is corrupt ({text}) while {doing}. "
+                          "Move the file aside to start a new store, or restore it from a backup.")
+    if "readonly" in lowered or "read-only" in lowered or "unable to open" in lowered:
+        return StoreError(f"Cannot write to the store {where} ({text}) while {doing}. "
+                          "Check that the file and its folder are writable, or set --store / MLNB_STORE.")
+    if "connection" in lowered or "could not" in lowered or "timeout" in lowered:
+        return StoreError(f"Cannot reach the store {where} ({text}) while {doing}. "
+                          "Check that the database server is running and the URL is right.")
+    return StoreError(f"Store {where} failed while {doing}: {text}")
+
+def ensure_schema(db: Database, url: str) -> None:
+    """Checks the schema version with one query. Only a new or older store takes the write transaction that
+    migrates it, and reads the version again there under the backend's migration lock: another process may
+    have migrated meanwhile (two processes opening a new store at once migrate it once)."""
+    if db.read(lambda tx: _version(db, tx)) == database.SCHEMA_VERSION:
+        return
+    def migrate(tx: Tx) -> None:
+        db.lock_for_migration(tx)
+        found = _version(db, tx)
+        if found > database.SCHEMA_VERSION:
+            raise SchemaError(f"The store {masked(url)} has schema version {found}, newer than this mlnb "
+                              f"understands ({database.SCHEMA_VERSION}). Upgrade mlnb (pip install -U mlnb).")
+        if found == database.SCHEMA_VERSION:
+            return
+        target = _schema.migrate(tx, found)
+        _put_meta(tx, "schema_version", str(target))
+        if found == 0:
+            _put_meta(tx, "created_at", repr(time.time()))
+    db.write(migrate)
+
+# %% ../../nbs/store/04_connection.ipynb #3509f2e7
 class Connection:
     "The database behind one store URL (SQLite or PostgreSQL): opened on first use, schema checked."
 
     def __init__(self, url: str, artifact_root: str | None = None):
-        self.url = url
-        self.artifact_root = artifact_root
+        self.url, self.artifact_root = url, artifact_root
         self._db: Database | None = None
         self._lock = threading.Lock()
 
@@ -63,13 +99,15 @@ class Connection:
             if self._db is not None:
                 return self
             db = connect(self.url)
-            self._db = db
             try:
-                self._ensure_schema()
+                ensure_schema(db, self.url)
+            except db.errors() as e:
+                db.close()
+                raise store_error(e, self.url, "opening the store") from e
             except BaseException:
-                self._db = None
                 db.close()
                 raise
+            self._db = db
         return self
 
     def close(self) -> None:
@@ -78,30 +116,12 @@ class Connection:
             self._db.close()
             self._db = None
 
-    def fail(self, exc: BaseException, doing: str) -> StoreError:
-        "Returns a StoreError for a driver's error that names the store and says what to do."
-        lines = str(exc).strip().splitlines()
-        text = lines[0] if lines else type(exc).__name__
-        where = masked(self.url)
-        lowered = text.lower()
-        if "file is not a database" in lowered or "malformed" in lowered:
-            return StoreError(f"The store {where} is corrupt ({text}) while {doing}. "
-                              "Move the file aside to start a new store, or restore it from a backup.")
-        if "readonly" in lowered or "read-only" in lowered or "unable to open" in lowered:
-            return StoreError(f"Cannot write to the store {where} ({text}) while {doing}. "
-                              "Check that the file and its folder are writable, or set --store / MLNB_STORE.")
-        if "connection" in lowered or "could not" in lowered or "timeout" in lowered:
-            return StoreError(f"Cannot reach the store {where} ({text}) while {doing}. "
-                              "Check that the database server is running and the URL is right.")
-        return StoreError(f"Store {where} failed while {doing}: {text}")
-
     def write(self, fn: Callable[[Tx], Any], doing: str = "writing") -> Any:
         "Returns fn(tx) run in one write transaction (retried while the database is locked)."
-        db = self.db
         try:
-            return db.write(fn)
-        except db.errors() as e:
-            raise self.fail(e, doing) from e
+            return self.db.write(fn)
+        except self.db.errors() as e:
+            raise store_error(e, self.url, doing) from e
 
     def read(self, fn: Callable[[Tx], Any], doing: str = "reading") -> Any:
         "Returns fn(tx) run in a read transaction (one snapshot), errors turned into StoreError."
@@ -109,29 +129,7 @@ class Connection:
         try:
             return db.read(fn)
         except db.errors() as e:
-            raise self.fail(e, doing) from e
-
-    # -- the schema and the meta table --------------------------------------------------------
-    def _ensure_schema(self) -> None:
-        """Checks the schema version with one query. Only a new or older store takes the write transaction that
-        migrates it, and reads the version again there under the backend's migration lock: another process may
-        have migrated meanwhile (two processes opening a new store at once migrate it once)."""
-        db = self.db
-        if self.read(lambda tx: _version(db, tx), "opening the store") == database.SCHEMA_VERSION:
-            return
-        def migrate(tx: Tx) -> None:
-            db.lock_for_migration(tx)
-            found = _version(db, tx)
-            if found > database.SCHEMA_VERSION:
-                raise SchemaError(f"The store {masked(self.url)} has schema version {found}, newer than this mlnb "
-                                  f"understands ({database.SCHEMA_VERSION}). Upgrade mlnb (pip install -U mlnb).")
-            if found == database.SCHEMA_VERSION:
-                return
-            target = _schema.migrate(tx, found)
-            _put_meta(tx, "schema_version", str(target))
-            if found == 0:
-                _put_meta(tx, "created_at", repr(time.time()))
-        self.write(migrate, "migrating the store's schema")
+            raise store_error(e, self.url, doing) from e
 
     def get_meta(self, key: str) -> str | None:
         "Returns a value recorded in the store's meta table (schema_version, artifact_root, ...)."

@@ -22,21 +22,17 @@ from .runs import RunsRepository
 from .schedules import SchedulesRepository
 
 # %% auto #0
-__all__ = ['Store', 'open_store']
+__all__ = ['RunStore', 'Store', 'open_store']
 
 # %% ../../nbs/store/15_facade.ipynb #7fc7e8b5
-class Store(Connection):
-    "The run store behind one URL (SQLite or PostgreSQL): open it with `open_store`."
+class RunStore(Connection):
+    "The part of a store that runs live in (runs, their queries, their metrics), and the run operations mlnb uses."
 
     def __init__(self, url: str, artifact_root: str | None = None):
         super().__init__(url, artifact_root)
         self.runs = RunsRepository(self)
         self.run_queries = RunQueries(self)
         self.metrics = MetricsRepository(self)
-        self.lineage = LineageRepository(self)
-        self.artifact_index = ArtifactIndex(self)
-        self.models = ModelsRepository(self)
-        self.schedules = SchedulesRepository(self)
 
     # -- runs (mlnb.store.runs) ------------------------------------------------------------------
     def create_run(self, **fields: Any) -> str:
@@ -108,7 +104,18 @@ class Store(Connection):
         "Records a named output of a run."
         self.runs.set_output(run_id, name, kind, value, sha256)
 
-    # -- metrics, artifacts, lineage ---------------------------------------------------------------
+
+# %% ../../nbs/store/15_facade.ipynb #cbacdd89
+class Store(RunStore):
+    "The run store behind one URL (SQLite or PostgreSQL): open it with `open_store`."
+
+    def __init__(self, url: str, artifact_root: str | None = None):
+        super().__init__(url, artifact_root)
+        self.lineage = LineageRepository(self)
+        self.artifact_index = ArtifactIndex(self)
+        self.models = ModelsRepository(self)
+        self.schedules = SchedulesRepository(self)
+
     def log_metrics(self, rows: Sequence[tuple[str, str, int, float | None, float]]) -> None:
         "Appends metric points (run_id, key, step, value, timestamp)."
         self.metrics.log(rows)

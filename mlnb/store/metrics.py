@@ -12,7 +12,7 @@ from .database import Tx
 from .records import nan_of
 
 if TYPE_CHECKING:
-    from mlnb.store.facade import Store
+    from mlnb.store.facade import RunStore
 
 # %% auto #0
 __all__ = ['MetricsRepository']
@@ -36,7 +36,7 @@ ON CONFLICT (run_id, key) DO UPDATE SET
 class MetricsRepository:
     "Metric points and their per-key summaries, in one store (thread-safe: each call is its own transaction)."
 
-    def __init__(self, store: Store):
+    def __init__(self, store: RunStore):
         self.store = store
 
     def log(self, rows: Sequence[tuple[str, str, int, float | None, float]]) -> None:

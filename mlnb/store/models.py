@@ -32,8 +32,8 @@ def _lock_model(tx: Tx, name: str) -> None:
     would otherwise both read the same highest version and number theirs alike."""
     tx.execute("UPDATE mlnb_models SET created_at = created_at WHERE name = :name", (name,))
 
-class ModelsRepository:
-    "Registered models, versions, aliases and their history, in one store (thread-safe)."
+class _ModelReads:
+    "Reading the registry: models, their versions, aliases and history."
 
     def __init__(self, store: Store):
         self.store = store
@@ -62,6 +62,10 @@ class ModelsRepository:
             "ORDER BY id", (name,)), "reading the registry")
         return [{"time": t, "event": e, "version": v, "alias": a, "previous": p, "details": json.loads(d or "{}")}
                 for t, e, v, a, p, d in rows]
+
+# %% ../../nbs/store/13_models.ipynb #0b6cf31c
+class ModelsRepository(_ModelReads):
+    "Registered models, versions, aliases and their history, in one store (thread-safe)."
 
     def add_version(self, name: str, run_id: str, artifact: str, sha256: str) -> int:
         "Returns the number of a new version of model `name` (the model is created with its first version)."

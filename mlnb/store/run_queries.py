@@ -16,7 +16,7 @@ from .records import RunRecord, effective_status, json_decoder, nan_of
 from .run_rows import attach_details, child_rows, placeholders, select_runs
 
 if TYPE_CHECKING:
-    from mlnb.store.facade import Store
+    from mlnb.store.facade import RunStore
 
 # %% auto #0
 __all__ = ['RunQueries']
@@ -25,7 +25,7 @@ __all__ = ['RunQueries']
 class _RunLookup:
     "Finding one run, and the runs of a kind, status and parents."
 
-    def __init__(self, store: Store):
+    def __init__(self, store: RunStore):
         self.store = store
 
     def get(self, run_id: str) -> RunRecord:

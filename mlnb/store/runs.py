@@ -18,7 +18,7 @@ from .records import RUN_STATUSES, effective_status, to_json
 from .run_rows import check_columns, placeholders
 
 if TYPE_CHECKING:
-    from mlnb.store.facade import Store
+    from mlnb.store.facade import RunStore
 
 # %% auto #0
 __all__ = ['RunsRepository']
@@ -27,7 +27,7 @@ __all__ = ['RunsRepository']
 class _RunWrites:
     "Creating runs, and the experiment and environment rows they point at."
 
-    def __init__(self, store: Store):
+    def __init__(self, store: RunStore):
         self.store = store
         self._experiment_ids: dict[str, int] = {}
         self._environment_ids: dict[Any, Any] = {}

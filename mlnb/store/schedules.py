@@ -30,13 +30,12 @@ def _schedule(row: tuple) -> dict[str, Any]:
     data["paused"] = bool(data["paused"])
     return data
 
-class SchedulesRepository:
-    "Schedules and their occurrences, in one store (thread- and process-safe: each call is its own transaction)."
+class _ScheduleRows:
+    "The schedules themselves: added, listed, paused, removed."
 
     def __init__(self, store: Store):
         self.store = store
 
-    # -- schedules ----------------------------------------------------------------------------
     def all(self) -> list[dict[str, Any]]:
         "Returns every schedule (name, cron, params, only, pipeline, misfire, paused, created_at, force), by name."
         rows = self.store.read(lambda tx: tx.query(
@@ -60,7 +59,10 @@ class SchedulesRepository:
         self.store.write(lambda tx: tx.execute("DELETE FROM mlnb_schedules WHERE name = :name", (name,)),
                          "removing a schedule")
 
-    # -- occurrences -------------------------------------------------------------------------
+# %% ../../nbs/store/14_schedules.ipynb #89950aad
+class _Occurrences(_ScheduleRows):
+    "An occurrence's life: claimed by one scheduler, linked to its run, renewed while it runs, ended."
+
     def claim(self, name: str, when: float, owner: str) -> bool:
         "Records occurrence `when` as running by `owner`; False when another scheduler has it or runs the schedule."
         now = time.time()
@@ -109,6 +111,10 @@ class SchedulesRepository:
             "error = :error, ended_at = :now WHERE schedule = :name AND scheduled_time = :when AND status = 'running'",
             (status, run_id, error, time.time(), name, when)), "ending an occurrence")
 
+# %% ../../nbs/store/14_schedules.ipynb #f3d0a3f9
+class SchedulesRepository(_Occurrences):
+    "Schedules and their occurrences, in one store (thread- and process-safe: each call is its own transaction)."
+
     def mark_crashed(self, stale_before: float) -> int:
         "Records `crashed` for running occurrences whose heartbeat is older than `stale_before`; returns how many."
         return self.store.write(lambda tx: tx.execute(
@@ -129,7 +135,6 @@ class SchedulesRepository:
             f"ORDER BY scheduled_time DESC{f' LIMIT {int(limit)}' if limit else ''}", (name,)), "reading a history")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
-    # -- what the Prometheus collector reports ---------------------------------------------------
     def occurrence_counts(self) -> list[tuple[str, str, int]]:
         "Returns (schedule, status, count) of every schedule's occurrences."
         return self.store.read(lambda tx: tx.query(
