@@ -16,8 +16,10 @@ import click
 from .app import echo_json, fmt_duration, fmt_time, format_table, json_option, store_option
 from ..core.config import require_project
 from ..core.errors import MlnbError
-from ..ops.schedule import (Scheduler, add_schedule, export_crontab, export_systemd, list_schedules, next_time,
-                               remove_schedule, schedule_history, set_paused)
+from ..ops.cron import next_time
+from ..ops.schedule import (add_schedule, export_crontab, export_systemd, list_schedules, remove_schedule,
+                               schedule_history, set_paused)
+from ..ops.scheduler import Scheduler
 from ..store.facade import open_store
 from ..ui.prometheus import serve_metrics
 from ..ui.report import write_pipeline_report
