@@ -11,7 +11,8 @@ import click
 
 from .app import echo_json, fmt_time, fmt_value, format_table, json_option, store_option
 from ..ops.monitor import monitor, read_table
-from ..ops.registry import (history, models, promote, register, rollback, set_alias, version_metrics, versions)
+from ..ops.gate import promote, version_metrics
+from ..ops.registry import history, models, register, rollback, set_alias, versions
 from ..store.facade import open_store
 
 # %% auto #0

@@ -12,7 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from ..ops.registry import history, models, version_metrics, versions
+from ..ops.gate import version_metrics
+from ..ops.registry import history, models, versions
 from ..ops.schedule import list_schedules, schedule_history
 from ..store.artifacts import artifacts_for
 from ..store.records import RunRecord
