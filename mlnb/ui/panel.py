@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import math
 import time as _time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 
@@ -19,7 +20,7 @@ from ..store.database import masked
 from ..store.optuna import optuna_storage
 from ..store.query import available_fields, compile_where
 from ..store.facade import open_store, Store
-from ..sweep.study import trial_rows
+from ..sweep.study import trial_counts, trial_rows
 from .charts import (beeswarm_figure, curves_figure, importance_figure, lime_figure, parallel_figure,
                             pareto_figure, waterfall_figure)
 
@@ -27,7 +28,19 @@ if TYPE_CHECKING:  # the types annotations name; the modules themselves are impo
     from ipywidgets import Output
     from pandas import DataFrame, Series
 
+# %% auto #0
+__all__ = ['runs_table_html', 'visible_runs', 'sort_choices', 'RunsList', 'CompareView', 'ParallelView', 'StudyView',
+           'ExplainView', 'RunsPanel', 'panel']
 
+# %% ../../nbs/ui/03_panel.ipynb #44d43430
+# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
+w = lazy_import("ipywidgets")
+_IPython = lazy_import("IPython")
+_IPython_display = lazy_import("IPython.display")
+optuna = lazy_import("optuna")
+pd = lazy_import("pandas")
+
+# %% ../../nbs/ui/03_panel.ipynb #fabac9ef
 _STATUSES = ["any", "running", "finished", "failed", "killed", "crashed", "cached", "skipped", "pruned"]
 _KINDS = ["any", "run", "interactive", "pipeline", "step", "study", "trial"]
 _CSS = """<style>
@@ -53,103 +66,22 @@ def _plottable(frame, column: str) -> bool:
 def _note(text: str, kind: str = "note") -> str:
     return f'<div class="mlnb-{kind}">{text}</div>'
 
-# %% auto #0
-__all__ = ['RunsPanel', 'panel']
+class _Shared:
+    "What the panel's parts share: the store, the runs read so far, the figures shown, a guard for observers."
 
-# %% ../../nbs/ui/03_panel.ipynb #44d43430
-# Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
-w = lazy_import("ipywidgets")
-_IPython = lazy_import("IPython")
-_IPython_display = lazy_import("IPython.display")
-optuna = lazy_import("optuna")
-pd = lazy_import("pandas")
-
-# %% ../../nbs/ui/03_panel.ipynb #4d8e6486
-class RunsPanel:
-    "The experiment panel over one store; `panel()` builds and shows it."
-
-    def __init__(self, store: str | Store | None = None, limit: int = 200):
-        self.store = store if isinstance(store, Store) else open_store(store)
-        self.limit = limit
+    def __init__(self, store: Store, limit: int):
+        self.store, self.limit = store, limit
         self.records: dict[str, Any] = {}
-        self.frame = None
-        self._build()
-        self.refresh()
+        self.figures: dict[str, Any] = {}
+        self.busy = 0  # above 0 while the panel itself sets widgets: their observers stay quiet
 
-    # -- layout ------------------------------------------------------------------------------
-    def _build(self) -> None:
-        self._busy = 0
-        self.refresh_button = w.Button(description="Refresh", icon="refresh", tooltip="Reload runs from the store")
-        self.refresh_button.on_click(lambda _: self.refresh())
-        self.kind = w.Dropdown(options=_KINDS, value="any", description="kind", layout={"width": "170px"})
-        self.status = w.Dropdown(options=_STATUSES, value="any", description="status", layout={"width": "190px"})
-        self.where = w.Text(placeholder="metrics.val_auc > 0.9 and params.lr < 0.01", description="where",
-                            layout={"width": "420px"}, continuous_update=False)
-        self.sort = w.Dropdown(options=["newest"], value="newest", description="sort", layout={"width": "240px"})
-        self.group = w.Dropdown(options=["(none)"], value="(none)", description="group by", layout={"width": "240px"})
-        for control in (self.kind, self.status, self.where, self.sort, self.group):
-            control.observe(lambda _: self._busy or self._show_runs(), names="value")
-        self.message = w.HTML()
-        self.table = w.HTML(layout={"max_height": "320px", "overflow": "auto"})
-        self.select = w.SelectMultiple(options=[], rows=8, description="select", layout={"width": "100%"})
-        self.select.observe(lambda _: self._busy or self._on_select(), names="value")
-        # compare
-        self.metric = w.Dropdown(options=[], description="metric", layout={"width": "320px"})
-        self.metric.observe(lambda _: self._busy or self._show_compare(), names="value")
-        self.curves = w.Output()
-        self.stats = w.HTML()
-        self.diff = w.HTML()
-        compare = w.VBox([self.metric, self.curves, self.stats, self.diff])
-        # parallel coordinates
-        self.parallel_metric = w.Dropdown(options=[], description="colour by", layout={"width": "320px"})
-        self.parallel_metric.observe(lambda _: self._busy or self._show_parallel(), names="value")
-        self.parallel = w.Output()
-        parallel = w.VBox([self.parallel_metric, self.parallel])
-        # study
-        self.study = w.Dropdown(options=[], description="study", layout={"width": "320px"})
-        self.study.observe(lambda _: self._busy or self._show_study(), names="value")
-        self.study_trial = w.Dropdown(options=[], description="trial", layout={"width": "420px"})
-        self.study_pick = w.Button(description="Select its run", icon="check")
-        self.study_pick.on_click(lambda _: self._pick_trial())
-        self.study_note = w.HTML()
-        self.pareto = w.Output()
-        study = w.VBox([w.HBox([self.study, self.study_trial, self.study_pick]), self.study_note, self.pareto])
-        # explain
-        self.explain_run = w.Dropdown(options=[], description="run", layout={"width": "380px"})
-        self.explain_model = w.Dropdown(options=[], description="model", layout={"width": "220px"})
-        self.explain_run.observe(lambda _: self._busy or self._models_of_run(), names="value")
-        self.explain_model.observe(lambda _: self._busy or self._show_explanation(), names="value")
-        self.compute = w.Button(description="Compute explanation", icon="cogs", layout={"display": "none"})
-        self.compute.on_click(lambda _: self._compute_explanation())
-        self.explain_note = w.HTML()
-        self.importance = w.Output()
-        self.beeswarm = w.Output()
-        self.row = w.Dropdown(options=[], description="row", layout={"width": "260px"})
-        self.row.observe(lambda _: self._busy or self._show_row(), names="value")
-        self.waterfall = w.Output(layout={"width": "50%"})
-        self.lime = w.Output(layout={"width": "50%"})
-        explain = w.VBox([w.HBox([self.explain_run, self.explain_model, self.compute]), self.explain_note,
-                          w.HBox([w.VBox([self.importance], layout={"width": "50%"}),
-                                  w.VBox([self.beeswarm], layout={"width": "50%"})]),
-                          self.row, w.HBox([self.waterfall, self.lime])])
-        self.tabs = w.Tab(children=[compare, parallel, study, explain])
-        for i, title in enumerate(["Compare", "Parallel coordinates", "Study", "Explain"]):
-            self.tabs.set_title(i, title)
-        header = w.HTML(f"{_CSS}<b>mlnb</b> · <code>{html.escape(masked(self.store.url))}</code>")
-        self.widget = w.VBox([w.HBox([header, self.refresh_button]),
-                              w.HBox([self.kind, self.status, self.where]), w.HBox([self.sort, self.group]),
-                              self.message, self.table, self.select, self.tabs])
-        self.widget.add_class("mlnb-panel")
-        for widget, name in ((self.table, "runs-table"), (self.select, "run-select"), (self.message, "message"),
-                             (self.curves, "curves"), (self.diff, "param-diff"), (self.stats, "metric-stats"),
-                             (self.explain_note, "explain-note"), (self.row, "row-picker"), (self.waterfall, "waterfall"),
-                             (self.lime, "lime"), (self.importance, "importance"), (self.pareto, "pareto"),
-                             (self.explain_run, "explain-run"), (self.refresh_button, "refresh"), (self.where, "where")):
-            widget.add_class(f"mlnb-{name}")
+    def when_changed(self, widget, react: Callable[[], None]) -> None:
+        "Calls `react()` when the user changes `widget` (not when the panel sets it)."
+        widget.observe(lambda _: self.busy or react(), names="value")
 
-    def _set(self, widget, options: list, value: Any = None) -> None:
+    def set(self, widget, options: list, value: Any = None) -> None:
         "Sets a selection widget's options and value without firing the panel's own observers."
-        self._busy += 1
+        self.busy += 1
         try:
             widget.options = options
             values = [o[1] if isinstance(o, tuple) else o for o in options]
@@ -158,290 +90,421 @@ class RunsPanel:
             else:
                 widget.value = value if value in values else (values[0] if values else None)
         finally:
-            self._busy -= 1
+            self.busy -= 1
 
-    def _ipython_display_(self) -> None:
-        display = _IPython_display.display
-        display(self.widget)
+    def record(self, run_id: str) -> Any:
+        "Returns the full record of a run (read once)."
+        if run_id not in self.records:
+            self.records[run_id] = self.store.get_run(run_id)
+        return self.records[run_id]
 
-    # -- runs --------------------------------------------------------------------------------
-    def refresh(self) -> None:
-        "Reloads the runs (and everything shown about the selection) from the store."
-        try:
-            self.frame = pd.DataFrame(self.store.frame_columns())
-        except MlnbError as e:
-            self.message.value = _note(html.escape(str(e)), "error")
-            return
-        self.records = {}
-        self.figures: dict[str, Any] = {}
-        metrics = sorted(c for c in self.frame.columns if c.startswith("metrics."))
-        params = sorted(c for c in self.frame.columns if c.startswith("params."))
-        sort_options = [("newest first", "newest")] + [(f"{m[8:]} (high first)", f"-{m}") for m in metrics] + \
-                       [(f"{m[8:]} (low first)", m) for m in metrics] + [(p[7:], p) for p in params]
-        self._set(self.sort, sort_options, self.sort.value)
-        self._set(self.group, [("(none)", "(none)")] + [(p[7:], p) for p in params], self.group.value)
-        self._set(self.parallel_metric, [(m[8:], m) for m in metrics], self.parallel_metric.value)
-        studies = sorted(set(self.frame.loc[self.frame["kind"] == "study", "name"])) if len(self.frame) else []
-        self._set(self.study, studies, self.study.value)
-        self._show_runs()
-        self._show_parallel()
-        self._show_study()
+    def show(self, output: Output, name: str, figure) -> None:
+        "Keeps `figure` under `name`, and shows it in `output` when there is a kernel to show it in."
+        self.figures[name] = figure
+        if _IPython.get_ipython() is None:
+            return  # a script or a benchmark: keep the figure only
+        output.clear_output(wait=True)
+        with output:
+            _IPython_display.display(figure)
+
+# %% ../../nbs/ui/03_panel.ipynb #c92837d6
+def runs_table_html(frame, group_by: str = "(none)") -> str:
+    """Returns the runs table: identity, timing, the params that vary and the metrics most runs logged; grouped under a
+    header row per value of `group_by` (a param, its values in the frame's `_g` column)."""
+    params = [c for c in frame.columns if c.startswith("params.") and frame[c].astype(str).nunique() > 1][:4]
+    counts = {c: int(frame[c].notna().sum()) for c in frame.columns if c.startswith("metrics.")}
+    metrics = sorted((c for c, n in counts.items() if n), key=lambda c: (-counts[c], c))[:4]  # the most logged
+    heads = ["run", "name", "kind", "status", "started", "duration"] + [p[7:] for p in params] + [m[8:] for m in metrics]
+    rows, group = [], None
+    for values in frame.to_dict("records"):
+        if group_by != "(none)" and values.get("_g") != group:
+            group = values.get("_g")
+            count = int((frame["_g"] == group).sum())
+            rows.append(f'<tr class="mlnb-group"><td colspan="{len(heads)}">{html.escape(group_by[7:])} = '
+                        f"{html.escape(str(group))} ({count} runs)</td></tr>")
+        started = _time.strftime("%m-%d %H:%M:%S", _time.localtime(values["start_time"]))
+        duration = values["duration"]
+        cells = [values["id"][:8], values["name"], values["kind"], values["status"], started,
+                 None if duration is None or duration != duration else f"{duration:.1f}s"]
+        cells += [values.get(p) for p in params] + [values.get(m) for m in metrics]
+        rows.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in heads)
+    return f'<table class="mlnb-table"><tr>{head}</tr>{"".join(rows)}</table>'
+
+def visible_runs(frame, store: Store, *, kind: str = "any", status: str = "any", where: str = "", sort: str = "newest",
+                 group_by: str = "(none)") -> DataFrame:
+    "Returns the runs of `frame` that pass the filters, sorted, grouped by a param (its values in `_g`)."
+    frame = frame if frame is not None else pd.DataFrame()
+    if not len(frame):
+        return frame
+    if kind != "any":
+        frame = frame[frame["kind"] == kind]
+    if status != "any":
+        frame = frame[frame["status"] == status]
+    if where.strip():
+        records = store.list_runs()
+        predicate = compile_where(where, available_fields(records))
+        frame = frame[frame["id"].isin({r.id for r in records if predicate(r)})]
+    if sort != "newest":
+        frame = frame.sort_values(sort.lstrip("-"), ascending=not sort.startswith("-"), na_position="last", kind="stable")
+    if group_by != "(none)":
+        frame = frame.assign(_g=frame[group_by].astype(str)).sort_values("_g", kind="stable")
+    return frame
+
+def sort_choices(frame) -> list[tuple[str, str]]:
+    "Returns what the runs can be sorted by: newest first, each metric either way, each param."
+    metrics = sorted(c for c in frame.columns if c.startswith("metrics."))
+    params = sorted(c for c in frame.columns if c.startswith("params."))
+    return ([("newest first", "newest")] + [(f"{m[8:]} (high first)", f"-{m}") for m in metrics]
+            + [(f"{m[8:]} (low first)", m) for m in metrics] + [(p[7:], p) for p in params])
+
+# %% ../../nbs/ui/03_panel.ipynb #cc2f4052
+class RunsList:
+    "The filters, the runs table and the selection beneath it."
+
+    def __init__(self, shared: _Shared, on_change: Callable[[], None]):
+        self.shared, self.frame = shared, None
+        self.kind = w.Dropdown(options=_KINDS, value="any", description="kind", layout={"width": "170px"})
+        self.status = w.Dropdown(options=_STATUSES, value="any", description="status", layout={"width": "190px"})
+        self.where = w.Text(placeholder="metrics.val_auc > 0.9", description="where", layout={"width": "420px"},
+                            continuous_update=False)
+        self.sort = w.Dropdown(options=["newest"], value="newest", description="sort", layout={"width": "240px"})
+        self.group = w.Dropdown(options=["(none)"], value="(none)", description="group by", layout={"width": "240px"})
+        for control in (self.kind, self.status, self.where, self.sort, self.group):
+            shared.when_changed(control, on_change)
+        self.message = w.HTML()
+        self.table = w.HTML(layout={"max_height": "320px", "overflow": "auto"})
+        self.select = w.SelectMultiple(options=[], rows=8, description="select", layout={"width": "100%"})
+        self.box = w.VBox([w.HBox([self.kind, self.status, self.where]), w.HBox([self.sort, self.group]),
+                           self.message, self.table, self.select])
+
+    def load(self) -> None:
+        "Reads the runs from the store; the sort and group choices follow their params and metrics."
+        self.frame = frame = pd.DataFrame(self.shared.store.frame_columns())
+        params = sorted(c for c in frame.columns if c.startswith("params."))
+        self.shared.set(self.sort, sort_choices(frame), self.sort.value)
+        self.shared.set(self.group, [("(none)", "(none)")] + [(p[7:], p) for p in params], self.group.value)
 
     def visible(self) -> DataFrame:
         "Returns the runs that pass the filters, in the chosen order."
-        frame = self.frame if self.frame is not None else pd.DataFrame()
-        if not len(frame):
-            return frame
-        if self.kind.value != "any":
-            frame = frame[frame["kind"] == self.kind.value]
-        if self.status.value != "any":
-            frame = frame[frame["status"] == self.status.value]
-        if self.where.value.strip():
-            records = self.store.list_runs()
-            predicate = compile_where(self.where.value, available_fields(records))
-            keep = {r.id for r in records if predicate(r)}
-            frame = frame[frame["id"].isin(keep)]
-        if self.sort.value != "newest":
-            column = self.sort.value.lstrip("-")
-            frame = frame.sort_values(column, ascending=not self.sort.value.startswith("-"), na_position="last",
-                                      kind="stable")
-        if self.group.value != "(none)":
-            frame = frame.assign(_g=frame[self.group.value].astype(str)).sort_values("_g", kind="stable")
-        return frame
+        return visible_runs(self.frame, self.shared.store, kind=self.kind.value, status=self.status.value,
+                            where=self.where.value, sort=self.sort.value, group_by=self.group.value)
 
-    def _show_runs(self) -> None:
-        if self.frame is None:
-            return
-        if not len(self.frame):
+    def add(self, run_id: str) -> None:
+        "Adds a run (a study's trial) to the selection, offering it first if the filters hide it."
+        options = list(self.select.options)
+        if run_id not in [v for _, v in options]:
+            options.append((f"{run_id[:8]} {self.shared.record(run_id).name or ''} · trial", run_id))
+        self.shared.set(self.select, options, tuple(dict.fromkeys([*self.select.value, run_id])))
+
+    def show(self) -> None:
+        "Shows the matching runs (or why none shows) and offers them for selection."
+        if self.frame is None or not len(self.frame):
             self.message.value = _note("No runs in this store yet. Track one with <code>mlnb.start_run()</code> in a "
                                        "notebook or script, or run a pipeline with <code>mlnb run</code>, then Refresh.")
             self.table.value = ""
-            self._set(self.select, [])
+            self.shared.set(self.select, [])
             return
         try:
             frame = self.visible()
         except MlnbError as e:
             self.message.value = _note(html.escape(str(e)).replace("\n", "<br>"), "error")
             return
-        shown = frame.head(self.limit)
-        total = len(frame)
-        more = f" (the first {self.limit}; narrow with kind, status or where)" if total > self.limit else ""
-        self.message.value = _note(f"{total:,} of {len(self.frame):,} runs match{more}.")
-        self.table.value = self._table_html(shown)
-        options = [(f"{r['id'][:8]} {r['name'] or ''} · {r['kind']} · {r['status']}", r["id"])
-                   for r in shown.to_dict("records")]
-        self._set(self.select, options, tuple(self.select.value))
-        self._on_select()
+        limit = self.shared.limit
+        shown, more = frame.head(limit), f" (the first {limit}; narrow with kind, status or where)" if len(frame) > limit else ""
+        self.message.value = _note(f"{len(frame):,} of {len(self.frame):,} runs match{more}.")
+        self.table.value = runs_table_html(shown, self.group.value)
+        self.shared.set(self.select, [(f"{r['id'][:8]} {r['name'] or ''} · {r['kind']} · {r['status']}", r["id"])
+                                      for r in shown.to_dict("records")], tuple(self.select.value))
 
-    def _table_html(self, frame) -> str:
-        params = [c for c in frame.columns if c.startswith("params.") and frame[c].astype(str).nunique() > 1][:4]
-        counts = {c: int(frame[c].notna().sum()) for c in frame.columns if c.startswith("metrics.")}
-        metrics = sorted((c for c, n in counts.items() if n), key=lambda c: (-counts[c], c))[:4]  # the most logged
-        heads = ["run", "name", "kind", "status", "started", "duration"] + [p[7:] for p in params] + [m[8:] for m in metrics]
-        rows, group = [], None
-        for values in frame.to_dict("records"):
-            if self.group.value != "(none)" and values.get("_g") != group:
-                group = values.get("_g")
-                count = int((frame["_g"] == group).sum())
-                rows.append(f'<tr class="mlnb-group"><td colspan="{len(heads)}">{html.escape(self.group.value[7:])} = '
-                            f"{html.escape(str(group))} ({count} runs)</td></tr>")
-            started = _time.strftime("%m-%d %H:%M:%S", _time.localtime(values["start_time"]))
-            duration = values["duration"]
-            cells = [values["id"][:8], values["name"], values["kind"], values["status"], started,
-                     None if duration is None or duration != duration else f"{duration:.1f}s"]
-            cells += [values.get(p) for p in params] + [values.get(m) for m in metrics]
-            rows.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in heads)
-        return f'<table class="mlnb-table"><tr>{head}</tr>{"".join(rows)}</table>'
+# %% ../../nbs/ui/03_panel.ipynb #2e656a6b
+class CompareView:
+    "The selected runs' curves, metric summaries and differing params."
 
-    # -- selection: compare ------------------------------------------------------------------
-    def selected(self) -> list:
-        "Returns the records of the selected runs (full: params, metrics, artifacts)."
-        out = []
-        for run_id in self.select.value:
-            if run_id not in self.records:
-                self.records[run_id] = self.store.get_run(run_id)
-            out.append(self.records[run_id])
-        return out
+    def __init__(self, shared: _Shared):
+        self.shared = shared
+        self.metric = w.Dropdown(options=[], description="metric", layout={"width": "320px"})
+        self.curves, self.stats, self.diff = w.Output(), w.HTML(), w.HTML()
+        self.records: list = []
+        shared.when_changed(self.metric, lambda: self.show(self.records))
+        self.box = w.VBox([self.metric, self.curves, self.stats, self.diff])
 
-    def _show(self, output: Output, name: str, figure) -> None:
-        get_ipython = _IPython.get_ipython
-        display = _IPython_display.display
-        self.figures[name] = figure
-        if get_ipython() is None:
-            return  # no kernel to show it in (a script or a benchmark): keep the figure only
-        output.clear_output(wait=True)
-        with output:
-            display(figure)
-
-    def _on_select(self) -> None:
-        records = self.selected()
+    def show(self, records: list) -> None:
+        self.records = records
         keys = sorted({k for r in records for k in r.metrics})
-        self._set(self.metric, keys, self.metric.value)
-        self._show_compare()
-        with_models = [(f"{r.id[:8]} {r.name or ''} ({r.kind})", r.id) for r in records if run_models(r)]
-        self._set(self.explain_run, with_models, self.explain_run.value)
-        if with_models:
-            self._models_of_run()
-        else:
-            self.explain_note.value = _note("Select a run that logged a model (<code>mlnb.log_model(model, "
-                                            "eval_data=X)</code>, like the template's train steps) to see why it decides "
-                                            "as it does." if records else "Select runs above.")
-            self.compute.layout.display = "none"
-            for out in (self.importance, self.beeswarm, self.waterfall, self.lime):
-                out.clear_output()
-            self._set(self.row, [])
-
-    def _show_compare(self) -> None:
-        records = self.selected()
+        self.shared.set(self.metric, keys, self.metric.value)
         if not records:
             self.curves.clear_output()
-            self.stats.value = _note("Select runs above to compare their curves, metrics and params.")
-            self.diff.value = ""
+            self.stats.value, self.diff.value = _note("Select runs above to compare their curves, metrics and params."), ""
             return
-        metric = self.metric.value
-        if metric:
-            histories = {r.id: (r.name, self.store.metric_history(r.id, metric)) for r in records}
-            self._show(self.curves, "curves", curves_figure(histories, metric))
+        if self.metric.value:
+            histories = {r.id: (r.name, self.shared.store.metric_history(r.id, self.metric.value)) for r in records}
+            self.shared.show(self.curves, "curves", curves_figure(histories, self.metric.value))
         else:
             self.curves.clear_output()
-        keys = sorted({k for r in records for k in r.metrics})
         head = "".join(f"<th>{html.escape(r.id[:8])} {html.escape(r.name or '')}</th>" for r in records)
-        body = "".join(
-            f"<tr><td>{html.escape(k)} {stat}</td>" + "".join(
-                f"<td>{_fmt(r.metrics[k][stat]) if k in r.metrics else '-'}</td>" for r in records) + "</tr>"
+        body = "".join(f"<tr><td>{html.escape(k)} {stat}</td>" + "".join(
+            f"<td>{_fmt(r.metrics[k][stat]) if k in r.metrics else '-'}</td>" for r in records) + "</tr>"
             for k in keys for stat in ("last", "min", "max"))
         self.stats.value = f'<b>metrics</b><table class="mlnb-table"><tr><th></th>{head}</tr>{body}</table>' if keys else ""
-        params = sorted({k for r in records for k in r.params})
-        differ = [k for k in params if len({repr(r.params.get(k)) for r in records}) > 1]
+        differ = [k for k in sorted({k for r in records for k in r.params})
+                  if len({repr(r.params.get(k)) for r in records}) > 1]
         if len(records) < 2:
             self.diff.value = _note("Select two runs or more to see the params that differ.")
         elif not differ:
             self.diff.value = _note("The selected runs have the same params.")
         else:
-            body = "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{_fmt(r.params.get(k), 30)}</td>" for r in records)
-                           + "</tr>" for k in differ)
-            self.diff.value = (f'<b>params that differ</b><table class="mlnb-table"><tr><th></th>{head}</tr>{body}'
-                               "</table>")
+            body = "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{_fmt(r.params.get(k), 30)}</td>"
+                                                                      for r in records) + "</tr>" for k in differ)
+            self.diff.value = f'<b>params that differ</b><table class="mlnb-table"><tr><th></th>{head}</tr>{body}</table>'
 
-    def _show_parallel(self) -> None:
-        frame = self.visible() if self.frame is not None and len(self.frame) else None
+class ParallelView:
+    "The filtered runs' params against a metric, as parallel coordinates."
+
+    def __init__(self, shared: _Shared):
+        self.shared, self.frame = shared, None
+        self.metric = w.Dropdown(options=[], description="colour by", layout={"width": "320px"})
+        self.output = w.Output()
+        shared.when_changed(self.metric, lambda: self.show(self.frame))
+        self.box = w.VBox([self.metric, self.output])
+
+    def show(self, frame) -> None:
+        self.frame = frame
         if frame is None or not len(frame):
-            self.parallel.clear_output()
+            self.output.clear_output()
             return
-        metric = self.parallel_metric.value
-        if metric:
-            frame = frame.loc[frame[metric].notna()]
-        params = [c for c in frame.columns if c.startswith("params.") and _plottable(frame, c)][:8]
-        self._show(self.parallel, "parallel", parallel_figure(frame.head(2000), params, metric))
+        metrics = sorted(c for c in frame.columns if c.startswith("metrics."))
+        self.shared.set(self.metric, [(m[8:], m) for m in metrics], self.metric.value)
+        metric = self.metric.value
+        shown = frame.loc[frame[metric].notna()] if metric else frame
+        params = [c for c in shown.columns if c.startswith("params.") and _plottable(shown, c)][:8]
+        self.shared.show(self.output, "parallel", parallel_figure(shown.head(2000), params, metric))
 
-    # -- studies -----------------------------------------------------------------------------
-    def _show_study(self) -> None:
+# %% ../../nbs/ui/03_panel.ipynb #61919107
+class StudyView:
+    "A sweep's trials: the Pareto front (or best value by trial), and a trial to select."
+
+    def __init__(self, shared: _Shared, pick: Callable[[str], None]):
+        self.shared = shared
+        self.study = w.Dropdown(options=[], description="study", layout={"width": "320px"})
+        self.trial = w.Dropdown(options=[], description="trial", layout={"width": "420px"})
+        self.pick = w.Button(description="Select its run", icon="check")
+        self.pick.on_click(lambda _: self.trial.value and pick(self.trial.value))
+        self.note, self.pareto = w.HTML(), w.Output()
+        shared.when_changed(self.study, self.show)
+        self.box = w.VBox([w.HBox([self.study, self.trial, self.pick]), self.note, self.pareto])
+
+    def load(self, frame) -> None:
+        "Offers the studies among the runs (`frame`), and shows the chosen one."
+        studies = sorted(set(frame.loc[frame["kind"] == "study", "name"])) if len(frame) else []
+        self.shared.set(self.study, studies, self.study.value)
+        self.show()
+
+    def show(self) -> None:
         if not self.study.value:
-            self.study_note.value = _note("No sweeps in this store yet (<code>mlnb sweep</code> makes one).")
+            self.note.value = _note("No sweeps in this store yet (<code>mlnb sweep</code> makes one).")
             self.pareto.clear_output()
-            self._set(self.study_trial, [])
+            self.shared.set(self.trial, [])
             return
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            study = optuna.load_study(study_name=self.study.value, storage=optuna_storage(self.store))
+            study = optuna.load_study(study_name=self.study.value, storage=optuna_storage(self.shared.store))
         except KeyError:
-            self.study_note.value = _note(f"Study {html.escape(self.study.value)} is not in the store.", "error")
+            self.note.value = _note(f"Study {html.escape(self.study.value)} is not in the store.", "error")
             return
         trials = trial_rows(study)
         objectives = (study.user_attrs.get("mlnb_signature") or {}).get("objectives") or [
             f"objective {i}:?" for i in range(len(study.directions))]
         best = {t.number for t in study.best_trials} if any(t["state"] == "complete" for t in trials) else set()
-        counts = {}
-        for t in trials:
-            counts[t["state"]] = counts.get(t["state"], 0) + 1
-        self.study_note.value = _note(f"{len(trials)} trials: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-                                      + f"; objectives {html.escape(', '.join(objectives))}.")
-        self._show(self.pareto, "pareto", pareto_figure(trials, objectives, best))
-        self._set(self.study_trial, [(f"trial {t['number']} · {', '.join(f'{v:.4g}' for v in t['values'])}"
-                                     f"{' (best)' if t['number'] in best else ''}", t["run_id"])
-                                    for t in trials if t.get("values") and t.get("run_id")])
+        counts = trial_counts(trials)
+        self.note.value = _note(f"{len(trials)} trials: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                                + f"; objectives {html.escape(', '.join(objectives))}.")
+        self.shared.show(self.pareto, "pareto", pareto_figure(trials, objectives, best))
+        self.shared.set(self.trial, [(f"trial {t['number']} · {', '.join(f'{v:.4g}' for v in t['values'])}"
+                                      f"{' (best)' if t['number'] in best else ''}", t["run_id"])
+                                     for t in trials if t.get("values") and t.get("run_id")])
 
-    def _pick_trial(self) -> None:
-        run_id = self.study_trial.value
-        if not run_id:
+# %% ../../nbs/ui/03_panel.ipynb #9d8150d3
+class _ExplainChoice:
+    "Which run and model to explain, and getting their explanation (stored, or computed now)."
+
+    def __init__(self, shared: _Shared):
+        self.shared, self.explanation = shared, None
+        self.run = w.Dropdown(options=[], description="run", layout={"width": "380px"})
+        self.model = w.Dropdown(options=[], description="model", layout={"width": "220px"})
+        shared.when_changed(self.run, self.models_of_run)
+        shared.when_changed(self.model, self.show)
+        self.compute = w.Button(description="Compute explanation", icon="cogs", layout={"display": "none"})
+        self.compute.on_click(lambda _: self.compute_explanation())
+        self.note = w.HTML()
+
+    def offer(self, records: list) -> None:
+        "Offers the selected runs that logged a model."
+        with_models = [(f"{r.id[:8]} {r.name or ''} ({r.kind})", r.id) for r in records if run_models(r)]
+        self.shared.set(self.run, with_models, self.run.value)
+        if with_models:
+            self.models_of_run()
             return
-        options = list(self.select.options)
-        if run_id not in [v for _, v in options]:
-            record = self.store.get_run(run_id)
-            options.append((f"{run_id[:8]} {record.name or ''} · trial", run_id))
-        self._set(self.select, options, tuple(dict.fromkeys([*self.select.value, run_id])))
-        self._on_select()
+        self.note.value = _note("Select a run that logged a model (<code>mlnb.log_model(model, eval_data=X)</code>, "
+                                "like the template's train steps) to see why it decides as it does." if records
+                                else "Select runs above.")
+        self.clear()
 
-    # -- explanations ------------------------------------------------------------------------
-    def _models_of_run(self) -> None:
-        run_id = self.explain_run.value
-        if not run_id:
-            return
-        models = run_models(self.records.get(run_id) or self.store.get_run(run_id))
-        self._set(self.explain_model, models, self.explain_model.value)
-        self._show_explanation()
+    def models_of_run(self) -> None:
+        if self.run.value:
+            self.shared.set(self.model, run_models(self.shared.record(self.run.value)), self.model.value)
+            self.show()
 
-    def _stored_explanation(self):
+    def stored(self):
         "Returns the newest stored explanation of the chosen run and model, or None."
-        run_id, model = self.explain_run.value, self.explain_model.value
-        record = self.store.get_run(run_id)
-        self.records[run_id] = record
-        stored = [a for a in record.artifacts if a["name"].startswith(f"explanations/{model}-")]
+        record = self.shared.store.get_run(self.run.value)
+        self.shared.records[record.id] = record
+        stored = [a for a in record.artifacts if a["name"].startswith(f"explanations/{self.model.value}-")]
         if not stored:
             return None
         newest = max(stored, key=lambda a: a["created_at"])
-        return Explanation.from_bytes(artifacts_for(self.store).read_bytes(newest["sha256"]))
+        return Explanation.from_bytes(artifacts_for(self.shared.store).read_bytes(newest["sha256"]))
 
-    def _show_explanation(self) -> None:
-        run_id, model = self.explain_run.value, self.explain_model.value
+    def compute_explanation(self) -> None:
+        self.note.value = _note("Computing the explanation...")
+        try:
+            explain_run(self.run.value, model=self.model.value, store=self.shared.store, lime_rows=[0])
+        except MlnbError as e:
+            self.note.value = _note(html.escape(str(e)), "error")
+            return
+        self.show()
+
+    def show(self) -> None:
+        "Shows the chosen run's explanation (`ExplainView`)."
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        "Clears what was shown (`ExplainView`)."
+
+# %% ../../nbs/ui/03_panel.ipynb #91805d32
+class ExplainView(_ExplainChoice):
+    "The chosen run's explanation: importance and beeswarm, and one row's SHAP waterfall beside LIME."
+
+    def __init__(self, shared: _Shared):
+        super().__init__(shared)
+        self.importance, self.beeswarm = w.Output(), w.Output()
+        self.row = w.Dropdown(options=[], description="row", layout={"width": "260px"})
+        shared.when_changed(self.row, self.show_row)
+        self.waterfall, self.lime = w.Output(layout={"width": "50%"}), w.Output(layout={"width": "50%"})
+        self.box = w.VBox([w.HBox([self.run, self.model, self.compute]), self.note,
+                           w.HBox([w.VBox([self.importance], layout={"width": "50%"}),
+                                   w.VBox([self.beeswarm], layout={"width": "50%"})]),
+                           self.row, w.HBox([self.waterfall, self.lime])])
+
+    def clear(self) -> None:
+        self.compute.layout.display = "none"
+        for out in (self.importance, self.beeswarm, self.waterfall, self.lime):
+            out.clear_output()
+        self.shared.set(self.row, [])
+
+    def show(self) -> None:
+        run_id, model = self.run.value, self.model.value
         if not run_id or not model:
             return
-        self.explanation = self._stored_explanation()
-        if self.explanation is None:
-            self.explain_note.value = _note(
-                f"No explanation is stored for run {run_id[:8]} (model <code>{html.escape(model)}</code>). Compute it "
-                f"here, or run <code>mlnb explain {run_id[:8]} --model {html.escape(model)}</code>.")
+        self.explanation = e = self.stored()
+        if e is None:
+            self.note.value = _note(f"No explanation is stored for run {run_id[:8]} (model <code>{html.escape(model)}"
+                                    f"</code>). Compute it here, or run <code>mlnb explain {run_id[:8]} --model "
+                                    f"{html.escape(model)}</code>.")
+            self.clear()
             self.compute.layout.display = None
-            for out in (self.importance, self.beeswarm, self.waterfall, self.lime):
-                out.clear_output()
-            self._set(self.row, [])
             return
-        e = self.explanation
         self.compute.layout.display = "none"
-        self.explain_note.value = _note(f"{html.escape(e.model_type)}: {len(e.rows)} rows explained with the "
-                                        f"<b>{e.explainer}</b> explainer; values are the {html.escape(e.output)}.")
-        self._show(self.importance, "importance", importance_figure(e))
-        self._show(self.beeswarm, "beeswarm", beeswarm_figure(e))
+        self.note.value = _note(f"{html.escape(e.model_type)}: {len(e.rows)} rows explained with the "
+                                f"<b>{e.explainer}</b> explainer; values are the {html.escape(e.output)}.")
+        self.shared.show(self.importance, "importance", importance_figure(e))
+        self.shared.show(self.beeswarm, "beeswarm", beeswarm_figure(e))
         first = sorted(e.lime) or e.rows[:1]
-        self._set(self.row, [(f"row {r}{' (LIME ready)' if r in e.lime else ''}", r) for r in e.rows[: self.limit]],
-                  first[0] if first else None)
-        self._show_row()
+        self.shared.set(self.row, [(f"row {r}{' (LIME ready)' if r in e.lime else ''}", r)
+                                   for r in e.rows[: self.shared.limit]], first[0] if first else None)
+        self.show_row()
 
-    def _compute_explanation(self) -> None:
-        self.explain_note.value = _note("Computing the explanation...")
-        try:
-            explain_run(self.explain_run.value, model=self.explain_model.value, store=self.store, lime_rows=[0])
-        except MlnbError as e:
-            self.explain_note.value = _note(html.escape(str(e)), "error")
-            return
-        self._show_explanation()
-
-    def _show_row(self) -> None:
-        e, row = getattr(self, "explanation", None), self.row.value
+    def show_row(self) -> None:
+        e, row = self.explanation, self.row.value
         if e is None or row is None:
             return
         if row not in e.lime:  # LIME for this row: computed now, stored with the run
             try:
-                self.explanation = e = explain_run(self.explain_run.value, rows=[row], model=self.explain_model.value,
-                                                   store=self.store, lime_rows=[row])[0]
+                self.explanation = e = explain_run(self.run.value, rows=[row], model=self.model.value,
+                                                   store=self.shared.store, lime_rows=[row])[0]
             except MlnbError as err:
-                self.explain_note.value = _note(html.escape(str(err)), "error")
+                self.note.value = _note(html.escape(str(err)), "error")
                 return
-        self._show(self.waterfall, "waterfall", waterfall_figure(e, row))
-        self._show(self.lime, "lime", lime_figure(e.lime[row], row))
+        self.shared.show(self.waterfall, "waterfall", waterfall_figure(e, row))
+        self.shared.show(self.lime, "lime", lime_figure(e.lime[row], row))
 
-# %% ../../nbs/ui/03_panel.ipynb #fa57a167
+# %% ../../nbs/ui/03_panel.ipynb #5e3a518c
+class RunsPanel:
+    "The experiment panel over one store; `panel()` builds and shows it."
+
+    def __init__(self, store: str | Store | None = None, limit: int = 200):
+        self.store = store if isinstance(store, Store) else open_store(store)
+        self.limit = limit
+        self.shared = _Shared(self.store, limit)
+        self.figures = self.shared.figures  # shown so far, by name: curves, parallel, pareto, importance, ...
+        self.runs = RunsList(self.shared, on_change=self._show_runs)
+        self.shared.when_changed(self.runs.select, self._on_select)
+        self.compare, self.parallel = CompareView(self.shared), ParallelView(self.shared)
+        self.study, self.explain = StudyView(self.shared, pick=self._pick_trial), ExplainView(self.shared)
+        self.refresh_button = w.Button(description="Refresh", icon="refresh", tooltip="Reload runs from the store")
+        self.refresh_button.on_click(lambda _: self.refresh())
+        self.tabs = w.Tab(children=[self.compare.box, self.parallel.box, self.study.box, self.explain.box])
+        for i, title in enumerate(["Compare", "Parallel coordinates", "Study", "Explain"]):
+            self.tabs.set_title(i, title)
+        header = w.HTML(f"{_CSS}<b>mlnb</b> · <code>{html.escape(masked(self.store.url))}</code>")
+        self.widget = w.VBox([w.HBox([header, self.refresh_button]), self.runs.box, self.tabs])
+        self._name_widgets()
+        self.refresh()
+
+    def _name_widgets(self) -> None:
+        "Gives the widgets the CSS classes a browser (and the browser test) finds them by."
+        self.widget.add_class("mlnb-panel")
+        r, c, e = self.runs, self.compare, self.explain
+        for widget, name in ((r.table, "runs-table"), (r.select, "run-select"), (r.message, "message"), (r.where, "where"),
+                             (c.curves, "curves"), (c.diff, "param-diff"), (c.stats, "metric-stats"),
+                             (e.note, "explain-note"), (e.row, "row-picker"), (e.waterfall, "waterfall"), (e.lime, "lime"),
+                             (e.importance, "importance"), (self.study.pareto, "pareto"), (e.run, "explain-run"),
+                             (self.refresh_button, "refresh")):
+            widget.add_class(f"mlnb-{name}")
+
+    def _ipython_display_(self) -> None:
+        _IPython_display.display(self.widget)
+
+    def refresh(self) -> None:
+        "Reloads the runs (and everything shown about the selection) from the store."
+        try:
+            self.runs.load()
+        except MlnbError as e:
+            self.runs.message.value = _note(html.escape(str(e)), "error")
+            return
+        self.shared.records.clear()
+        self.shared.figures.clear()
+        self.study.load(self.runs.frame)
+        self._show_runs()
+
+    def _show_runs(self) -> None:
+        self.runs.show()
+        try:
+            self.parallel.show(self.runs.visible())
+        except MlnbError:  # said under the filters already
+            self.parallel.show(None)
+        self._on_select()
+
+    def _on_select(self) -> None:
+        records = [self.shared.record(run_id) for run_id in self.runs.select.value]
+        self.compare.show(records)
+        self.explain.offer(records)
+
+    def _pick_trial(self, run_id: str) -> None:
+        self.runs.add(run_id)
+        self._on_select()
+
+# %% ../../nbs/ui/03_panel.ipynb #56ff0a53
 def panel(store: str | Store | None = None, limit: int = 200) -> RunsPanel:
     "Returns the experiment panel over the project's store (displayed when it is a cell's last expression)."
     return RunsPanel(store, limit=limit)
