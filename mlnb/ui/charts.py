@@ -14,16 +14,6 @@ from ..core.lazy import lazy_import
 if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
     from plotly.graph_objects import Figure
 
-_LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "height": 380}
-
-def _figure(kind: str, title: str, **layout: Any) -> Figure:
-    fig = go.Figure(layout={**_LAYOUT, **layout, "title": {"text": title, "x": 0.01}})
-    fig.update_layout(meta=f"mlnb-{kind}")
-    return fig
-
-def _short(run_id: str, name: str | None) -> str:
-    return f"{run_id[:8]} {name or ''}".strip()
-
 # %% auto #0
 __all__ = ['curves_figure', 'parallel_figure', 'pareto_figure', 'importance_figure', 'beeswarm_figure', 'waterfall_figure',
            'lime_figure']
@@ -33,6 +23,17 @@ __all__ = ['curves_figure', 'parallel_figure', 'pareto_figure', 'importance_figu
 go = lazy_import("plotly.graph_objects")
 np = lazy_import("numpy")
 pd = lazy_import("pandas")
+
+# %% ../../nbs/ui/02_charts.ipynb #be36aeb3
+_LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "height": 380}
+
+def _figure(kind: str, title: str, **layout: Any) -> Figure:
+    fig = go.Figure(layout={**_LAYOUT, **layout, "title": {"text": title, "x": 0.01}})
+    fig.update_layout(meta=f"mlnb-{kind}")
+    return fig
+
+def _short(run_id: str, name: str | None) -> str:
+    return f"{run_id[:8]} {name or ''}".strip()
 
 # %% ../../nbs/ui/02_charts.ipynb #348df469
 def curves_figure(histories: Mapping[str, tuple[str | None, list[tuple[int, float, float]]]], metric: str) -> Figure:

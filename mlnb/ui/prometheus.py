@@ -12,7 +12,7 @@ from ..core.lazy import lazy_import
 from ..store.facade import Store
 
 # %% auto #0
-__all__ = ['step_stats', 'StoreCollector', 'metrics_text', 'serve_metrics']
+__all__ = ['step_stats', 'run_families', 'schedule_families', 'drift_families', 'StoreCollector', 'metrics_text', 'serve_metrics']
 
 # %% ../../nbs/ui/04_prometheus.ipynb #08698788
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -31,6 +31,55 @@ def step_stats(durations: list[tuple[str, float]]) -> list[tuple[str, int, float
     return [(name, int(c), t, n) for name, (c, t, n) in sorted(stats.items())]
 
 # %% ../../nbs/ui/04_prometheus.ipynb #c8f21514
+def run_families(store: Store) -> list:
+    "Returns the run series: runs by kind and status, and step durations."
+    gauge, summary = prometheus_core.GaugeMetricFamily, prometheus_core.SummaryMetricFamily
+    runs = gauge("mlnb_runs", "Runs in the store by kind and status", labels=["kind", "status"])
+    for (kind, status), count in sorted(store.run_queries.status_counts().items()):
+        runs.add_metric([kind, status], count)
+    steps = summary("mlnb_step_duration_seconds", "Durations of finished step runs", labels=["step"])
+    last = gauge("mlnb_step_last_duration_seconds", "Duration of the newest finished run of a step", labels=["step"])
+    for name, count, total, newest in step_stats(store.run_queries.step_durations()):
+        steps.add_metric([name], count_value=count, sum_value=total)
+        last.add_metric([name], newest)
+    return [runs, steps, last]
+
+# %% ../../nbs/ui/04_prometheus.ipynb #d7870dd2
+def schedule_families(store: Store) -> list:
+    "Returns the schedule series: occurrences by status, the last success, the last lateness."
+    gauge = prometheus_core.GaugeMetricFamily
+    counts = gauge("mlnb_schedule_occurrences", "Occurrences of each schedule by status", labels=["schedule", "status"])
+    for schedule, status, n in store.schedules.occurrence_counts():
+        counts.add_metric([schedule, status], n)
+    success = gauge("mlnb_schedule_last_success_timestamp_seconds",
+                    "When the newest finished run of each schedule ended (UNIX time)", labels=["schedule"])
+    for schedule, ended in store.schedules.last_successes():
+        success.add_metric([schedule], ended)
+    late = gauge("mlnb_schedule_last_lateness_seconds", "Seconds between the newest occurrence's time and its claim",
+                 labels=["schedule"])
+    for schedule, lateness in store.schedules.last_lateness():
+        late.add_metric([schedule], lateness)
+    return [counts, success, late]
+
+def drift_families(store: Store) -> list:
+    "Returns the drift series of the newest monitoring run: its share of drifted features, each feature's PSI."
+    gauge = prometheus_core.GaugeMetricFamily
+    share = gauge("mlnb_drift_share", "Share of drifted features in the newest monitoring run", labels=["reference"])
+    psi = gauge("mlnb_drift_psi", "Population stability index per feature, newest monitoring run",
+                labels=["reference", "feature"])
+    newest = store.list_runs(kind="monitor", limit=1)
+    if newest:
+        record = newest[0]
+        reference = str(record.params.get("reference", ""))
+        metrics = {k: v.get("last") for k, v in record.metrics.items()}
+        if metrics.get("drift_share") is not None:
+            share.add_metric([reference], metrics["drift_share"])
+        for key, value in sorted(metrics.items()):
+            if key.startswith("psi.") and value is not None:
+                psi.add_metric([reference, key[4:]], value)
+    return [share, psi]
+
+# %% ../../nbs/ui/04_prometheus.ipynb #1028039e
 class StoreCollector:
     "A prometheus_client collector that reads the store at each scrape."
 
@@ -44,51 +93,9 @@ class StoreCollector:
         """Every family, read in one transaction that each repository's read joins: a scrape is one snapshot of the
         store (read piece by piece, a step and its schedule's occurrence could end between two reads: the
         occurrence's success without its step)."""
-        return self.store.read(lambda tx: self._families(), "reading the metrics")
-
-    def _families(self) -> list:
-        gauge, summary = prometheus_core.GaugeMetricFamily, prometheus_core.SummaryMetricFamily
-        runs = gauge("mlnb_runs", "Runs in the store by kind and status", labels=["kind", "status"])
-        for (kind, status), count in sorted(self.store.run_queries.status_counts().items()):
-            runs.add_metric([kind, status], count)
-        steps = summary("mlnb_step_duration_seconds", "Durations of finished step runs", labels=["step"])
-        last = gauge("mlnb_step_last_duration_seconds", "Duration of the newest finished run of a step", labels=["step"])
-        for name, count, total, newest in step_stats(self.store.run_queries.step_durations()):
-            steps.add_metric([name], count_value=count, sum_value=total)
-            last.add_metric([name], newest)
-        return [runs, steps, last, *self._schedules(), *self._drift()]
-
-    def _schedules(self) -> list:
-        gauge = prometheus_core.GaugeMetricFamily
-        counts = gauge("mlnb_schedule_occurrences", "Occurrences of each schedule by status", labels=["schedule", "status"])
-        for schedule, status, n in self.store.schedules.occurrence_counts():
-            counts.add_metric([schedule, status], n)
-        success = gauge("mlnb_schedule_last_success_timestamp_seconds",
-                        "When the newest finished run of each schedule ended (UNIX time)", labels=["schedule"])
-        for schedule, ended in self.store.schedules.last_successes():
-            success.add_metric([schedule], ended)
-        late = gauge("mlnb_schedule_last_lateness_seconds", "Seconds between the newest occurrence's time and its claim",
-                     labels=["schedule"])
-        for schedule, lateness in self.store.schedules.last_lateness():
-            late.add_metric([schedule], lateness)
-        return [counts, success, late]
-
-    def _drift(self) -> list:
-        gauge = prometheus_core.GaugeMetricFamily
-        share = gauge("mlnb_drift_share", "Share of drifted features in the newest monitoring run", labels=["reference"])
-        psi = gauge("mlnb_drift_psi", "Population stability index per feature, newest monitoring run",
-                    labels=["reference", "feature"])
-        newest = self.store.list_runs(kind="monitor", limit=1)
-        if newest:
-            record = newest[0]
-            reference = str(record.params.get("reference", ""))
-            metrics = {k: v.get("last") for k, v in record.metrics.items()}
-            if metrics.get("drift_share") is not None:
-                share.add_metric([reference], metrics["drift_share"])
-            for key, value in sorted(metrics.items()):
-                if key.startswith("psi.") and value is not None:
-                    psi.add_metric([reference, key[4:]], value)
-        return [share, psi]
+        store = self.store
+        return store.read(lambda tx: [*run_families(store), *schedule_families(store), *drift_families(store)],
+                          "reading the metrics")
 
 def _registry(store: Store) -> Any:
     registry = prometheus.CollectorRegistry(auto_describe=False)

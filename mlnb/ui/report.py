@@ -43,14 +43,9 @@ def _duration(record: RunRecord) -> str:
     d = record.duration
     return "-" if d is None else (f"{d:.1f}s" if d < 120 else f"{d / 60:.1f}min")
 
-def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | Path | None = None) -> str:
-    "Returns the HTML of a pipeline run's page (links point at step reports inside `report_dir`)."
-    run = store.get_run(pipeline_run_id)
-    steps = store.children(run.id)
-    full = {s.id: store.get_run(s.id) for s in steps}
-    folder = Path(report_dir) if report_dir else None
-    esc = html.escape
-    rows = []
+def _steps_rows(steps: list[RunRecord], folder: Path | None) -> list[str]:
+    "Returns a row per step: its status (and the run it was restored from), duration, report link, run id."
+    esc, rows = html.escape, []
     for s in steps:
         link = "-"
         if s.name and folder is not None and (folder / f"{s.name}.html").exists():
@@ -59,6 +54,23 @@ def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | P
         error = f'<div class="err">{esc(s.error)}</div>' if s.error else ""
         rows.append(f"<tr><td><b>{esc(s.name or '')}</b>{error}</td><td>{_status(s.status)}{origin}</td>"
                     f"<td>{_duration(s)}</td><td>{link}</td><td><code>{esc(s.id[:8])}</code></td></tr>")
+    return rows
+
+def _table(headers: list[str], body: list[str], empty: str) -> str:
+    if not body:
+        return f"<p class='meta'>{empty}</p>"
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+# %% ../../nbs/ui/01_report.ipynb #9e4d27e2
+def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | Path | None = None) -> str:
+    "Returns the HTML of a pipeline run's page (links point at step reports inside `report_dir`)."
+    run = store.get_run(pipeline_run_id)
+    steps = store.children(run.id)
+    full = {s.id: store.get_run(s.id) for s in steps}
+    folder = Path(report_dir) if report_dir else None
+    esc = html.escape
+    rows = _steps_rows(steps, folder)
     metric_rows = [f"<tr><td>{esc(s.name or '')}</td><td>{esc(k)}</td><td>{_fmt(m['last'])}</td><td>{_fmt(m['min'])}</td>"
                    f"<td>{_fmt(m['max'])}</td><td>{m['count']}</td></tr>"
                    for s in steps for k, m in sorted(full[s.id].metrics.items())]
@@ -73,12 +85,7 @@ def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | P
     site = folder is not None and (folder.parent / "index.html").exists()  # the report site (mlnb report)
     nav = '<p class="meta"><a href="../index.html">&larr; all reports</a></p>' if site else ""
     git = f" · git <code>{esc(run.git_commit[:10])}</code>{' (dirty)' if run.git_dirty else ''}" if run.git_commit else ""
-
-    def table(headers: list[str], body: list[str], empty: str) -> str:
-        if not body:
-            return f"<p class='meta'>{empty}</p>"
-        head = "".join(f"<th>{h}</th>" for h in headers)
-        return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    table = _table
 
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(run.name or 'pipeline')} · {run.id[:8]}</title>
 <style>{_CSS}</style></head><body>
@@ -91,6 +98,7 @@ def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | P
 <h2>Data lineage</h2>{table(["step", "role", "file", "sha256", "bytes"], file_rows, "No files were read or written.")}
 <p class="meta">Written by mlnb on {time.strftime("%Y-%m-%d %H:%M:%S")}.</p></body></html>"""
 
+# %% ../../nbs/ui/01_report.ipynb #1abbabf7
 def write_pipeline_report(store: Store, pipeline_run_id: str, report_dir: str | Path, link_latest: bool = True) -> Path:
     "Writes `index.html` for a pipeline run into its report folder and returns its path."
     folder = Path(report_dir)

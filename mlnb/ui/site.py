@@ -58,7 +58,7 @@ def sparkline(values: list[float | None], labels: list[str], width: int = 140, h
 # %% auto #0
 __all__ = ['esc', 'sparkline', 'build_site']
 
-# %% ../../nbs/ui/05_site.ipynb #4afa00de
+# %% ../../nbs/ui/05_site.ipynb #4610690e
 def _run_link(record: RunRecord, out: Path) -> str:
     "Returns a link to a pipeline run's page when it lies under the site's folder, else its short id."
     folder = record.tags.get("mlnb.report_dir")
@@ -87,6 +87,7 @@ def _pipelines_section(runs: list[RunRecord], out: Path, limit: int) -> str:
     return _table(["run", "pipeline", "status", "started", "duration", "started by", "error"], rows,
                   "No pipeline runs yet: run 'mlnb run'.") + more
 
+# %% ../../nbs/ui/05_site.ipynb #12e91c33
 def _rank(key: str) -> tuple:
     metric = key.split(".", 1)[-1]
     return (0 if metric.startswith("val_") else 1 if metric.startswith("test_") else 2, key)
@@ -124,6 +125,7 @@ def _comparison_section(store: Store, runs: list[RunRecord], last: int, out: Pat
                      + _table(heads, rows, "These runs logged no metrics."))
     return "".join(parts) or "<p class='meta'>No finished pipeline runs to compare.</p>"
 
+# %% ../../nbs/ui/05_site.ipynb #23ef3bc9
 def _objectives(study: RunRecord) -> list[tuple[str, str]]:
     specs = study.tags.get("objectives") or []
     return [tuple(s.split(":", 1)) if ":" in s else (s, "minimize") for s in specs]
@@ -162,6 +164,7 @@ def _study_page(store: Store, study: RunRecord, out: Path) -> tuple[str, list[st
                   _when(study.start_time), f"{len(finished)}/{len(trials)}",
                   esc(", ".join(":".join(o) for o in objectives)), best_text]
 
+# %% ../../nbs/ui/05_site.ipynb #91a486d6
 def _registry_section(store: Store) -> str:
     parts = []
     for name in models(store):
