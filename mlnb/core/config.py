@@ -239,6 +239,7 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
         pass  # a cache that cannot be written only costs the next command 0.13 s
     return config, raw
 
+# %% ../../nbs/core/02_config.ipynb #a0ef3bfc
 _PROJECTS: dict[Path, tuple[tuple, Project]] = {}
 
 def find_project(start: str | Path | None = None) -> Project | None:

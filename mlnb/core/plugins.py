@@ -18,11 +18,8 @@ _metadata = lazy_import("importlib.metadata")  # 20 ms to import: only when entr
 __all__ = ['Registry']
 
 # %% ../../nbs/core/04_plugins.ipynb #7990ad17
-class Registry:
-    """Named implementations of one extension point (`kind`, e.g. "executor"), found on first use.
-
-    Thread-safety: `get`, `names` and `register` may be called from any thread. An object a name resolves to
-    is loaded once and kept; `register` replaces what a name had."""
+class _Names:
+    "The names of one extension point: built in, registered at run time, or from installed packages' entry points."
 
     def __init__(self, kind: str, group: str, builtins: Mapping[str, Any] | None = None):
         self.kind, self.group = kind, group
@@ -72,6 +69,13 @@ class Registry:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+# %% ../../nbs/core/04_plugins.ipynb #d4d8066e
+class Registry(_Names):
+    """Named implementations of one extension point (`kind`, e.g. "executor"), found on first use.
+
+    Thread-safety: `get`, `names` and `register` may be called from any thread. An object a name resolves to
+    is loaded once and kept; `register` replaces what a name had."""
 
     def get(self, name: str) -> Any:
         "Returns the implementation `name` stands for, loading it on first use; raises PluginError if unknown."
