@@ -48,6 +48,7 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             flat[name] = str(value)
     return flat
 
+# %% ../../nbs/integrations/02_lightning.ipynb #779e414e
 class MlnbLogger(Logger):
     "A Lightning logger that writes to an mlnb run (default: the active one)."
 
@@ -127,9 +128,10 @@ def _target_scale(target) -> dict[str, float]:
     std = float(values.std(ddof=0)) if len(values) else 0.0
     return {"target_mean": float(values.mean()) if len(values) else 0.0, "target_std": std if std > 0 else 1.0}
 
+# %% ../../nbs/integrations/02_lightning.ipynb #d8fb4186
 @dataclass
-class TabularPreprocessor:
-    "Median-impute and standardise numeric columns, mode-impute and one-hot the others; fitted on training rows."
+class _Encoding:
+    "How a table becomes the model's inputs: numeric columns imputed and standardised, the others one-hot encoded."
     target: str
     task: str
     numeric: list[str]
@@ -142,28 +144,6 @@ class TabularPreprocessor:
     classes_: np.ndarray | None
     target_mean: float | None = None  # regression: the training target's mean and spread, which TabularMLP
     target_std: float | None = None   # learns to predict in units of (so 20 epochs suffice, whatever its scale)
-
-    @classmethod
-    def fit(cls, train, target: str, task: str | None = None, categorical: Sequence[str] | None = None):
-        "Returns a preprocessor fitted on the training frame `train`."
-        if target not in train.columns:
-            raise ValueError(f"target column {target!r} is not in the training frame (columns: {list(train.columns)})")
-        features = [c for c in train.columns if c != target]
-        cats = list(categorical) if categorical is not None else [
-            c for c in features if not pd.api.types.is_numeric_dtype(train[c]) or pd.api.types.is_bool_dtype(train[c])]
-        numeric = [c for c in features if c not in cats]
-        values = train[numeric].astype(float)
-        medians = values.median().fillna(0.0)
-        filled = values.fillna(medians)
-        stds = filled.std(ddof=0).replace(0.0, 1.0).fillna(1.0)
-        task = task or infer_task(train[target])
-        return cls(target=target, task=task, numeric=numeric, categorical=cats, medians=medians.to_dict(),
-                   means=filled.mean().to_dict(), stds=stds.to_dict(),
-                   categories={c: sorted(train[c].dropna().astype(str).unique()) for c in cats},
-                   modes={c: (train[c].dropna().astype(str).mode().iloc[0] if train[c].notna().any() else "")
-                          for c in cats},
-                   classes_=(np.array(sorted(train[target].dropna().unique(), key=str)) if task != "regression" else None),
-                   **(_target_scale(train[target]) if task == "regression" else {}))
 
     @property
     def feature_names(self) -> list[str]:
@@ -200,6 +180,34 @@ class TabularPreprocessor:
         index = {str(c): i for i, c in enumerate(self.classes())}
         return np.array([index[str(v)] for v in values], dtype=np.int64)
 
+# %% ../../nbs/integrations/02_lightning.ipynb #0192d7f4
+@dataclass
+class TabularPreprocessor(_Encoding):
+    "Median-impute and standardise numeric columns, mode-impute and one-hot the others; fitted on training rows."
+
+    @classmethod
+    def fit(cls, train, target: str, task: str | None = None, categorical: Sequence[str] | None = None):
+        "Returns a preprocessor fitted on the training frame `train`."
+        if target not in train.columns:
+            raise ValueError(f"target column {target!r} is not in the training frame (columns: {list(train.columns)})")
+        features = [c for c in train.columns if c != target]
+        cats = list(categorical) if categorical is not None else [
+            c for c in features if not pd.api.types.is_numeric_dtype(train[c]) or pd.api.types.is_bool_dtype(train[c])]
+        numeric = [c for c in features if c not in cats]
+        values = train[numeric].astype(float)
+        medians = values.median().fillna(0.0)
+        filled = values.fillna(medians)
+        stds = filled.std(ddof=0).replace(0.0, 1.0).fillna(1.0)
+        task = task or infer_task(train[target])
+        return cls(target=target, task=task, numeric=numeric, categorical=cats, medians=medians.to_dict(),
+                   means=filled.mean().to_dict(), stds=stds.to_dict(),
+                   categories={c: sorted(train[c].dropna().astype(str).unique()) for c in cats},
+                   modes={c: (train[c].dropna().astype(str).mode().iloc[0] if train[c].notna().any() else "")
+                          for c in cats},
+                   classes_=(np.array(sorted(train[target].dropna().unique(), key=str)) if task != "regression" else None),
+                   **(_target_scale(train[target]) if task == "regression" else {}))
+
+# %% ../../nbs/integrations/02_lightning.ipynb #af214c4c
 class TabularDataModule(pl.LightningDataModule):
     "Train/validation/test DataFrames as tensors, with preprocessing fitted on the training rows."
 
@@ -242,8 +250,8 @@ class TabularDataModule(pl.LightningDataModule):
 # %% ../../nbs/integrations/02_lightning.ipynb #5a42ff0c
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
-class TabularMLP(pl.LightningModule):
-    "A multilayer perceptron for binary, multi-class and regression targets."
+class _TabularNet(pl.LightningModule):
+    "The network: layers, its output in the target's units, the loss, predictions."
 
     target_mean: torch.Tensor  # buffers, registered in __init__
     target_std: torch.Tensor
@@ -286,6 +294,32 @@ class TabularMLP(pl.LightningModule):
         if self.task == "multiclass":
             return nn.functional.cross_entropy(out, y)
         return nn.functional.mse_loss(out, y.float()) / self.target_std ** 2  # in the net's (standardised) units
+
+    def _proba(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out) if self.task == "binary" else torch.softmax(out, dim=-1)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+
+    @torch.no_grad()
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        "Returns class probabilities for an input matrix: (n, 2) for binary, (n, classes) for multi-class."
+        self.eval()
+        out = self(torch.as_tensor(np.asarray(X, dtype=np.float32)))
+        proba = self._proba(out).cpu().numpy()
+        return np.stack([1 - proba, proba], axis=1) if self.task == "binary" else proba
+
+    @torch.no_grad()
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        "Returns predicted class indices (classification) or values (regression)."
+        if self.task == "regression":
+            self.eval()
+            return self(torch.as_tensor(np.asarray(X, dtype=np.float32))).cpu().numpy()
+        return self.predict_proba(X).argmax(1)
+
+# %% ../../nbs/integrations/02_lightning.ipynb #c6b4cb60
+class TabularMLP(_TabularNet):
+    "A multilayer perceptron for binary, multi-class and regression targets."
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -331,28 +365,6 @@ class TabularMLP(pl.LightningModule):
         except ValueError:  # one class only in this validation set
             auc = float("nan")
         self.log("val_auc", float(auc), prog_bar=True)
-
-    def _proba(self, out: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(out) if self.task == "binary" else torch.softmax(out, dim=-1)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
-
-    @torch.no_grad()
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        "Returns class probabilities for an input matrix: (n, 2) for binary, (n, classes) for multi-class."
-        self.eval()
-        out = self(torch.as_tensor(np.asarray(X, dtype=np.float32)))
-        proba = self._proba(out).cpu().numpy()
-        return np.stack([1 - proba, proba], axis=1) if self.task == "binary" else proba
-
-    @torch.no_grad()
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        "Returns predicted class indices (classification) or values (regression)."
-        if self.task == "regression":
-            self.eval()
-            return self(torch.as_tensor(np.asarray(X, dtype=np.float32))).cpu().numpy()
-        return self.predict_proba(X).argmax(1)
 
 # %% ../../nbs/integrations/02_lightning.ipynb #ccc58528
 class TabularPredictor:
