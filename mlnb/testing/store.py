@@ -131,6 +131,11 @@ class _Runs:
         store.end_run(run_id, "finished", environment_id=first)
         assert first == again and store.get_run(run_id).environment["packages"] == ["a==1"]
 
+
+# %% ../../nbs/testing/01_store.ipynb #ca00e096
+class _RunReads:
+    "Runs read back: crashed when their heartbeat is stale, found by prefix or name, listed, as a frame's columns."
+
     def test_stale_heartbeat_reads_crashed_everywhere(self, store):
         alive = store.create_run(name="alive", heartbeat_interval=0.1)
         run_id = store.create_run(name="gone", heartbeat_interval=0.1)
@@ -366,7 +371,7 @@ class _Optuna:
         assert store.count_runs() == 0  # Optuna's tables are its own, beside the runs
 
 # %% ../../nbs/testing/01_store.ipynb #5a678ce2
-class StoreConformance(_Schema, _Runs, _Metrics, _Lineage, _Registry, _Schedules, _Optuna):
+class StoreConformance(_Schema, _Runs, _RunReads, _Metrics, _Lineage, _Registry, _Schedules, _Optuna):
     "The store's conformance suite: subclass it and give the `store_url` fixture a fresh, empty store."
 
     @pytest.fixture
