@@ -103,6 +103,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug or ctx.obj.get("debug", False)
 
+# %% ../../nbs/cli/01_app.ipynb #d1736a5b
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the command line; `--debug` may appear anywhere among the arguments.
 

@@ -122,6 +122,7 @@ def _rel(path: str | None, root: Path) -> str:
     except ValueError:
         return path
 
+# %% ../../nbs/cli/03_pipeline.ipynb #f4608de6
 @click.command("run")
 @click.option("--pipeline", "pipeline_name", metavar="NAME",
               help="Run a pipeline declared under pipelines: (e.g. score) instead of the main one.")
@@ -199,6 +200,7 @@ def params_command(notebook, as_json) -> None:
             for p in items]
     click.echo(format_table(["NAME", "TYPE", "DEFAULT", "DESCRIPTION"], rows))
 
+# %% ../../nbs/cli/03_pipeline.ipynb #744944a7
 @click.command("lineage")
 @click.argument("path", type=click.Path())
 @json_option
@@ -236,6 +238,7 @@ def lineage_command(path, as_json, store_url) -> None:
             title = "runs that used this content" if label == "current" else "runs that used earlier versions"
             click.echo(f"\n{title}:\n" + format_table(["RUN", "STEP", "ACTION", "SHA256", "STATUS", "WHEN"], rows))
 
+# %% ../../nbs/cli/03_pipeline.ipynb #5f0b071f
 @click.command("report")
 @click.argument("run", required=False)
 @click.option("--last", type=int, default=10, show_default=True, help="How many runs of each pipeline to compare.")

@@ -15,7 +15,7 @@ from ..store.query import available_fields, compile_where, parse_sort, sort_reco
 from ..store.facade import open_store
 
 # %% auto #0
-__all__ = ['render_runs', 'runs', 'list_runs', 'show_run', 'render_run', 'compare_runs']
+__all__ = ['render_runs', 'runs', 'list_runs', 'render_run', 'show_run', 'compare_runs']
 
 # %% ../../nbs/cli/02_runs.ipynb #5011a17e
 def _summary(record) -> dict[str, Any]:
@@ -122,27 +122,6 @@ def list_runs(status, kind, where, sort, limit, as_json, store_url) -> None:
     click.echo(render_runs(records, nested=not filtering))
 
 # %% ../../nbs/cli/02_runs.ipynb #90c8ce60
-@runs.command("show")
-@click.argument("run")
-@json_option
-@store_option
-def show_run(run, as_json, store_url) -> None:
-    """Show one run: status, params, metrics (last/min/max), outputs, artifacts, environment.
-
-    RUN is a run id, a unique id prefix, or a run name (the newest with that name).
-
-    \b
-    Example:
-      mlnb runs show 3f2a9c --json
-    """
-    store = open_store(store_url)
-    record = store.resolve_run(run)
-    if as_json:
-        data = record.to_dict()
-        echo_json(data)
-        return
-    click.echo(render_run(record, store))
-
 def render_run(record, store) -> str:
     "Returns the text view of one run."
     lines = [f"run        {record.id}",
@@ -197,6 +176,28 @@ def _size(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)
+
+# %% ../../nbs/cli/02_runs.ipynb #08b00913
+@runs.command("show")
+@click.argument("run")
+@json_option
+@store_option
+def show_run(run, as_json, store_url) -> None:
+    """Show one run: status, params, metrics (last/min/max), outputs, artifacts, environment.
+
+    RUN is a run id, a unique id prefix, or a run name (the newest with that name).
+
+    \b
+    Example:
+      mlnb runs show 3f2a9c --json
+    """
+    store = open_store(store_url)
+    record = store.resolve_run(run)
+    if as_json:
+        data = record.to_dict()
+        echo_json(data)
+        return
+    click.echo(render_run(record, store))
 
 # %% ../../nbs/cli/02_runs.ipynb #7fd08d1a
 @runs.command("compare")
