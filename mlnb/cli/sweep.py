@@ -24,7 +24,7 @@ from ..sweep.space import parse_objective, parse_param
 from ..sweep.study import trial_counts, trial_rows
 
 # %% auto #0
-__all__ = ['DefaultGroup', 'sweep', 'run_sweep', 'show_sweep', 'apply_sweep', 'list_sweeps']
+__all__ = ['DefaultGroup', 'sweep', 'run_sweep', 'show_sweep', 'list_sweeps', 'apply_sweep']
 
 # %% ../../nbs/cli/04_sweep.ipynb #38058b94
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -105,6 +105,54 @@ class _Progress:
         elif kind == "interrupt":
             click.echo("interrupted: stopping the running trials (kernels shut down)...", err=True)
 
+
+# %% ../../nbs/cli/04_sweep.ipynb #e9ad5bc4
+def _load(name: str, store_url: str | None):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = open_store(store_url)
+    storage = optuna_storage(store)
+    try:
+        return optuna.load_study(study_name=name, storage=storage), store
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise MlnbError(f"No study {name!r} in the store.{did_you_mean(name, names)} Studies: {one_of(names)}.") from None
+
+def _show(study, as_json: bool, importances: dict | None = None) -> None:
+    signature = study.user_attrs.get("mlnb_signature", {})
+    objectives = signature.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
+    rows = trial_rows(study)
+    counts = trial_counts(rows)
+    best_numbers = {t.number for t in study.best_trials} if any(t["state"] == "complete" for t in rows) else set()
+    best = [t for t in rows if t["number"] in best_numbers]
+    if importances is None:  # not given by the sweep just run: the one stored, if no trial completed since
+        importances = study_importances(study, remember=True) if best_numbers else {}
+    if as_json:
+        echo_json({"study": study.study_name, "step": signature.get("step"), "objectives": objectives,
+                   "counts": counts, "best": best, "pareto_front": best if len(objectives) > 1 else None,
+                   "importances": importances, "trials": rows})
+        return
+    click.echo(f"study {study.study_name}: step {signature.get('step') or '-'}, objectives {', '.join(objectives)}")
+    click.echo("trials: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    failed = [t for t in rows if t["state"] == "fail" and t["status"] != "killed"]
+    if failed:  # why, for the last few: the rest is in each trial's run (mlnb runs show RUN)
+        click.echo(f"failed trials ({'the last 3 of ' if len(failed) > 3 else ''}{len(failed)}):")
+        for t in failed[-3:]:
+            error = (t["error"] or "no error recorded").strip().splitlines()[0]
+            click.echo(f"  trial {t['number']} (run {(t['run_id'] or '-')[:8]}): "
+                       f"{error if len(error) <= 160 else error[:157] + '...'}")
+    if not best:
+        click.echo("No completed trial yet.")
+        return
+    title = (f"Pareto front ({len(best)} trials)" if len(objectives) > 1
+             else "best trial" if len(best) == 1 else f"best trials ({len(best)}, tied)")
+    table = [[t["number"], *[fmt_value(v) for v in t["values"]], (t["run_id"] or "-")[:8], _fmt_params(t["params"])]
+             for t in sorted(best, key=lambda t: t["values"])]
+    click.echo(f"\n{title}:\n" + format_table(["TRIAL", *[o.split(":")[0] for o in objectives], "RUN", "PARAMS"], table))
+    for objective, values in importances.items():
+        ranked = ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items(), key=lambda kv: -kv[1]))
+        click.echo(f"\nparam importance for {objective}: {ranked}")
+
+# %% ../../nbs/cli/04_sweep.ipynb #6e353cf8
 @sweep.command("run", hidden=True)
 @click.argument("target", required=False)
 @click.option("--study", help="Study name (default: the sweep's name, or STEP-sweep).")
@@ -165,52 +213,7 @@ def run_sweep(target, study, params, objectives, trials, timeout, sampler, prune
                         f"Fix the step, then raise --trials to go on with study {spec.study!r} (failed trials count "
                         "toward it), or give a new --study.")
 
-# %% ../../nbs/cli/04_sweep.ipynb #e9ad5bc4
-def _load(name: str, store_url: str | None):
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = open_store(store_url)
-    storage = optuna_storage(store)
-    try:
-        return optuna.load_study(study_name=name, storage=storage), store
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise MlnbError(f"No study {name!r} in the store.{did_you_mean(name, names)} Studies: {one_of(names)}.") from None
-
-def _show(study, as_json: bool, importances: dict | None = None) -> None:
-    signature = study.user_attrs.get("mlnb_signature", {})
-    objectives = signature.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
-    rows = trial_rows(study)
-    counts = trial_counts(rows)
-    best_numbers = {t.number for t in study.best_trials} if any(t["state"] == "complete" for t in rows) else set()
-    best = [t for t in rows if t["number"] in best_numbers]
-    if importances is None:  # not given by the sweep just run: the one stored, if no trial completed since
-        importances = study_importances(study, remember=True) if best_numbers else {}
-    if as_json:
-        echo_json({"study": study.study_name, "step": signature.get("step"), "objectives": objectives,
-                   "counts": counts, "best": best, "pareto_front": best if len(objectives) > 1 else None,
-                   "importances": importances, "trials": rows})
-        return
-    click.echo(f"study {study.study_name}: step {signature.get('step') or '-'}, objectives {', '.join(objectives)}")
-    click.echo("trials: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    failed = [t for t in rows if t["state"] == "fail" and t["status"] != "killed"]
-    if failed:  # why, for the last few: the rest is in each trial's run (mlnb runs show RUN)
-        click.echo(f"failed trials ({'the last 3 of ' if len(failed) > 3 else ''}{len(failed)}):")
-        for t in failed[-3:]:
-            error = (t["error"] or "no error recorded").strip().splitlines()[0]
-            click.echo(f"  trial {t['number']} (run {(t['run_id'] or '-')[:8]}): "
-                       f"{error if len(error) <= 160 else error[:157] + '...'}")
-    if not best:
-        click.echo("No completed trial yet.")
-        return
-    title = (f"Pareto front ({len(best)} trials)" if len(objectives) > 1
-             else "best trial" if len(best) == 1 else f"best trials ({len(best)}, tied)")
-    table = [[t["number"], *[fmt_value(v) for v in t["values"]], (t["run_id"] or "-")[:8], _fmt_params(t["params"])]
-             for t in sorted(best, key=lambda t: t["values"])]
-    click.echo(f"\n{title}:\n" + format_table(["TRIAL", *[o.split(":")[0] for o in objectives], "RUN", "PARAMS"], table))
-    for objective, values in importances.items():
-        ranked = ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items(), key=lambda kv: -kv[1]))
-        click.echo(f"\nparam importance for {objective}: {ranked}")
-
+# %% ../../nbs/cli/04_sweep.ipynb #64a68cf5
 @sweep.command("show")
 @click.argument("study")
 @json_option
@@ -225,6 +228,43 @@ def show_sweep(study, as_json, store_url) -> None:
     loaded, _store = _load(study, store_url)  # the store stays open while the study is read
     _show(loaded, as_json)
 
+@sweep.command("list")
+@json_option
+@store_option
+def list_sweeps(as_json, store_url) -> None:
+    """List the studies in the store, with their trial counts and best values.
+
+    \b
+    Example:
+      mlnb sweep list
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna_storage(open_store(store_url))
+    rows = []
+    for s in optuna.get_all_study_summaries(storage):
+        signature = s.user_attrs.get("mlnb_signature", {})
+        front = None
+        if len(s.directions) > 1:  # no single best: the size of its Pareto front
+            front = len(optuna.load_study(study_name=s.study_name, storage=storage).best_trials)
+        rows.append({"study": s.study_name, "step": signature.get("step"), "trials": s.n_trials,
+                     "objectives": signature.get("objectives"), "directions": [d.name.lower() for d in s.directions],
+                     "best": s.best_trial.values if s.best_trial else None, "pareto_front_size": front})
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("No studies yet. Start one with 'mlnb sweep'.")
+        return
+
+    def best(r: dict) -> str:
+        if r["pareto_front_size"] is not None:
+            return f"Pareto front of {r['pareto_front_size']}" if r["pareto_front_size"] else "-"
+        return ", ".join(fmt_value(v) for v in r["best"]) if r["best"] else "-"
+    click.echo(format_table(["STUDY", "STEP", "TRIALS", "OBJECTIVES", "BEST"],
+                            [[r["study"], r["step"] or "-", r["trials"],
+                              ", ".join(r["objectives"] or r["directions"]), best(r)] for r in rows]))
+
+# %% ../../nbs/cli/04_sweep.ipynb #dbe9730f
 def _current_params(project, step: str) -> dict[str, str]:
     "Returns how `step`'s params read now, shown: mlnb.yaml's values, else the notebook's defaults (so marked)."
     config = project.config.pipeline.get(step)
@@ -263,39 +303,3 @@ def apply_sweep(study, number, dry_run, store_url) -> None:
         return
     update_step_params(project.config_path, updates)
     click.echo(f"applied trial {chosen} of study {study} to {project.config_path}")
-
-@sweep.command("list")
-@json_option
-@store_option
-def list_sweeps(as_json, store_url) -> None:
-    """List the studies in the store, with their trial counts and best values.
-
-    \b
-    Example:
-      mlnb sweep list
-    """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna_storage(open_store(store_url))
-    rows = []
-    for s in optuna.get_all_study_summaries(storage):
-        signature = s.user_attrs.get("mlnb_signature", {})
-        front = None
-        if len(s.directions) > 1:  # no single best: the size of its Pareto front
-            front = len(optuna.load_study(study_name=s.study_name, storage=storage).best_trials)
-        rows.append({"study": s.study_name, "step": signature.get("step"), "trials": s.n_trials,
-                     "objectives": signature.get("objectives"), "directions": [d.name.lower() for d in s.directions],
-                     "best": s.best_trial.values if s.best_trial else None, "pareto_front_size": front})
-    if as_json:
-        echo_json(rows)
-        return
-    if not rows:
-        click.echo("No studies yet. Start one with 'mlnb sweep'.")
-        return
-
-    def best(r: dict) -> str:
-        if r["pareto_front_size"] is not None:
-            return f"Pareto front of {r['pareto_front_size']}" if r["pareto_front_size"] else "-"
-        return ", ".join(fmt_value(v) for v in r["best"]) if r["best"] else "-"
-    click.echo(format_table(["STUDY", "STEP", "TRIALS", "OBJECTIVES", "BEST"],
-                            [[r["study"], r["step"] or "-", r["trials"],
-                              ", ".join(r["objectives"] or r["directions"]), best(r)] for r in rows]))
