@@ -22,6 +22,22 @@ def _rows(text: str | None) -> list[int] | None:
     except ValueError:
         raise click.BadParameter(f"{text!r}: give row numbers separated by commas, e.g. 0,5,9") from None
 
+def _row_entry(explanation, row: int) -> dict:
+    "Returns one row's explanation: its base value and output, each feature's value, SHAP value and LIME condition."
+    position = explanation.rows.index(row)
+    contributions = {str(f): float(v) for f, v in explanation.contributions(row).items()}
+    lime = {lime_feature(c, explanation.feature_names): (c, w) for c, w in explanation.lime.get(row, [])}
+    values = {str(k): v for k, v in explanation.data.iloc[position].to_dict().items()}
+    base = float(explanation.base_values[position])
+    return {"row": row, "base_value": base, "output": base + sum(contributions.values()),
+            "features": [{"feature": f, "value": _plain(values.get(f)), "shap": v,
+                          "lime_condition": lime.get(f, (None, None))[0], "lime_weight": lime.get(f, (None, None))[1]}
+                         for f, v in contributions.items()]}
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+# %% ../../nbs/cli/05_explain.ipynb #1279d87b
 @click.command("explain")
 @click.argument("run")
 @click.option("--rows", "rows_text", metavar="0,5,9", help="Rows of the evaluation data to show (default: 0).")
@@ -65,18 +81,3 @@ def explain_command(run, rows_text, model, data, top, refresh, as_json, store_ur
                   f["lime_condition"] or "-", "-" if f["lime_weight"] is None else f"{f['lime_weight']:+.4f}"]
                  for f in entry["features"][:top]]
         click.echo(format_table(["FEATURE", "VALUE", "SHAP", "LIME CONDITION", "LIME WEIGHT"], table))
-
-def _row_entry(explanation, row: int) -> dict:
-    "Returns one row's explanation: its base value and output, each feature's value, SHAP value and LIME condition."
-    position = explanation.rows.index(row)
-    contributions = {str(f): float(v) for f, v in explanation.contributions(row).items()}
-    lime = {lime_feature(c, explanation.feature_names): (c, w) for c, w in explanation.lime.get(row, [])}
-    values = {str(k): v for k, v in explanation.data.iloc[position].to_dict().items()}
-    base = float(explanation.base_values[position])
-    return {"row": row, "base_value": base, "output": base + sum(contributions.values()),
-            "features": [{"feature": f, "value": _plain(values.get(f)), "shap": v,
-                          "lime_condition": lime.get(f, (None, None))[0], "lime_weight": lime.get(f, (None, None))[1]}
-                         for f, v in contributions.items()]}
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value

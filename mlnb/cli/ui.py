@@ -43,6 +43,7 @@ def voila_command(notebook: Path, port: int, token: str, kernel_timeout: int = 3
             "--Voila.ip=127.0.0.1", f"--Voila.token={token}", "--Voila.port_retries=0", "--theme=light",
             f"--VoilaExecutor.startup_timeout={kernel_timeout}"]
 
+# %% ../../nbs/cli/06_ui.ipynb #b1d0f509
 @click.command("ui")
 @click.option("--port", type=int, default=8866, show_default=True, help="Port on 127.0.0.1.")
 @click.option("--token", help="Access token (default: a random one, printed in the URL).")
