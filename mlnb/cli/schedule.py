@@ -76,10 +76,8 @@ def add_command(name, cron, pipeline_name, params, only, force, misfire, as_json
 def list_command(as_json, store_url) -> None:
     "List the schedules: cron, what they run, the next time, the last outcome."
     _, store = _project_and_store(store_url)
-    items = []
-    for s in list_schedules(store):
-        last = schedule_history(store, s.name, limit=1)
-        items.append({**s.to_dict(), "last": last[0] if last else None})
+    items = [{**s.to_dict(), "last": next(iter(schedule_history(store, s.name, limit=1)), None)}
+             for s in list_schedules(store)]
     if as_json:
         echo_json(items)
         return
@@ -95,6 +93,7 @@ def list_command(as_json, store_url) -> None:
                      f"{last['status']} {fmt_time(last['scheduled_time'])}" if last else "-"])
     click.echo(format_table(["NAME", "CRON", "NEXT", "RUNS", "MISFIRE", "LAST"], rows))
 
+# %% ../../nbs/cli/07_schedule.ipynb #6718e41b
 @schedule.command("pause")
 @click.argument("name")
 @store_option
@@ -137,6 +136,7 @@ def history_command(name, limit, as_json, store_url) -> None:
              fmt_duration(h["seconds"]), (h["error"] or "")[:70]] for h in items]
     click.echo(format_table(["SCHEDULED", "STATUS", "RUN", "LATE", "DURATION", "ERROR"], rows))
 
+# %% ../../nbs/cli/07_schedule.ipynb #871c1255
 @schedule.command("export")
 @click.option("--crontab", "fmt", flag_value="crontab", help="Print crontab lines.")
 @click.option("--systemd", "fmt", flag_value="systemd", help="Print a systemd .service and .timer per schedule.")
