@@ -61,6 +61,7 @@ def alias_command(name, alias, version, store_url) -> None:
     previous = set_alias(name, alias, version, _store(store_url))
     click.echo(f"{name}@{alias} -> version {version}" + (f" (was {previous})" if previous else ""))
 
+# %% ../../nbs/cli/08_registry.ipynb #a7575200
 @registry.command("promote")
 @click.argument("name")
 @click.argument("version")
@@ -89,6 +90,34 @@ def rollback_command(name, alias, store_url) -> None:
     current, target = rollback(name, alias, _store(store_url))
     click.echo(f"{name}@{alias}: version {current} -> {target}")
 
+# %% ../../nbs/cli/08_registry.ipynb #5d7c1b58
+def _models_table(store, as_json: bool) -> None:
+    items = [{"name": m, "versions": len(vs := versions(m, store)), "latest": vs[-1].version if vs else None,
+              "aliases": {a: v.version for v in vs for a in v.aliases}} for m in models(store)]
+    if as_json:
+        echo_json(items)
+    elif not items:
+        click.echo("No registered models. Register one: mlnb registry register NAME --run RUN")
+    else:
+        click.echo(format_table(["MODEL", "VERSIONS", "LATEST", "ALIASES"],
+                                [[i["name"], i["versions"], i["latest"],
+                                  ", ".join(f"{a}={v}" for a, v in sorted(i["aliases"].items())) or "-"]
+                                 for i in items]))
+
+def _metric_rank(key: str) -> tuple:
+    "Validation metrics first (what gates use), then test, then the rest."
+    return (0 if key.startswith("val_") else 1 if key.startswith("test_") else 2, key)
+
+def _versions_table(name: str, store, as_json: bool) -> None:
+    rows = [(v, version_metrics(v, store)) for v in versions(name, store)]
+    if as_json:
+        echo_json([{**vars(v), "metrics": m} for v, m in rows])
+        return
+    keys = sorted({k for _, m in rows for k in m}, key=_metric_rank)[:5]
+    click.echo(format_table(["VERSION", "ALIASES", "RUN", "REGISTERED", *keys],
+                            [[v.version, ", ".join(v.aliases) or "-", v.run_id[:8], fmt_time(v.created_at),
+                              *(fmt_value(m.get(k)) for k in keys)] for v, m in rows]))
+
 @registry.command("list")
 @click.argument("name", required=False)
 @json_option
@@ -97,28 +126,22 @@ def list_command(name, as_json, store_url) -> None:
     "The registered models; with NAME, its versions with their aliases, runs and metrics."
     store = _store(store_url)
     if name is None:
-        items = [{"name": m, "versions": len(vs := versions(m, store)), "latest": vs[-1].version if vs else None,
-                  "aliases": {a: v.version for v in vs for a in v.aliases}} for m in models(store)]
-        if as_json:
-            echo_json(items)
-        elif not items:
-            click.echo("No registered models. Register one: mlnb registry register NAME --run RUN")
-        else:
-            click.echo(format_table(["MODEL", "VERSIONS", "LATEST", "ALIASES"],
-                                    [[i["name"], i["versions"], i["latest"],
-                                      ", ".join(f"{a}={v}" for a, v in sorted(i["aliases"].items())) or "-"]
-                                     for i in items]))
-        return
-    rows = [(v, version_metrics(v, store)) for v in versions(name, store)]
-    if as_json:
-        echo_json([{**vars(v), "metrics": m} for v, m in rows])
-        return
-    def rank(key: str) -> tuple:  # validation metrics first (what gates use), then test, then the rest
-        return (0 if key.startswith("val_") else 1 if key.startswith("test_") else 2, key)
-    keys = sorted({k for _, m in rows for k in m}, key=rank)[:5]
-    click.echo(format_table(["VERSION", "ALIASES", "RUN", "REGISTERED", *keys],
-                            [[v.version, ", ".join(v.aliases) or "-", v.run_id[:8], fmt_time(v.created_at),
-                              *(fmt_value(m.get(k)) for k in keys)] for v, m in rows]))
+        _models_table(store, as_json)
+    else:
+        _versions_table(name, store, as_json)
+
+# %% ../../nbs/cli/08_registry.ipynb #ba7045a5
+def _event_row(e: dict) -> list:
+    "One history event as a table row: when, what happened, the alias or version it changed, the gate or run."
+    d = e["details"]
+    what = d.get("gate") or (f"run {d['run_id'][:8]}" if d.get("run_id") else "")
+    if e["event"] == "refuse":
+        move = f"{e['alias']} stays {e['previous'] or '-'} (not {e['version']})"
+    elif e["alias"]:
+        move = f"{e['alias']}: {e['previous'] or '-'} -> {e['version']}"
+    else:
+        move = f"version {e['version']}"
+    return [fmt_time(e["time"]), e["event"], move, what]
 
 @registry.command("history")
 @click.argument("name")
@@ -130,18 +153,7 @@ def history_command(name, as_json, store_url) -> None:
     if as_json:
         echo_json(events)
         return
-    rows = []
-    for e in events:
-        d = e["details"]
-        what = d.get("gate") or (f"run {d['run_id'][:8]}" if d.get("run_id") else "")
-        if e["event"] == "refuse":
-            move = f"{e['alias']} stays {e['previous'] or '-'} (not {e['version']})"
-        elif e["alias"]:
-            move = f"{e['alias']}: {e['previous'] or '-'} -> {e['version']}"
-        else:
-            move = f"version {e['version']}"
-        rows.append([fmt_time(e["time"]), e["event"], move, what])
-    click.echo(format_table(["TIME", "EVENT", "CHANGE", "DETAIL"], rows))
+    click.echo(format_table(["TIME", "EVENT", "CHANGE", "DETAIL"], [_event_row(e) for e in events]))
 
 # %% ../../nbs/cli/08_registry.ipynb #d0cb8efa
 @click.command("monitor")
