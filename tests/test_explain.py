@@ -88,10 +88,10 @@ def test_panel_with_many_runs_shows_the_first_page_and_says_so(tmp_path):
     store.write(lambda tx: tx.executemany("INSERT INTO mlnb_params (run_id, key, value) VALUES (:run_id, :key, :value)",
                                           [(r[0], "lr", str(i % 7 / 100)) for i, r in enumerate(rows)]))
     panel = RunsPanel(store)
-    assert "10,000 of 10,000 runs match (the first 200" in panel.message.value
-    assert len(panel.select.options) == 200 and panel.table.value.count("<tr>") == 201
-    panel.where.value = "params.lr > 0.05"
-    assert "1,428 of 10,000" in panel.message.value
+    assert "10,000 of 10,000 runs match (the first 200" in panel.runs.message.value
+    assert len(panel.runs.select.options) == 200 and panel.runs.table.value.count("<tr>") == 201
+    panel.runs.where.value = "params.lr > 0.05"
+    assert "1,428 of 10,000" in panel.runs.message.value
 
 
 def test_panel_explain_errors_are_shown_not_raised(project):
@@ -102,7 +102,7 @@ def test_panel_explain_errors_are_shown_not_raised(project):
         odd.log_artifact(pd.DataFrame({"a": [1.0]}).to_parquet(), name="model.eval.parquet")
         odd.set_tag("mlnb.model.model", "test_explain.Opaque")
     panel = RunsPanel(url)
-    panel.select.value = (odd.id,)
-    assert "No explanation is stored" in panel.explain_note.value
-    panel._compute_explanation()
-    assert "mlnb cannot explain" in panel.explain_note.value and "mlnb-error" in panel.explain_note.value
+    panel.runs.select.value = (odd.id,)
+    assert "No explanation is stored" in panel.explain.note.value
+    panel.explain.compute_explanation()
+    assert "mlnb cannot explain" in panel.explain.note.value and "mlnb-error" in panel.explain.note.value
