@@ -1,10 +1,13 @@
 """The house rules of ../shared/DESIGN.md, checked on the exported package: layers point down (import-linter,
 which reads imports inside functions too), no import statement inside a function (heavy libraries come through
 mlnb.core.lazy), no string naming a module of a higher layer (a registry's built-ins, a worker's
-"module:function"), and no SQL outside mlnb.store. Each check also runs on a small tree that breaks it, so it is known to fail."""
+"module:function"), no SQL outside mlnb.store, modules under 600 lines (../shared/CONVENTIONS.md), and in the notebooks
+every exported cell short enough to read (60 lines) with a check right after it. Each check also runs on a small tree
+that breaks it, so it is known to fail."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mlnb"
+NOTEBOOKS = ROOT / "nbs"
+MODULE_LINES = 600  # ../shared/CONVENTIONS.md: "Keep modules under ~600 lines"
+CELL_LINES = 60  # an exported cell one can read at once, with its check right after it
 # Lowest first; the same order as .importlinter. sweep and ops share a level and must not import each other.
 LAYERS = [["core"], ["store"], ["tracking"], ["integrations"], ["pipeline"], ["sweep", "ops"], ["ui"], ["cli"],
           ["testing"]]
@@ -77,13 +83,77 @@ def sql_outside_the_store(package: Path) -> list[str]:
     return found
 
 
+def long_modules(package: Path, limit: int = MODULE_LINES) -> list[str]:
+    "Returns 'module: N lines' for every module longer than `limit` lines."
+    return [f"{name}: {n} lines" for path, name in modules(package) if (n := len(path.read_text().splitlines())) > limit]
+
+
+_DIRECTIVE = re.compile(r"^#\|\s*(\S+)")
+_IMPORT_LINE = re.compile(r"(from |import |\s|\)|if TYPE_CHECKING|\w+ = (lazy|optional)_import\()")
+
+
+def _directives(source: str) -> list[str]:
+    return [m.group(1).rstrip(":") for line in source.splitlines() if (m := _DIRECTIVE.match(line))]
+
+
+def _code_cells(notebook: Path) -> list[tuple[str, str]]:
+    cells = json.loads(notebook.read_text())["cells"]
+    return [(c.get("id", "?"), "".join(c["source"])) for c in cells if c["cell_type"] == "code"]
+
+
+def _is_check(source: str) -> bool:
+    "Whether a cell runs under nbdev_test as a test: not exported, not hidden, not skipped."
+    flags = _directives(source)
+    return bool(source.strip()) and not any(f.startswith(("export", "default_exp", "hide", "eval", "notest"))
+                                            for f in flags)
+
+
+def _needs_check(body: list[str]) -> bool:
+    "Imports, lazy stand-ins and a script's `if __name__ == '__main__'` guard are not checked by a cell of their own."
+    if body and body[0].startswith("if __name__ =="):
+        return False
+    return not all(_IMPORT_LINE.match(line) for line in body)
+
+
+def cell_problems(notebooks: Path, limit: int = CELL_LINES) -> list[str]:
+    "Returns 'notebook#cell: problem' for exported cells longer than `limit` lines or without a check after them."
+    found = []
+    for notebook in sorted(notebooks.rglob("*.ipynb")):
+        if ".ipynb_checkpoints" in notebook.parts:
+            continue
+        cells, where = _code_cells(notebook), notebook.relative_to(notebooks)
+        for k, (cell_id, source) in enumerate(cells):
+            if not any(f.startswith("export") for f in _directives(source)):
+                continue
+            lines = [line for line in source.splitlines() if line.strip() and not _DIRECTIVE.match(line)]
+            if len(lines) > limit:
+                found.append(f"{where}#{cell_id}: {len(lines)} lines (at most {limit})")
+            body = [line for line in lines if not line.startswith("#")]
+            if _needs_check(body) and not (k + 1 < len(cells) and _is_check(cells[k + 1][1])):
+                found.append(f"{where}#{cell_id}: no check after it")
+    return found
+
+
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=root, check=False,
                           capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
 
 
+def _bad_notebook(folder: Path) -> Path:
+    "A notebook with a long exported cell followed by a check, and a short one followed by nothing that runs."
+    long_cell = "#| export\ndef big():\n" + "    x = 1\n" * CELL_LINES
+    cells = [("a", "#| export\nimport os"), ("b", long_cell), ("c", "assert big() is None"),
+             ("d", "#| export\nSIZE = 3"), ("e", "#| eval: false\nassert SIZE == 3")]
+    notebook = folder / "bad.ipynb"
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "id": i, "source": s, "metadata": {},
+                                               "outputs": [], "execution_count": None} for i, s in cells],
+                                    "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return notebook
+
+
 def _bad_tree(tmp_path: Path) -> Path:
-    "A copy of the layer folders in which the store imports the UI inside a function and names it in a string."
+    """A copy of the layer folders in which the store imports the UI inside a function and names it in a string,
+    the UI runs SQL, and one module is too long."""
     bad = tmp_path / "mlnb"
     for layer in LEVEL:
         (bad / layer).mkdir(parents=True)
@@ -92,6 +162,7 @@ def _bad_tree(tmp_path: Path) -> Path:
     (bad / "ui" / "panel.py").write_text("def panel(tx):\n    return tx.query('SELECT name FROM mlnb_runs')\n")
     (bad / "store" / "runs.py").write_text("REFS = {'panel': 'mlnb.ui.panel:panel'}\n\n"
                                            "def show():\n    from mlnb.ui.panel import panel\n    return panel()\n")
+    (bad / "core" / "big.py").write_text("x = 1\n" * (MODULE_LINES + 1))
     layers_only = (ROOT / ".importlinter").read_text().split("[importlinter:contract:public-names]")[0]
     (tmp_path / ".importlinter").write_text(layers_only)
     return bad
@@ -115,11 +186,23 @@ def test_every_sql_statement_lives_in_the_store():
     assert sql_outside_the_store(PACKAGE) == []
 
 
+def test_modules_stay_under_the_size_the_conventions_set():
+    assert long_modules(PACKAGE) == []
+
+
+def test_exported_cells_are_short_and_each_is_checked_right_after():
+    assert cell_problems(NOTEBOOKS) == []
+
+
 def test_the_checks_catch_a_house_that_breaks_them(tmp_path):
     bad = _bad_tree(tmp_path)
     assert sql_outside_the_store(bad) == ["mlnb.ui.panel:2: 'SELECT name FROM mlnb_runs'"]
     assert function_local_imports(bad) == ["mlnb.store.runs:4: from mlnb.ui.panel import panel"]
     assert upward_strings(bad) == ["mlnb.store.runs:1: 'mlnb.ui.panel:panel' (store -> ui)"]
+    assert long_modules(bad) == [f"mlnb.core.big: {MODULE_LINES + 1} lines"]
+    _bad_notebook(tmp_path)
+    assert cell_problems(tmp_path) == [f"bad.ipynb#b: {CELL_LINES + 1} lines (at most {CELL_LINES})",
+                                       "bad.ipynb#d: no check after it"]
     result = lint_imports(tmp_path)
     assert result.returncode != 0 and "mlnb.store is not allowed to import mlnb.ui" in result.stdout, result.stdout
 
