@@ -145,6 +145,27 @@ def cell_problems(notebooks: Path, limit: int = CELL_LINES) -> list[str]:
     return found
 
 
+_DOC_PATH = re.compile(r"\bnbs/[\w/]+\.ipynb\b")
+_DOC_MODULE = re.compile(r"`(mlnb\.(?:" + "|".join(LEVEL) + r")(?:\.\w+)*)")
+
+
+def dangling_references(root: Path, docs: tuple[str, ...] = ("README.md", "nbs/index.ipynb")) -> list[str]:
+    "Returns 'doc: reference' for each notebook path or layer module the newcomer's docs name that does not exist."
+    found = []
+    for doc in docs:
+        text = (root / doc).read_text()
+        found += [f"{doc}: {path}" for path in sorted(set(_DOC_PATH.findall(text))) if not (root / path).is_file()]
+        for module in sorted(set(_DOC_MODULE.findall(text))):
+            parts = module.split(".")
+            where = root.joinpath(*parts)
+            if not (where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()):
+                parent = root.joinpath(*parts[:-1])  # a name in a module or package: mlnb.sweep.optimize
+                init = parent / "__init__.py"
+                if not (parent.with_suffix(".py").is_file() or (init.is_file() and parts[-1] in init.read_text())):
+                    found.append(f"{doc}: {module}")
+    return found
+
+
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=root, check=False,
                           capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
@@ -197,7 +218,7 @@ def test_every_sql_statement_lives_in_the_store():
     assert sql_outside_the_store(PACKAGE) == []
 
 
-def test_modules_stay_under_the_size_the_conventions_set():
+def test_no_module_is_over_500_lines():
     assert long_modules(PACKAGE) == []
 
 
@@ -207,6 +228,10 @@ def test_every_notebook_opens_with_what_its_module_is_for():
 
 def test_exported_cells_are_short_and_each_is_checked_right_after():
     assert cell_problems(NOTEBOOKS) == []
+
+
+def test_the_docs_name_only_notebooks_and_modules_that_exist():
+    assert dangling_references(ROOT) == []
 
 
 def test_the_checks_catch_a_house_that_breaks_them(tmp_path):
@@ -219,6 +244,11 @@ def test_the_checks_catch_a_house_that_breaks_them(tmp_path):
     assert cell_problems(tmp_path) == [f"bad.ipynb#b: {CELL_LINES + 1} lines (at most {CELL_LINES})",
                                        "bad.ipynb#d: no check after it"]
     assert notebooks_without_a_purpose(tmp_path) == ["bad.ipynb"]
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "nbs" / "index.ipynb").write_text("see `nbs/ui/panel.ipynb`")
+    (tmp_path / "README.md").write_text("`mlnb.ui.panel.panel`, `mlnb.ui.panels`, `nbs/old/03_gone.ipynb`")
+    assert dangling_references(tmp_path) == ["README.md: nbs/old/03_gone.ipynb", "README.md: mlnb.ui.panels",
+                                             "nbs/index.ipynb: nbs/ui/panel.ipynb"]
     result = lint_imports(tmp_path)
     assert result.returncode != 0 and "mlnb.store is not allowed to import mlnb.ui" in result.stdout, result.stdout
 
