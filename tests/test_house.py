@@ -1,9 +1,9 @@
 """The house rules of ../shared/DESIGN.md, checked on the exported package: layers point down (import-linter,
 which reads imports inside functions too), no import statement inside a function (heavy libraries come through
 mlnb.core.lazy), no string naming a module of a higher layer (a registry's built-ins, a worker's
-"module:function"), no SQL outside mlnb.store, modules under 500 lines; and in the notebooks: each opens by saying
-what its module is for, and every exported cell is short enough to read (60 lines) with a check right after it.
-Each check also runs on a small tree that breaks it, so it is known to fail."""
+"module:function"), no import cycles, no SQL outside mlnb.store, modules under 500 lines; and in the notebooks:
+each opens by saying what its module is for, and every exported cell is short enough to read (60 lines) with a
+check right after it. Each check also runs on a small tree that breaks it, so it is known to fail."""
 from __future__ import annotations
 
 import ast
@@ -166,6 +166,21 @@ def dangling_references(root: Path, docs: tuple[str, ...] = ("README.md", "nbs/i
     return found
 
 
+_CYCLES = """import grimp, json
+graph = grimp.build_graph("mlnb", cache_dir=None, exclude_type_checking_imports=True)
+print(json.dumps(sorted({" <-> ".join(sorted((m, i))) for m in graph.modules
+                         for i in graph.find_modules_directly_imported_by(m)
+                         if graph.chain_exists(importer=i, imported=m)})))"""
+
+
+def import_cycles(root: Path) -> list[str]:
+    """Returns 'a <-> b' for each import of a module that imports it back, directly or not (imports made only for
+    annotations, under TYPE_CHECKING, do not run and are left out)."""
+    result = subprocess.run([sys.executable, "-c", _CYCLES], cwd=root, check=True, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    return json.loads(result.stdout)
+
+
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=root, check=False,
                           capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
@@ -185,7 +200,7 @@ def _bad_notebook(folder: Path) -> Path:
 
 def _bad_tree(tmp_path: Path) -> Path:
     """A copy of the layer folders in which the store imports the UI inside a function and names it in a string,
-    the UI runs SQL, and one module is too long."""
+    the UI runs SQL, one module is too long, and two modules import each other."""
     bad = tmp_path / "mlnb"
     for layer in LEVEL:
         (bad / layer).mkdir(parents=True)
@@ -195,6 +210,8 @@ def _bad_tree(tmp_path: Path) -> Path:
     (bad / "store" / "runs.py").write_text("REFS = {'panel': 'mlnb.ui.panel:panel'}\n\n"
                                            "def show():\n    from mlnb.ui.panel import panel\n    return panel()\n")
     (bad / "core" / "big.py").write_text("x = 1\n" * (MODULE_LINES + 1))
+    (bad / "core" / "hen.py").write_text("from mlnb.core import egg\n")
+    (bad / "core" / "egg.py").write_text("from mlnb.core import hen\n")
     layers_only = (ROOT / ".importlinter").read_text().split("[importlinter:contract:public-names]")[0]
     (tmp_path / ".importlinter").write_text(layers_only)
     return bad
@@ -204,6 +221,10 @@ def test_layers_point_down():
     result = lint_imports(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Contracts: 2 kept, 0 broken." in result.stdout, result.stdout
+
+
+def test_no_import_cycles():
+    assert import_cycles(ROOT) == []
 
 
 def test_no_import_statement_inside_a_function():
@@ -240,6 +261,7 @@ def test_the_checks_catch_a_house_that_breaks_them(tmp_path):
     assert function_local_imports(bad) == ["mlnb.store.runs:4: from mlnb.ui.panel import panel"]
     assert upward_strings(bad) == ["mlnb.store.runs:1: 'mlnb.ui.panel:panel' (store -> ui)"]
     assert long_modules(bad) == [f"mlnb.core.big: {MODULE_LINES + 1} lines"]
+    assert import_cycles(tmp_path) == ["mlnb.core.egg <-> mlnb.core.hen"]
     _bad_notebook(tmp_path)
     assert cell_problems(tmp_path) == [f"bad.ipynb#b: {CELL_LINES + 1} lines (at most {CELL_LINES})",
                                        "bad.ipynb#d: no check after it"]
