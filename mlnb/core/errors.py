@@ -11,10 +11,10 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['MlnbError', 'ProjectError', 'ProjectNotFound', 'ConfigError', 'StoreError', 'SchemaError', 'RunNotFound',
-           'ArtifactError', 'QueryError', 'NotebookError', 'ParameterError', 'PipelineError', 'InvalidPipeline',
-           'PipelineBusy', 'StepFailed', 'ExecutionError', 'Interrupted', 'ZygoteError', 'SweepError', 'RegistryError',
-           'MonitorError', 'ScheduleError', 'ExplainError', 'PluginError', 'DependencyMissing', 'InternalError',
-           'did_you_mean', 'one_of', 'missing_dependency']
+           'MetricError', 'ArtifactError', 'QueryError', 'NotebookError', 'ParameterError', 'PipelineError',
+           'InvalidPipeline', 'PipelineBusy', 'StepFailed', 'ExecutionError', 'Interrupted', 'ZygoteError',
+           'SweepError', 'RegistryError', 'MonitorError', 'ScheduleError', 'ExplainError', 'PluginError',
+           'DependencyMissing', 'InternalError', 'did_you_mean', 'one_of', 'missing_dependency']
 
 # %% ../../nbs/core/00_errors.ipynb #975c6e52
 __doc__ = """Errors raised by mlnb: one tree, each class a failure a user can act on.
@@ -30,6 +30,7 @@ that does not parse (click's usage errors). A subclass may set its own ``exit_co
     ├── StoreError               the run store cannot be opened, read or written
     │   ├── SchemaError          the store was written by a newer mlnb
     │   └── RunNotFound          no run matches the id, prefix or name given
+    ├── MetricError              a metric key, step or value the store cannot hold (the point is refused)
     ├── ArtifactError            an artifact name is invalid or its bytes are missing
     ├── QueryError               a --where expression does not parse or names an unknown field
     ├── NotebookError            a notebook is missing, not valid JSON, or has no parameters cell
@@ -83,6 +84,9 @@ class SchemaError(StoreError):
 
 class RunNotFound(StoreError):
     "No run matches the id, id prefix or name given."
+
+class MetricError(MlnbError, ValueError):
+    "A metric key, step or value the store cannot hold: refused at the call, every other point kept."
 
 class ArtifactError(MlnbError):
     "An artifact name is invalid or its bytes are missing."

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import find_project
-from ..core.errors import ArtifactError, MlnbError
+from ..core.errors import ArtifactError, MlnbError, StoreError
 from ..store.artifacts import ArtifactStore, artifacts_for, guess_media_type, validate_artifact_name
 from ..store.facade import Store, open_store
 from .environment import capture_environment, current_source, git_info, on_seed, take_pending_seed
@@ -40,6 +40,7 @@ class _RunRecorder:
         self.heartbeat_interval = heartbeat_interval
         self.status = "running"
         self.metrics = MetricBuffer(run_id, store.log_metrics)
+        self.write_error: Exception | None = None  # the background writer's failure, not yet reported
         self.sinks = sinks or []
         self.pid = os.getpid()                  # a forked child does not end its parent's runs
         self.seed: int | None = None
@@ -52,6 +53,7 @@ class _RunRecorder:
         if self.status != "running":
             raise MlnbError(f"Run {self.id[:8]} has ended ({self.status}); start a new run to log {key!r}.")
         held = self.metrics.add(key, value, step, timestamp)
+        self.raise_write_error()
         if held >= MAX_BUFFER:
             self.flush()
         elif held >= FLUSH_SIZE and _WRITER is not None:
@@ -69,11 +71,18 @@ class _RunRecorder:
             self._mirror("on_metrics", batch)
 
     def flush_quietly(self) -> None:
-        "Flushes; a failure is a warning (the points stay buffered for the next flush)."
+        "Flushes; a failure is kept for the run's next call and its end (the points stay held and are retried)."
         try:
             self.flush()
-        except MlnbError as e:
-            warnings.warn(f"mlnb: could not flush metrics of run {self.id[:8]}: {e}", stacklevel=1)
+        except Exception as e:  # noqa: BLE001 - kept, and raised on the run's next call
+            self.write_error = e
+
+    def raise_write_error(self) -> None:
+        "Raises, once, a failure the background writer met (the points it could not write are still held)."
+        error, self.write_error = self.write_error, None
+        if error is not None:
+            raise StoreError(f"mlnb could not write the metrics of run {self.id[:8]} ({type(error).__name__}: "
+                             f"{error}); {len(self.metrics)} points are held and retried, the run goes on.") from error
 
     def log_params(self, values: Mapping[str, Any]) -> None:
         "Records params (a key logged again keeps its latest value)."
@@ -188,12 +197,25 @@ class Run(_RunFiles):
                 env_id = self.store.environment_id(capture_environment())
                 with self.metrics.writing():
                     batch = self.metrics.take()
-                    self.store.end_run(self.id, status, error=error, environment_id=env_id, metrics=batch)
+                    self._end_in_store(status, error, env_id, batch)
                 self._mirror("on_metrics", batch)
             else:
                 self.flush()
         finally:
             self._mirror("on_end", status)
+        if self.write_error is not None:  # met while running, and every point was written since
+            warnings.warn(f"mlnb: run {self.id[:8]}: a metric write failed while it ran ({self.write_error}); "
+                          "it was retried and every point is stored.", stacklevel=2)
+            self.write_error = None
+
+    def _end_in_store(self, status: str, error: str | None, env_id: Any, batch: list) -> None:
+        "Writes the status with the last points; if the points cannot be written, the status still is."
+        try:
+            self.store.end_run(self.id, status, error=error, environment_id=env_id, metrics=batch)
+        except Exception as e:
+            self.store.end_run(self.id, status, error=error, environment_id=env_id, metrics=[])
+            raise StoreError(f"run {self.id[:8]} ended {status}, but its last {len(batch)} metric points "
+                             f"could not be written: {type(e).__name__}: {e}") from e
 
     def __enter__(self) -> Run:
         return self

@@ -5,6 +5,8 @@
 # %% ../../nbs/tracking/03_writer.ipynb #8a366433
 from __future__ import annotations
 
+import math
+import operator
 import os
 import threading
 import time
@@ -13,10 +15,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from ..core.errors import MlnbError
+from ..core.errors import MetricError
 
 # %% auto #0
-__all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'Point', 'env_interval', 'MetricBuffer', 'WrittenRun', 'BackgroundWriter']
+__all__ = ['FLUSH_SIZE', 'MAX_BUFFER', 'Point', 'env_interval', 'checked_point', 'MetricBuffer', 'WrittenRun', 'BackgroundWriter']
 
 # %% ../../nbs/tracking/03_writer.ipynb #79072777
 FLUSH_SIZE = 5_000          # wake the writer when a buffer holds this many points
@@ -31,6 +33,37 @@ def env_interval(var: str, default: float) -> float:
 
 # %% ../../nbs/tracking/03_writer.ipynb #8c339351
 Point = tuple[str, str, int, float, float]  # run id, key, step, value, timestamp
+_INT64 = range(-2**63, 2**63)
+
+def checked_point(key: Any, value: Any, step: Any, timestamp: Any) -> tuple[str, float, int | None, float | None]:
+    "Returns the point as the store holds it, or raises `MetricError` naming the key (nothing is held then)."
+    if type(key) is not str or not key:
+        raise MetricError(f"A metric key must be a non-empty string, not {key!r}.")
+    if "\x00" in key or not _utf8(key):
+        raise MetricError(f"Metric key {key!r} holds a character the store cannot hold (NUL or an unpaired surrogate).")
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise MetricError(f"Metric {key!r}: the value must be a number, not {type(value).__name__} {value!r}.")
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise MetricError(f"Metric {key!r}: the value {value!r} is not a number ({e}).") from None
+    if step is not None:
+        try:
+            step = operator.index(step)
+        except TypeError:
+            raise MetricError(f"Metric {key!r}: the step must be an integer, not {step!r}.") from None
+        if step not in _INT64:
+            raise MetricError(f"Metric {key!r}: step {step} is outside the 64-bit range the store holds.")
+    if timestamp is not None and (isinstance(timestamp, (str, bytes)) or not math.isfinite(float(timestamp))):
+        raise MetricError(f"Metric {key!r}: the timestamp must be a finite number of seconds, not {timestamp!r}.")
+    return key, value, step, None if timestamp is None else float(timestamp)
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 class MetricBuffer:
     "A run's metric points, held until written in a batch by `write` (a failed write keeps them)."
@@ -44,9 +77,7 @@ class MetricBuffer:
 
     def add(self, key: str, value: float, step: int | None = None, timestamp: float | None = None) -> int:
         "Holds one point; returns how many are held."
-        if type(key) is not str or not key:
-            raise TypeError(f"A metric key must be a non-empty string, not {key!r}.")
-        value = float(value)
+        key, value, step, timestamp = checked_point(key, value, step, timestamp)
         if step is None:
             step = self._next_step.get(key, 0)
         self._next_step[key] = step + 1
@@ -143,5 +174,5 @@ def _beat(runs: list[WrittenRun]) -> None:
     for store, ids in by_store.values():
         try:
             store.heartbeat(ids)
-        except MlnbError as e:
+        except Exception as e:  # noqa: BLE001 - the writer thread must outlive any store fault
             warnings.warn(f"mlnb: could not write a heartbeat: {e}", stacklevel=1)
