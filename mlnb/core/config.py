@@ -25,6 +25,7 @@ __all__ = ['PROJECT_FILE', 'STATE_DIR', 'Project', 'Validated', 'load_config', '
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
 _pydantic = lazy_import("pydantic")
 yaml = lazy_import("yaml")
+yaml12 = lazy_import("mlnb.core.yaml12")
 
 # %% ../../nbs/core/02_config.ipynb #ead4ac39
 PROJECT_FILE = "mlnb.yaml"
@@ -201,6 +202,10 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such project file. Create it with 'mlnb init' or cd into a project.") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the project file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start}). Save it as UTF-8 text and try again.") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the project file ({e.strerror}).") from None
     digest = hash_bytes(text.encode())
@@ -212,7 +217,7 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml12.load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -231,7 +236,7 @@ def load_config(path: str | Path) -> tuple[Any, dict]:
     except ValidationError as e:
         raise ConfigError(_format_validation_error(path, text, e)) from None
     try:
-        if cache.parent.is_dir():
+        if cache.parent.is_dir() and json.loads(json.dumps(raw)) == raw:  # JSON keeps it exactly (not int keys)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"sha256": digest, "config": _dump(config), "raw": raw}, default=str))
             tmp.replace(cache)
@@ -342,7 +347,7 @@ def update_step_params(path: str | Path, updates: dict[str, dict[str, Any]]) -> 
             raise ConfigError(f"{path}: no step {step!r} under pipeline:.")
         _, params_node = child(step_node, "params")
         if params_node is None or (isinstance(params_node, yaml.MappingNode) and params_node.flow_style):
-            merged = dict(yaml.safe_load(text)["pipeline"][step].get("params") or {}) if params_node is not None else {}
+            merged = dict(yaml12.load_yaml(text)["pipeline"][step].get("params") or {}) if params_node is not None else {}
             merged.update(params)
             flow = "{" + ", ".join(f"{k}: {_scalar(v)}" for k, v in merged.items()) + "}"
             if params_node is not None:

@@ -33,8 +33,8 @@ def hash_file(path: str | Path) -> str:
 def _canonical(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return {"__float__": repr(value)}
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, dict):  # a key that is not a string is tagged with its type: {1: x} is not {"1": x}
+        return {k if isinstance(k, str) else f"\x00{type(k).__name__}:{k!r}": _canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_canonical(v) for v in value]
     if isinstance(value, Path):

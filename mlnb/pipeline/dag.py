@@ -20,7 +20,7 @@ __all__ = ['RESERVED_PARAMS', 'Step', 'read_steps', 'topological_order', 'Pipeli
 
 # %% ../../nbs/pipeline/02_dag.ipynb #2497fae4
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
-yaml = lazy_import("yaml")
+yaml12 = lazy_import("mlnb.core.yaml12")  # parameter text reads one way everywhere (YAML 1.2)
 
 # %% ../../nbs/pipeline/02_dag.ipynb #c07980e7
 RESERVED_PARAMS = ("upstream", "product")
@@ -154,18 +154,14 @@ class Pipeline:
 
 # %% ../../nbs/pipeline/02_dag.ipynb #bba9d981
 def parse_overrides(pairs: list[str]) -> list[tuple[str | None, str, Any]]:
-    "Returns (step or None, name, value) for '-p step.name=value' / '-p name=value'; values read as YAML."
+    "Returns (step or None, name, value) for '-p step.name=value' / '-p name=value'; values read as in mlnb.yaml."
     parsed = []
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
             raise ParameterError(f"-p {pair!r}: write NAME=VALUE or STEP.NAME=VALUE, e.g. -p train.C=0.5")
         step, _, name = key.strip().rpartition(".")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        parsed.append((step or None, name, value))
+        parsed.append((step or None, name, yaml12.parse_value(text)))
     return parsed
 
 def check_params(pipeline: Pipeline, selected: list[str], overrides: list[str] | None = None

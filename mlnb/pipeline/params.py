@@ -16,7 +16,7 @@ from ..core.hashing import hash_json
 
 # %% auto #0
 __all__ = ['read_notebook', 'cell_source', 'cell_tags', 'code_hash', 'Parameter', 'NotebookParameters', 'parameters_cell',
-           'parse_parameters', 'value_fits', 'resolve_params']
+           'parse_parameters', 'value_fits', 'given_value', 'resolve_params']
 
 # %% ../../nbs/pipeline/01_params.ipynb #b8ca9ff3
 def read_notebook(path: str | Path) -> dict:
@@ -180,6 +180,7 @@ def _matches_simple(value: Any, base: type) -> bool:
         return isinstance(value, (list, tuple))
     return isinstance(value, base)
 
+# %% ../../nbs/pipeline/01_params.ipynb #b34bb028
 def value_fits(param: Parameter, value: Any) -> bool:
     "Returns whether `value` may be injected for `param` (by its annotation, else its default's type)."
     if param.annotation:
@@ -189,8 +190,28 @@ def value_fits(param: Parameter, value: Any) -> bool:
             return True
         return _matches(value, node) is not False
     if param.has_default and param.literal_default and param.default is not None:
+        if type(param.default) in (int, float):  # unannotated `C = 1`: any real number (`C: int = 1` is strict)
+            return _matches_simple(value, float) or value is None
         return _matches_simple(value, type(param.default)) or value is None
     return True
+
+def given_value(param: Parameter, value: Any) -> Any:
+    """Returns the value to inject for `param`: the text `None` is None for a param that allows None, as in
+    papermill; dicts with their keys in sorted order (a dict's key order is ignored everywhere: in the cache key
+    and in the notebook). Raises TypeError for a dict whose keys cannot be sorted (1 and 'a')."""
+    return None if value == "None" and value_fits(param, None) else _keys_sorted(value)
+
+def _keys_sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        try:
+            keys = sorted(value)
+        except TypeError:
+            raise TypeError(f"a dict whose keys mix types ({', '.join(repr(k) for k in value)}) cannot be stored "
+                            "with the notebook (Jupyter's format sorts keys); give it keys of one type") from None
+        return {k: _keys_sorted(value[k]) for k in keys}
+    if isinstance(value, list):
+        return [_keys_sorted(v) for v in value]
+    return value
 
 # %% ../../nbs/pipeline/01_params.ipynb #ea26e7c2
 def resolve_params(declared: NotebookParameters, given: dict[str, Any], *, where: str,
@@ -205,9 +226,14 @@ def resolve_params(declared: NotebookParameters, given: dict[str, Any], *, where
         raise ParameterError(f"{where}: params {one_of(given)} were given but {path} has no cell tagged "
                              "'parameters'. In JupyterLab, open the property inspector of the cell that "
                              "defines them and add the tag 'parameters'.")
-    problems = []
-    for name, value in given.items():
+    problems, given = [], dict(given)
+    for name, value in list(given.items()):
         param = declared.params.get(name)
+        try:
+            value = given[name] = given_value(param, value) if param is not None else value
+        except TypeError as e:
+            problems.append(f"parameter {name!r}: {e}")
+            continue
         if param is None:
             problems.append(f"unknown parameter {name!r}.{did_you_mean(name, declared.params)} "
                             f"{path.name} declares: {one_of(declared.params)}")
@@ -219,4 +245,4 @@ def resolve_params(declared: NotebookParameters, given: dict[str, Any], *, where
                             "set it under the step's params in mlnb.yaml or with -p")
     if problems:
         raise ParameterError(f"{where} ({path}): " + "; ".join(problems) + ".")
-    return dict(given)
+    return given

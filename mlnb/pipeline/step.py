@@ -22,7 +22,7 @@ from .kernels.warm import (enter_step, forked_kernel, has_zygote, leave_step, re
 from .render import quiet_slow_imports, render_html
 
 # %% auto #0
-__all__ = ['StepTask', 'StepResult', 'execute_step']
+__all__ = ['TRANSLATOR_LANGUAGE', 'papermill_translators', 'StepTask', 'StepResult', 'register_translator', 'execute_step']
 
 # %% ../../nbs/pipeline/04_step.ipynb #293fa7b7
 asyncio = lazy_import("asyncio")
@@ -199,6 +199,21 @@ def _render(result: StepResult, task: StepTask) -> None:
     except Exception as e:  # noqa: BLE001 - a report that cannot render must not hide the step's result
         result.error = (result.error + "; " if result.error else "") + f"report not rendered: {e}"
 
+# %% ../../nbs/pipeline/04_step.ipynb #34204a77
+TRANSLATOR_LANGUAGE = "mlnb-python"  # the name mlnb's translator is registered under in papermill
+papermill_translators = lazy_import("papermill.translators")
+
+def register_translator() -> str:
+    "Registers (once) papermill's Python translator with dict keys kept as they are; returns its language name."
+    registry = papermill_translators.papermill_translators
+    if TRANSLATOR_LANGUAGE not in registry._translators:
+        def translate_dict(cls, val: dict) -> str:
+            return "{" + ", ".join(f"{cls.translate(k)}: {cls.translate(v)}" for k, v in val.items()) + "}"
+        keyed = type("KeyedPythonTranslator", (papermill_translators.PythonTranslator,),
+                     {"translate_dict": classmethod(translate_dict)})
+        registry.register(TRANSLATOR_LANGUAGE, keyed)
+    return TRANSLATOR_LANGUAGE
+
 # %% ../../nbs/pipeline/04_step.ipynb #d630c8c8
 def execute_step(task: StepTask) -> StepResult:
     "Returns the result of executing `task`'s notebook with papermill (never raises for a failing notebook)."
@@ -217,7 +232,7 @@ def execute_step(task: StepTask) -> StepResult:
         result.phases["ready"] = time.perf_counter() - start
         deadline, limit = _time_limit(task.timeout)
         papermill.execute_notebook(
-            task.notebook, task.executed, parameters=task.params, kernel_name=ensure_kernel(), language="python",
+            task.notebook, task.executed, parameters=task.params, kernel_name=ensure_kernel(), language=register_translator(),
             cwd=task.cwd, progress_bar=False, log_output=False, request_save_on_cell_execute=False, **limit, **kernel)
     except papermill_exceptions.PapermillExecutionError as e:
         _record_cell_error(result, e, task, deadline())

@@ -19,7 +19,7 @@ __all__ = ['Param', 'parse_param', 'param_from_config', 'Objective', 'parse_obje
 
 # %% ../../nbs/sweep/01_space.ipynb #b0fbe0c3
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
-yaml = lazy_import("yaml")
+yaml12 = lazy_import("mlnb.core.yaml12")  # parameter text reads one way everywhere (YAML 1.2)
 
 # %% ../../nbs/sweep/01_space.ipynb #a07e7c42
 _KINDS = {"float": "float", "uniform": "float", "loguniform": "logfloat", "logfloat": "logfloat",
@@ -81,7 +81,7 @@ def parse_param(spec: str, name: str | None = None) -> Param:
         raise SweepError(f"{where}: unknown kind {kind_text!r}.{did_you_mean(kind_text, _KINDS)} "
                          f"Kinds: {one_of(_KINDS)}.")
     if kind == "categorical":
-        choices = tuple(yaml.safe_load(c) if c.strip() else c for c in rest.split(",")) if rest.strip() else ()
+        choices = tuple(yaml12.parse_value(c) for c in rest.split(",")) if rest.strip() else ()
         if not choices:
             raise SweepError(f"{where}: a categorical needs at least one choice, e.g. {name}=categorical:relu,tanh")
         return Param(name, kind, choices=choices)

@@ -36,13 +36,10 @@ class _RunRecorder:
     def __init__(self, store: Store, run_id: str, *, name: str | None = None, kind: str = "run",
                  owned: bool = True, heartbeat_interval: float = 10.0, sinks: list | None = None):
         self.store, self.id, self.name, self.kind = store, run_id, name, kind
-        self.owned = owned                      # False: a pipeline runner owns the status
-        self.heartbeat_interval = heartbeat_interval
-        self.status = "running"
-        self.metrics = MetricBuffer(run_id, store.log_metrics)
+        self.owned, self.heartbeat_interval = owned, heartbeat_interval  # owned False: a pipeline runner owns the status
+        self.status, self.pid = "running", os.getpid()  # (a forked child does not end its parent's runs)
+        self.metrics, self.sinks = MetricBuffer(run_id, store.log_metrics), sinks or []
         self.write_error: Exception | None = None  # the background writer's failure, not yet reported
-        self.sinks = sinks or []
-        self.pid = os.getpid()                  # a forked child does not end its parent's runs
         self.seed: int | None = None
 
     def __repr__(self) -> str:
@@ -167,6 +164,20 @@ class _RunFiles(_RunRecorder):
             sha = self.log_artifact(data, name=f"outputs/{validate_artifact_name(name)}{suffix}")["sha256"]
         self.store.set_output(self.id, name, kind, text, sha)
 
+# %% ../../nbs/tracking/05_run.ipynb #d5cf7f63
+_STATE_LOCK = threading.RLock()
+_ACTIVE: list[Run] = []          # the active-run stack of this process
+_EXIT: dict[str, Any] = {}       # how the process is ending (set by the excepthook)
+
+def _error_text(exc_type, exc) -> str:
+    "Returns 'Type: message' for an exception, with the innermost frame of the traceback."
+    text = f"{exc_type.__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__) if exc is not None else []
+    if frames:
+        last = frames[-1]
+        text += f" (at {last.filename}:{last.lineno})"
+    return text
+
 # %% ../../nbs/tracking/05_run.ipynb #b66fa288
 class Run(_RunFiles):
     "One tracked execution; create it with `start_run` (or `Run.attach` inside a pipeline step)."
@@ -230,18 +241,6 @@ class Run(_RunFiles):
         else:
             self.end("failed", error=_error_text(exc_type, exc))
 
-def _error_text(exc_type, exc) -> str:
-    "Returns 'Type: message' for an exception, with the innermost frame of the traceback."
-    text = f"{exc_type.__name__}: {exc}"
-    frames = traceback.extract_tb(exc.__traceback__) if exc is not None else []
-    if frames:
-        last = frames[-1]
-        text += f" (at {last.filename}:{last.lineno})"
-    return text
-
-_STATE_LOCK = threading.RLock()
-_ACTIVE: list[Run] = []          # the active-run stack of this process
-_EXIT: dict[str, Any] = {}       # how the process is ending (set by the excepthook)
 
 # %% ../../nbs/tracking/05_run.ipynb #4d6d0d51
 _HOOKS_INSTALLED = False

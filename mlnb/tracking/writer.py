@@ -31,8 +31,7 @@ def env_interval(var: str, default: float) -> float:
     except ValueError:
         return default
 
-# %% ../../nbs/tracking/03_writer.ipynb #8c339351
-Point = tuple[str, str, int, float, float]  # run id, key, step, value, timestamp
+# %% ../../nbs/tracking/03_writer.ipynb #befa6a8b
 _INT64 = range(-2**63, 2**63)
 
 def checked_point(key: Any, value: Any, step: Any, timestamp: Any) -> tuple[str, float, int | None, float | None]:
@@ -64,6 +63,9 @@ def _utf8(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+# %% ../../nbs/tracking/03_writer.ipynb #8c339351
+Point = tuple[str, str, int, float, float]  # run id, key, step, value, timestamp
 
 class MetricBuffer:
     "A run's metric points, held until written in a batch by `write` (a failed write keeps them)."

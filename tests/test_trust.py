@@ -1,0 +1,174 @@
+"""Trust: what you give is what runs, what ran is what is recorded, and nothing recorded is lost or leaked.
+
+The fault-injection and hostile-input suite of issue 25: each test names the promise it checks (the README's
+"What mlnb guarantees" lists them). Real stores, real kernels, real processes killed with real signals."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from mlnb.core.yaml12 import parse_value
+from mlnb.store.facade import Store
+from mlnb.sweep.space import parse_param
+from mlnb.testing.projects import Step, write_project
+
+# Parameter text, the value YAML 1.2 reads from it, and the value a notebook then holds. Papermill's own
+# translator cases (strings with quotes, unicode, nested lists and dicts, None, bools, floats) and the YAML 1.1
+# traps (yes/no/on/off, 010, 12:30, dates, 1e-4).
+PARAM_CASES = [
+    ("1e-4", 1e-4), ("1E5", 1e5), ("12.25", 12.25), ("12", 12), ("-3", -3), ("+4", 4), ("010", 10), ("0o10", 8),
+    ("0x1f", 31), (".inf", math.inf), ("-.inf", -math.inf), ("true", True), ("False", False), ("yes", "yes"),
+    ("no", "no"), ("on", "on"), ("off", "off"), ("y", "y"), ("12:30", "12:30"), ("2024-01-01", "2024-01-01"),
+    ("2024-01-01T10:00:00", "2024-01-01T10:00:00"), ("null", None), ("~", None), ("None", None),
+    ("[1, 2.5, x]", [1, 2.5, "x"]), ("{a: 1, b: [x, null]}", {"a": 1, "b": ["x", None]}), ("'quoted'", "quoted"),
+    ("foo bar", "foo bar"), ("über ∑ 😀", "über ∑ 😀"), ("'it''s \"ok\"'", "it's \"ok\""), ("1_000", "1_000"),
+    ("0b11", "0b11"), ("1.2.3", "1.2.3"), ("{1: a, 2: b}", {1: "a", 2: "b"}), ("'\\n'", "\\n"),
+]
+CLI_ONLY = [("#ff0000", "#ff0000"), ("", ""), ("a: b: c", "a: b: c"), ("x # note", "x")]  # not YAML values in a file
+
+
+def outputs(root: Path, run_id: str) -> dict:
+    "The outputs a step's run recorded, read back from the project's store."
+    store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    return {k: v["value"] for k, v in store.get_run(run_id).outputs.items()}
+
+
+def _seen_notebook_body(names: list[str]) -> str:
+    return ("import mlnb\nmlnb.output('seen', {k: [type(v).__name__, repr(v)] for k, v in {"
+            + ", ".join(f"{n!r}: {n}" for n in names) + "}.items()})")
+
+
+def _expected(value) -> list[str]:
+    return [type(value).__name__, repr(value)]
+
+
+def test_parameter_text_reads_one_way_in_mlnb_yaml_on_the_command_line_in_sweeps_and_from_the_cache(tmp_path):
+    "What you give is what runs: the same text is the same value and type everywhere (YAML 1.2's core schema)."
+    names = [f"p{i}" for i in range(len(PARAM_CASES))]
+    cli_names = [f"c{i}" for i in range(len(CLI_ONLY))]
+    declared = "\n".join(f"{n} = None" for n in names + cli_names)
+    root = write_project(tmp_path / "params", {"show": Step(declared, _seen_notebook_body(names + cli_names))})
+    cfg = yaml.safe_load((root / "mlnb.yaml").read_text())
+    (root / "mlnb.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "pipeline"})
+        + "pipeline:\n  show:\n    notebook: notebooks/show.ipynb\n    params:\n"
+        + "".join(f"      {n}: {text}\n" for n, (text, _) in zip(names, PARAM_CASES, strict=True)))
+    expected = {n: _expected(v) for n, (_, v) in zip(names, PARAM_CASES, strict=True)}
+    expected.update({n: _expected(None) for n in cli_names})
+
+    def seen(*args: str) -> dict:
+        result = run_cli("run", "--json", "-q", "--force", *args, cwd=root, timeout=300)
+        assert result.returncode == 0, result.stderr
+        [step] = json.loads(result.stdout)["steps"]
+        return outputs(root, step["run_id"])["seen"]
+
+    assert seen() == expected                     # mlnb.yaml (int keys, infinities: not cached as JSON)
+    overrides = [f"-p{n}={text}" for n, (text, _) in zip(names, PARAM_CASES, strict=True)]
+    overrides += [f"-p{n}={text}" for n, (text, _) in zip(cli_names, CLI_ONLY, strict=True)]
+    expected.update({n: _expected(v) for n, (_, v) in zip(cli_names, CLI_ONLY, strict=True)})
+    assert seen(*overrides) == expected           # -p, with mlnb.yaml read back from the cache
+    exact = [i for i, (_, v) in enumerate(PARAM_CASES) if json.loads(json.dumps(v)) == v]  # JSON-exact values
+    (root / "mlnb.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "pipeline"})
+        + "pipeline:\n  show:\n    notebook: notebooks/show.ipynb\n    params:\n"
+        + "".join(f"      p{i}: {PARAM_CASES[i][0]}\n" for i in exact))
+    expected = {n: _expected(None) for n in names + cli_names}
+    expected.update({f"p{i}": _expected(PARAM_CASES[i][1]) for i in exact})
+    assert seen() == expected                     # the first run after the edit caches the validated file
+    assert (root / ".mlnb" / "config-cache.json").exists()
+    assert seen() == expected                     # and every later run reads the cache: the same values, types
+    for text, value in PARAM_CASES + CLI_ONLY:    # a sweep's choices (a schedule's -p is -p, stored as text)
+        assert parse_value(text) == value or text == "None", text  # ('None' is None at a param that allows it)
+    choices = parse_param("x=categorical:1e-4,yes,010,12:30,null,#ff0000").choices
+    assert choices == (1e-4, "yes", 10, "12:30", None, "#ff0000"), choices
+
+
+def test_numbers_are_loose_unless_annotated_and_none_reaches_a_param_that_allows_it(tmp_path):
+    "`C = 1` takes 0.5; `C: int = 1` refuses it with a clear error before any kernel starts; `None` is None."
+    root = write_project(tmp_path / "loose", {"fit": Step("C = 1\nn: int = 3\nw: float | None = 1.0",
+                                                          "import mlnb\nmlnb.output('got', [C, n, w])")})
+    ok = run_cli("run", "--json", "-q", "-p", "C=0.5", "-p", "w=None", cwd=root, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert outputs(root, json.loads(ok.stdout)["steps"][0]["run_id"])["got"] == [0.5, 3, None]
+    strict = run_cli("run", "-p", "n=2.5", cwd=root)
+    assert strict.returncode == 1 and strict.stderr.count("\n") == 1, strict.stderr
+    assert "parameter 'n' expects int, got float 2.5" in strict.stderr, strict.stderr
+
+
+def test_a_dict_param_with_keys_of_mixed_types_is_one_line_before_any_kernel(tmp_path):
+    "Keys that cannot be sorted (Jupyter's format sorts them) are refused, naming the param; key order is ignored."
+    root = write_project(tmp_path / "keys", {"s": Step("w = None", "import mlnb\nmlnb.output('w', list(w))")})
+    bad = run_cli("run", "-p", "w={1: a, b: c}", cwd=root)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "parameter 'w': a dict whose keys mix types (1, 'b')" in bad.stderr, bad.stderr
+    assert not (root / ".mlnb" / "mlnb.db").exists() or not Store(f"sqlite:///{root}/.mlnb/mlnb.db").open().list_runs()
+    first = run_cli("run", "--json", "-q", "-p", "w={b: 1, a: 2}", cwd=root, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert outputs(root, json.loads(first.stdout)["steps"][0]["run_id"])["w"] == ["a", "b"]  # sorted, as hashed
+    again = run_cli("run", "--json", "-q", "-p", "w={a: 2, b: 1}", cwd=root, timeout=300)
+    assert json.loads(again.stdout)["steps"][0]["status"] == "cached", again.stdout  # the same dict
+
+
+BAD_POINTS = r"""
+import json, sys, mlnb
+from mlnb.core.errors import MetricError
+run = mlnb.start_run(name="points")
+refused = []
+for i in range(100):
+    mlnb.log_metric("good", i, step=i)
+    for key, value, step in [("bad\udcff", 1.0, None), ("nul\x00", 1.0, None), ("x", 1.0, 2**64),
+                             ("x", "0.5", None), ("x", None, None), ("x", [1], None), ("x", 1.0, "3")]:
+        try:
+            mlnb.log_metric(key, value, step=step)
+        except MetricError as e:
+            refused.append(str(e))
+run.end()
+print(json.dumps({"run": run.id, "refused": len(refused), "named": sum(1 for r in refused if "'" in r)}))
+"""
+
+
+def test_bad_metric_points_cost_nothing_else(tmp_path, project):
+    "One bad point never costs the good ones: refused at the call, named; the run ends finished with every good point."
+    (project / "points.py").write_text(BAD_POINTS)
+    result = subprocess.run([sys.executable, "points.py"], cwd=project, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["refused"] == 700 and data["named"] == 700, data
+    store = Store(f"sqlite:///{project}/.mlnb/mlnb.db").open()
+    run = store.get_run(data["run"])
+    assert run.status == "finished" and set(run.metrics) == {"good"}, (run.status, run.metrics)
+    assert [(s, v) for s, v, _ in store.metric_history(run.id, "good")] == [(i, float(i)) for i in range(100)]
+
+
+HOSTILE_FILES = {
+    "binary bytes": (b"name: p\n\x89PNG\r\n\x1a\n\xff\xfe", "is not UTF-8 text"),
+    "a recursive alias": (b"name: p\npipeline: &p\n  s: {notebook: notebooks/s.ipynb, next: *p}\n", "contains it"),
+    "an alias bomb": (b"a: &a [x, x, x, x, x, x, x, x, x, x]\n" + b"".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n".encode() for i in range(8)),
+        "expands to more than"),
+    "control characters": (b"name: p\x00\x07\n", "malformed YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_FILES))
+def test_hostile_project_files_are_one_line_and_record_nothing(tmp_path, case):
+    "A project file mlnb cannot read is one line naming the file (and line), exit 1; runs recorded before stay."
+    root = write_project(tmp_path / "hostile", {"s": Step("", "x = 1")})
+    assert run_cli("run", "-q", cwd=root, timeout=300).returncode == 0
+    good = (root / "mlnb.yaml").read_bytes()
+    text, says = HOSTILE_FILES[case]
+    (root / "mlnb.yaml").write_bytes(text)
+    for args in (["run"], ["runs", "list"], ["sweep", "list"]):
+        result = run_cli(*args, cwd=root, timeout=60)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and "mlnb.yaml" in result.stderr and says in result.stderr, \
+            (args, result.stderr)
+        assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    (root / "mlnb.yaml").write_bytes(good)
+    assert len(Store(f"sqlite:///{root}/.mlnb/mlnb.db").open().list_runs()) == 2  # the pipeline run and its step
