@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import MLNB, run_cli, wait_for
 from mlnb.core.yaml12 import parse_value
 from mlnb.store.facade import Store
 from mlnb.sweep.space import parse_param
@@ -172,3 +175,91 @@ def test_hostile_project_files_are_one_line_and_record_nothing(tmp_path, case):
         assert "internal error" not in result.stderr and "Traceback" not in result.stderr
     (root / "mlnb.yaml").write_bytes(good)
     assert len(Store(f"sqlite:///{root}/.mlnb/mlnb.db").open().list_runs()) == 2  # the pipeline run and its step
+
+
+# -- Records are never wrong: what a step read is what its upstream run made -------------------------------------
+WRITER = """
+import time
+from pathlib import Path
+Path("data").mkdir(exist_ok=True)
+with open("data/rows.txt", "w") as f:
+    for i in range(rows):
+        f.write(f"row {i}\\n")
+        f.flush()
+        if slow and i == rows // 2:
+            Path("data/half-written").touch()
+            time.sleep(600)                     # killed here, mid-write
+"""
+READER = "import mlnb\nmlnb.output('lines', len(open('data/rows.txt').read().splitlines()))"
+
+
+def _two_steps(root: Path) -> Path:
+    write_project(root, {"write": Step("rows = 100\nslow = False", WRITER),
+                         "read": Step("", READER, needs=["write"])})
+    cfg = yaml.safe_load((root / "mlnb.yaml").read_text())
+    cfg["pipeline"]["write"]["products"] = {"rows": "data/rows.txt"}
+    (root / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def _lines_read(root: Path, result) -> int:
+    assert result.returncode == 0, result.stderr
+    [step] = [s for s in json.loads(result.stdout)["steps"] if s["name"] == "read"]
+    return outputs(root, step["run_id"])["lines"]
+
+
+def test_a_step_reads_what_its_upstream_run_made_even_after_an_edit_or_a_sigkill_mid_write(tmp_path):
+    "A product edited by hand, or left half-written by a step killed outright, is never read as the finished run's."
+    root = _two_steps(tmp_path / "upstream")
+    assert _lines_read(root, run_cli("run", "--json", "-q", cwd=root, timeout=300)) == 100
+    (root / "data" / "rows.txt").write_text("edited\n")
+    assert _lines_read(root, run_cli("run", "--json", "-q", "--only", "read", "--force", cwd=root, timeout=300)) == 100
+    proc = subprocess.Popen([MLNB, "run", "-q", "--force", "--only", "write", "-p", "slow=true"], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for((root / "data" / "half-written").exists, timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)     # mlnb, its worker and the kernel: no chance to clean up
+        proc.wait(timeout=60)
+    assert len((root / "data" / "rows.txt").read_text().splitlines()) == 51  # half a file on disk
+    resumed = run_cli("run", "--json", "-q", "--only", "read", "--force", cwd=root, timeout=300)
+    assert _lines_read(root, resumed) == 100   # the finished run's product, restored; never the half file
+    assert len((root / "data" / "rows.txt").read_text().splitlines()) == 100
+
+
+def test_a_changed_blob_is_an_error_naming_it_and_its_run_never_restored_or_unpickled(tmp_path):
+    "Integrity on every read: cache restore, mlnb.load_model, registry.load_model."
+    root = _two_steps(tmp_path / "blobs")
+    first = run_cli("run", "--json", "-q", cwd=root, timeout=300)
+    assert first.returncode == 0, first.stderr
+    store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    [write] = [s for s in json.loads(first.stdout)["steps"] if s["name"] == "write"]
+    [product] = [f for f in store.get_run(write["run_id"]).files if f["role"] == "product"]
+    blob = root / ".mlnb" / "artifacts" / product["sha256"][:2] / product["sha256"][2:]
+    blob.chmod(0o644)
+    blob.write_text("tampered\n")
+    (root / "data" / "rows.txt").unlink()
+    bad = run_cli("run", cwd=root, timeout=300)
+    assert bad.returncode == 1 and "internal error" not in bad.stderr, bad.stderr
+    assert f"blob {product['sha256'][:12]} (product data/rows.txt of run {write['run_id'][:8]})" in bad.stderr
+    assert "does not match its recorded sha256" in bad.stderr and not (root / "data" / "rows.txt").exists()
+    assert not list((root / "data").glob(".*tmp*"))            # no temporary file left behind
+
+    script = root / "model.py"
+    script.write_text("import mlnb\nfrom sklearn.dummy import DummyClassifier\n"
+                      "with mlnb.start_run('m') as run:\n    mlnb.log_model(DummyClassifier().fit([[0], [1]], [0, 1]))\n"
+                      "mlnb.registry.register('dummy', run.id)\nprint(run.id)\n")
+    made = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stderr
+    run_id = made.stdout.strip()
+    [art] = [a for a in store.get_run(run_id).artifacts if a["name"] == "model.pkl"]
+    model_blob = Path(art["uri"])
+    model_blob.chmod(0o644)
+    model_blob.write_bytes(pickle.dumps(("not", "the", "model")))  # a valid pickle: would load silently
+    check = ("import mlnb, sys\nfor load in (lambda: mlnb.load_model(sys.argv[1]), lambda: mlnb.registry.load_model('dummy')):\n"
+             "    try:\n        load()\n    except mlnb.MlnbError as e:\n        print(e)\n")
+    loaded = subprocess.run([sys.executable, "-c", check, run_id], cwd=root, capture_output=True, text=True,
+                            timeout=120, check=False)
+    lines = loaded.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("does not match its recorded sha256" in line for line in lines), loaded
+    assert f"(model.pkl of run {run_id[:8]})" in lines[0] and f"(model dummy v1 of run {run_id[:8]})" in lines[1], lines

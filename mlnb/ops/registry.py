@@ -125,4 +125,5 @@ def load_model(ref: str, store: str | Store | None = None) -> Any:
     "Returns the model a registry reference names: 'churn@champion', 'churn@3' or 'churn' (the latest)."
     store = store if isinstance(store, Store) else open_store(store)
     version = resolve(ref, store)
-    return pickle.loads(artifacts_for(store).read_bytes(version.sha256))
+    what = f"model {version.name} v{version.version} of run {version.run_id[:8]}"
+    return pickle.loads(artifacts_for(store).read_bytes(version.sha256, what))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import MlnbError
+from ..core.errors import MlnbError, PipelineError
 from ..core.hashing import FileHashes, hash_json
 from .dag import Step
 from ..store.artifacts import ArtifactStore
@@ -20,7 +20,7 @@ from ..store.records import RunRecord
 
 # %% auto #0
 __all__ = ['MLNB_CACHE_VERSION', 'StepPlan', 'rel_path', 'expand_inputs', 'cache_key', 'upstream_fingerprint', 'restore_products',
-           'link_reports']
+           'link_reports', 'restore_upstream']
 
 # %% ../../nbs/pipeline/05_cache.ipynb #8240733b
 MLNB_CACHE_VERSION = "1"  # the major version of what cached results mean
@@ -84,7 +84,7 @@ def restore_products(hit: RunRecord, step: Step, root: Path, hashes: FileHashes,
             continue
         if not artifacts.exists(f["sha256"]):
             return False
-        artifacts.copy_to(f["sha256"], target)
+        artifacts.copy_to(f["sha256"], target, f"product {f['path']} of run {hit.id[:8]}")
         hashes.hash(target)
     return True
 
@@ -107,3 +107,12 @@ def link_reports(hit: RunRecord, name: str, report_dir: Path, artifacts: Artifac
                 continue
         paths.append(str(target))
     return paths[0], paths[1]
+
+# %% ../../nbs/pipeline/05_cache.ipynb #2f3936a2
+def restore_upstream(upstream: list[tuple[Step, RunRecord]], root: Path, hashes: FileHashes, artifacts: ArtifactStore) -> None:
+    "Makes the products of earlier runs a step reads those runs' own (restored where they differ); raises if it cannot."
+    for step, record in upstream:
+        if not restore_products(record, step, root, hashes, artifacts):
+            raise PipelineError(f"the products of step {step.name!r} on disk differ from those its run {record.id[:8]} "
+                                "made, and cannot be restored (its declared products changed or their stored copies "
+                                f"are gone). Run it again: mlnb run --from {step.name}")

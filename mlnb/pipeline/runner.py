@@ -17,7 +17,8 @@ from typing import Any
 from ..core.config import Project, require_project
 from ..core.errors import Interrupted, MlnbError, PipelineBusy
 from ..core.hashing import FileHashes
-from .cache import StepPlan, cache_key, expand_inputs, rel_path, restore_products, upstream_fingerprint
+from .cache import (StepPlan, cache_key, expand_inputs, rel_path, restore_products, restore_upstream,
+                                 upstream_fingerprint)
 from .executors.base import Executor, StopRequests, get_executor
 from .plan import RunPlan, plan_run
 from .record import PipelineOutcome, StepOutcome, StepRecorder
@@ -174,6 +175,7 @@ class _StepStarter(_RunnerSettings):
         self.pipeline_run.set_tag("mlnb.report_dir", str(self.report_dir))
         self.recorder = StepRecorder(self.store, self.root, self.artifacts, self.pipeline_run, self.project.name, self.on_event)
         self.steps = StepStates(plan.plans, plan.reused)
+        self.reused = {n: (plan.pipeline.steps[n], record) for n, record in plan.reused.items()}
         self.running: dict[Any, tuple[str, Run, float]] = {}
 
     def _dispatch_ready(self) -> None:
@@ -188,15 +190,17 @@ class _StepStarter(_RunnerSettings):
     def _start(self, name: str, plan: StepPlan) -> None:
         "Restores a step from the cache, or hands it to the executor."
         step, results = plan.step, self.steps.results
-        try:
+        try:  # what it reads from earlier runs is what they made; its inputs are hashed; it may be cached
+            restore_upstream([self.reused[n] for n in step.needs if n in self.reused], self.root, self.hashes, self.artifacts)
             plan.inputs = {rel_path(self.root, f): self.hashes.hash(f) for f in expand_inputs(self.root, step, plan.params)}
-        except (MlnbError, OSError) as e:
+            plan.cache_key = cache_key(plan, {n: upstream_fingerprint(results[n]) for n in step.needs})
+            hit = self.store.find_cached(plan.cache_key) if step.cache and not self._forced(name) else None
+            restored = hit is not None and restore_products(hit, step, self.root, self.hashes, self.artifacts)
+        except (MlnbError, OSError) as e:  # an unreadable input, a stored product that changed: said, not run
             self.recorder.failed_before_start(name, plan, str(e))
             self.steps.state[name] = "failed"
             return
-        plan.cache_key = cache_key(plan, {n: upstream_fingerprint(results[n]) for n in step.needs})
-        hit = self.store.find_cached(plan.cache_key) if step.cache and not self._forced(name) else None
-        if hit is not None and restore_products(hit, step, self.root, self.hashes, self.artifacts):
+        if hit is not None and restored:
             self.recorder.cached(name, plan, hit, self.report_dir)
             results[name], self.steps.state[name] = hit, "cached"
             return

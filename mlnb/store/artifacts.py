@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from mlnb.store.facade import Store
 
 # %% auto #0
-__all__ = ['validate_artifact_name', 'guess_media_type', 'Blob', 'ArtifactStore', 'artifact_root_for', 'artifacts_for',
-           'ArtifactIndex']
+__all__ = ['validate_artifact_name', 'guess_media_type', 'Blob', 'check_digest', 'ArtifactStore', 'artifact_root_for',
+           'artifacts_for', 'ArtifactIndex']
 
 # %% ../../nbs/store/10_artifacts.ipynb #42711d44
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -104,11 +104,25 @@ class _BlobPlaces:
                 write(f)
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError):  # a full disk, a quota: nothing half-written is left behind
+                raise ArtifactError(f"Cannot store a blob under {self.root}: {e.strerror or e}. Free some space "
+                                    "(or set MLNB_ARTIFACTS / 'artifacts:' in mlnb.yaml) and run again.") from None
             raise
 
+
+# %% ../../nbs/store/10_artifacts.ipynb #0bfa11e4
+def _of(what: str) -> str:
+    return f" ({what})" if what else ""
+
+def check_digest(root: str, sha256: str, actual: str, what: str = "") -> None:
+    "Raises `ArtifactError` when a blob read back from `root` does not hash to the digest it was stored under."
+    if actual != sha256:
+        raise ArtifactError(f"The artifact blob {sha256[:12]}{_of(what)} in {root} does not match its recorded "
+                            f"sha256 (its bytes hash to {actual[:12]}): it changed after it was stored, so it was not "
+                            "used. Restore it from a backup, or run the step that made it again (mlnb run --force).")
 
 # %% ../../nbs/store/10_artifacts.ipynb #3b364dd7
 class ArtifactStore(_BlobPlaces):
@@ -144,30 +158,35 @@ class ArtifactStore(_BlobPlaces):
                 fs.put_file(str(path), target)
         return Blob(sha, size, target)
 
-    def read_bytes(self, sha256: str) -> bytes:
-        "Returns the bytes of a stored blob."
+    def read_bytes(self, sha256: str, what: str = "") -> bytes:
+        "Returns the bytes of a stored blob, checked against its digest (`what` names it in errors: 'model of run ...')."
         try:
             if self.is_local:
-                return Path(self.uri(sha256)).read_bytes()
-            fs, _ = self._fs()
-            return fs.cat_file(self.uri(sha256))
+                data = Path(self.uri(sha256)).read_bytes()
+            else:
+                fs, _ = self._fs()
+                data = fs.cat_file(self.uri(sha256))
         except FileNotFoundError:
-            raise ArtifactError(f"The artifact blob {sha256[:12]} is missing from {self.root}. "
+            raise ArtifactError(f"The artifact blob {sha256[:12]}{_of(what)} is missing from {self.root}. "
                                 "It may have been deleted or the artifact root moved (set MLNB_ARTIFACTS).") from None
+        check_digest(self.root, sha256, hash_bytes(data), what)
+        return data
 
-    def copy_to(self, sha256: str, dest: str | Path) -> Path:
-        "Writes a stored blob to `dest` (a writable copy, never a link into the store) and returns it."
+    def copy_to(self, sha256: str, dest: str | Path, what: str = "") -> Path:
+        "Writes a stored blob to `dest` (a writable copy, never a link into the store), checked, and returns it."
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.is_local:
-            source = self.uri(sha256)
-            if not os.path.exists(source):
-                self.read_bytes(sha256)  # raises the missing-blob error
-            tmp = dest.with_name(f".{dest.name}.mlnb-tmp")
-            shutil.copyfile(source, tmp)
+        tmp = dest.with_name(f".{dest.name}.mlnb-tmp")
+        try:
+            if self.is_local and os.path.exists(self.uri(sha256)):
+                with open(self.uri(sha256), "rb") as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK)
+                check_digest(self.root, sha256, hash_file(tmp), what)
+            else:
+                tmp.write_bytes(self.read_bytes(sha256, what))
             os.replace(tmp, dest)
-        else:
-            dest.write_bytes(self.read_bytes(sha256))
+        finally:
+            tmp.unlink(missing_ok=True)
         return dest
 
 # %% ../../nbs/store/10_artifacts.ipynb #42e9f110

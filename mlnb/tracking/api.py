@@ -76,7 +76,7 @@ def load_model(run: str, name: str = "model", store: str | Store | None = None) 
     wanted = f"{name}.pkl"
     for art in record.artifacts:
         if art["name"] == wanted:
-            return pickle.loads(artifacts_for(store).read_bytes(art["sha256"]))
+            return pickle.loads(artifacts_for(store).read_bytes(art["sha256"], f"{wanted} of run {record.id[:8]}"))
     names = one_of(a["name"] for a in record.artifacts)
     raise ArtifactError(f"Run {record.id[:8]} has no model {name!r} (artifacts: {names}). "
                         "Log one with mlnb.log_model(model).")

@@ -66,7 +66,7 @@ def read_output(record, name: str, store: Store | None = None) -> Any:
     out = record.outputs[name]
     if out["kind"] == "json":
         return out["value"]
-    data = artifacts_for(store).read_bytes(out["sha256"])
+    data = artifacts_for(store).read_bytes(out["sha256"], f"output {name} of run {record.id[:8]}")
     if out["kind"] == "dataframe":
         return pd.read_parquet(io.BytesIO(data))
     if out["kind"] == "ndarray":
