@@ -29,7 +29,7 @@ from ..store.records import RunRecord
 from ..tracking.run import Run, start_run
 
 # %% auto #0
-__all__ = ['ProjectLock', 'StepStates', 'run_status', 'PipelineRunner', 'run_pipeline']
+__all__ = ['ProjectLock', 'StepStates', 'run_status', 'report_folder', 'PipelineRunner', 'run_pipeline']
 
 # %% ../../nbs/pipeline/08_runner.ipynb #79744c69
 class ProjectLock:
@@ -158,6 +158,14 @@ class _RunnerSettings:
     def _forced(self, name: str) -> bool:
         return self.force is True or (isinstance(self.force, (list, tuple, set)) and name in self.force)
 
+# %% ../../nbs/pipeline/08_runner.ipynb #c4a87f7f
+def report_folder(reports: Path, run: Run) -> Path:
+    "Makes and returns the report folder of pipeline run `run` under `reports` (`<time>-<run id>`), tagged on the run."
+    folder = reports / f"{time.strftime('%Y%m%d-%H%M%S')}-{run.id[:8]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    run.set_tag("mlnb.report_dir", str(folder))
+    return folder
+
 # %% ../../nbs/pipeline/08_runner.ipynb #9232e6f6
 class _StepStarter(_RunnerSettings):
     "Starting a pipeline run's steps: restored from the cache, or handed to the executor."
@@ -169,13 +177,10 @@ class _StepStarter(_RunnerSettings):
         flat = {f"{n}.{k}": v for n, p in plan.plans.items() for k, v in p.effective.items()}
         self.pipeline_run = start_run(self.run_name, params=flat, store=self.store, kind=self.kind, parent=self.parent,
                                       activate=False, tags={"steps": plan.selected, **self.tags})
-        self.report_dir = ((self.report_root or (self.root / "reports"))
-                           / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.pipeline_run.id[:8]}")
-        self.report_dir.mkdir(parents=True, exist_ok=True)
-        self.pipeline_run.set_tag("mlnb.report_dir", str(self.report_dir))
+        self.report_dir = report_folder(self.report_root or (self.root / "reports"), self.pipeline_run)
         self.recorder = StepRecorder(self.store, self.root, self.artifacts, self.pipeline_run, self.project.name, self.on_event)
         self.steps = StepStates(plan.plans, plan.reused)
-        self.reused = {n: (plan.pipeline.steps[n], record) for n, record in plan.reused.items()}
+        self.reused = {n: (plan.pipeline.steps[n], record) for n, record in plan.reused.items()}  # made earlier
         self.running: dict[Any, tuple[str, Run, float]] = {}
 
     def _dispatch_ready(self) -> None:
