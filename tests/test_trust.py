@@ -263,3 +263,52 @@ def test_a_changed_blob_is_an_error_naming_it_and_its_run_never_restored_or_unpi
     lines = loaded.stdout.strip().splitlines()
     assert len(lines) == 2 and all("does not match its recorded sha256" in line for line in lines), loaded
     assert f"(model.pkl of run {run_id[:8]})" in lines[0] and f"(model dummy v1 of run {run_id[:8]})" in lines[1], lines
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    "A 1 MiB tmpfs (mount needs root, as CI has it here)."
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                             text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_while_storing_a_product_fails_the_step_in_one_line_and_keeps_what_was_recorded(tmp_path, small_disk):
+    "Disk full: one line, nothing half-written left, the metrics logged before the fault kept, the run ended."
+    root = write_project(tmp_path / "full", {"big": Step("", "import os, mlnb\nmlnb.log_metric('before', 1.0)\n"
+                                                          "os.makedirs('data', exist_ok=True)\n"
+                                                          "open('data/big.bin', 'wb').write(os.urandom(3 << 20))")})
+    cfg = yaml.safe_load((root / "mlnb.yaml").read_text())
+    cfg["artifacts"] = str(small_disk)
+    cfg["pipeline"]["big"]["products"] = {"big": "data/big.bin"}
+    (root / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    result = run_cli("run", cwd=root, timeout=300)
+    assert result.returncode == 1 and "internal error" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: step 'big' failed: Cannot store a blob under")
+    assert "No space left on device" in result.stderr, result.stderr
+    assert not [p for p in small_disk.rglob("*") if p.name.startswith(".tmp-")]  # no half-written blob
+    store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    [step] = store.list_runs(kind="step")
+    assert step.status == "failed" and step.metrics["before"]["last"] == 1.0, (step.status, step.metrics)
+    assert store.list_runs(kind="pipeline")[0].status == "failed"
+
+
+def test_products_outside_the_project_are_refused_unless_the_step_says_so(tmp_path):
+    root = write_project(tmp_path / "inside", {"s": Step("", "open('../outside.txt', 'w').write('x')")})
+    cfg = yaml.safe_load((root / "mlnb.yaml").read_text())
+    cfg["pipeline"]["s"]["products"] = ["../outside.txt"]
+    (root / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    refused = run_cli("run", cwd=root)
+    assert refused.returncode == 1 and "is '../outside.txt', outside the project" in refused.stderr, refused.stderr
+    assert not (tmp_path / "outside.txt").exists()  # refused before any kernel
+    cfg["pipeline"]["s"]["products_outside_project"] = True
+    (root / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
+    allowed = run_cli("run", cwd=root, timeout=300)
+    assert allowed.returncode == 0 and (tmp_path / "outside.txt").read_text() == "x", allowed.stderr

@@ -54,6 +54,7 @@ def _models():
         needs: list[str] = Field(default_factory=list)
         inputs: list[str] = Field(default_factory=list)
         products: dict[str, str] | list[str] = Field(default_factory=dict)
+        products_outside_project: bool = False  # true: products may be '../x' or absolute paths
         cache: bool = True  # false: run every time (a step that reads a database, scores with a moving alias)
         timeout: float | None = Field(default=None, gt=0)  # seconds its cells may run together; then it is stopped
 

@@ -5,6 +5,7 @@
 # %% ../../nbs/pipeline/02_dag.ipynb #1411bcaa
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class Step:
     needs: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     products: dict[str, str] = field(default_factory=dict)   # name -> project-relative path
+    products_outside_project: bool = False                     # True: products may lie outside the project
     cache: bool = True                                         # False: always run, never restored
     timeout: float | None = None                               # seconds its cells may run together (None: no limit)
 
@@ -44,6 +46,16 @@ class Step:
             return self.notebook.relative_to(root).as_posix()
         except ValueError:
             return str(self.notebook)
+
+def _check_products_inside(project: Project, step: Step) -> None:
+    "Raises InvalidPipeline for a product outside the project (`../x`, `/abs`) unless the step allows it."
+    root = Path(os.path.abspath(project.root))
+    for name, path in step.products.items():
+        where = Path(os.path.normpath(root / path))
+        if not step.products_outside_project and not where.is_relative_to(root):
+            raise InvalidPipeline(f"{project.config_path}: product {name!r} of step {step.name!r} is {path!r}, outside "
+                                  "the project (a copy of the project would lose it). Write it inside the project, or "
+                                  "set 'products_outside_project: true' on the step.")
 
 def _products(raw: Any) -> dict[str, str]:
     if isinstance(raw, dict):
@@ -60,7 +72,9 @@ def read_steps(project: Project, config: dict) -> dict[str, Step]:
                                   "'_' only.")
         steps[step_name] = Step(name=step_name, notebook=(project.root / spec.notebook).resolve(),
                                 params=dict(spec.params), needs=list(spec.needs), inputs=list(spec.inputs),
-                                products=_products(spec.products), cache=spec.cache, timeout=spec.timeout)
+                                products=_products(spec.products), cache=spec.cache, timeout=spec.timeout,
+                                products_outside_project=getattr(spec, "products_outside_project", False))
+        _check_products_inside(project, steps[step_name])
     for step in steps.values():
         for need in step.needs:
             if need not in steps:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import PipelineError, StepFailed
+from ..core.errors import MlnbError, PipelineError, StepFailed
 from .cache import StepPlan, link_reports
 from .step import StepResult
 from ..store.artifacts import ArtifactStore
@@ -133,19 +133,16 @@ class StepRecorder(_StepRecords):
         "Records an executed step: products (missing ones fail it), reports, lineage, status."
         files = self._input_files(plan, upstream)
         if result.status == "finished":
-            missing = [p for p in plan.step.products.values() if not (self.root / p).is_file()]
-            if missing:
-                result.status = "failed"
-                result.error = (f"the step finished but did not write its product {missing[0]!r} "
-                                f"(declared under products: in mlnb.yaml; the notebook gets the paths as `product`)")
-            else:
-                for product_name, path in plan.step.products.items():
-                    info = run.log_artifact(self.root / path, name=f"products/{product_name}")
-                    files.append({"role": "product", "path": Path(path).as_posix(), "sha256": info["sha256"],
-                                  "size": info["size"]})
+            try:
+                files += self._store_products(plan, run)
+            except MlnbError as e:  # not written, a folder in its place, a full disk: the step failed, said
+                result.status, result.error = "failed", str(e)
         for path, artifact in ((result.executed, "notebook/executed.ipynb"), (result.html, "notebook/report.html")):
-            if path and os.path.exists(path):
-                self._keep_report(run, path, artifact)
+            try:
+                if path and os.path.exists(path):
+                    self._keep_report(run, path, artifact)
+            except MlnbError as e:  # a full disk: the step's record says so, the run still ends
+                result.status, result.error = "failed", result.error or str(e)
         self.store.add_run_files(run.id, files)
         error = result.error
         if result.status == "failed" and result.cell is not None:
@@ -155,6 +152,19 @@ class StepRecorder(_StepRecords):
         return self._ended(StepOutcome(name, result.status, run.id, time.perf_counter() - began, result.html,
                                        result.executed, error, notebook=plan.step.rel(self.root), cell=result.cell,
                                        ename=ename or None, evalue=evalue or None))
+
+    def _store_products(self, plan: StepPlan, run: Run) -> list[dict]:
+        "Stores a finished step's products; raises for one it did not write, or one it could not store."
+        for path in plan.step.products.values():
+            if not (self.root / path).is_file():
+                problem = "wrote a folder, not a file, as" if (self.root / path).is_dir() else "did not write"
+                raise PipelineError(f"the step finished but {problem} its product {path!r} (declared under "
+                                    "products: in mlnb.yaml; the notebook gets the paths as `product`)")
+        files = []
+        for product_name, path in plan.step.products.items():
+            info = run.log_artifact(self.root / path, name=f"products/{product_name}")
+            files.append({"role": "product", "path": Path(path).as_posix(), "sha256": info["sha256"], "size": info["size"]})
+        return files
 
     def _keep_report(self, run: Run, path: str, name: str) -> None:
         "Stores a report as an artifact; the file in the report folder becomes a hard link to the stored blob."
