@@ -312,3 +312,44 @@ def test_products_outside_the_project_are_refused_unless_the_step_says_so(tmp_pa
     (root / "mlnb.yaml").write_text(yaml.safe_dump(cfg))
     allowed = run_cli("run", cwd=root, timeout=300)
     assert allowed.returncode == 0 and (tmp_path / "outside.txt").read_text() == "x", allowed.stderr
+
+
+# -- A copy of the store is a whole copy -----------------------------------------------------------------------
+WRITING = """
+import sys, time, mlnb
+with mlnb.start_run("busy") as run:
+    for i in range(10**9):
+        mlnb.log_metric("x", i)
+        if i % 500 == 0:
+            mlnb.active_run().flush()
+            open("progress", "w").write(str(i))
+"""
+
+
+def test_the_store_file_alone_holds_every_run_after_a_command_and_backup_works_while_runs_go_on(tmp_path, pg_cluster):
+    "WAL checkpointed when a command ends; `mlnb store backup` is a consistent single file taken mid-write."
+    root = write_project(tmp_path / "copyable", {"s": Step("", "import mlnb\nmlnb.log_metric('m', 1.0)")})
+    assert run_cli("run", "-q", cwd=root, timeout=300).returncode == 0
+    copy = tmp_path / "copy.db"
+    copy.write_bytes((root / ".mlnb" / "mlnb.db").read_bytes())   # the .db file only, as a user copies it
+    assert len(Store(f"sqlite:///{copy}").open().list_runs()) == 2  # the pipeline run and its step
+
+    (root / "busy.py").write_text(WRITING)
+    writer = subprocess.Popen([sys.executable, "busy.py"], cwd=root, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (root / "progress").exists() and int((root / "progress").read_text() or 0) >= 1000,
+                 timeout=120)
+        backup = run_cli("store", "backup", str(tmp_path / "backup.db"), "--json", cwd=root, timeout=120)
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert backup.returncode == 0, backup.stderr
+    taken = Store(f"sqlite:///{tmp_path / 'backup.db'}").open()
+    busy = next(r for r in taken.list_runs() if r.name == "busy")
+    points = taken.metric_history(busy.id, "x")
+    assert len(points) >= 1000 and [s for s, _, _ in points] == list(range(len(points)))  # a prefix, no gaps
+    again = run_cli("store", "backup", str(tmp_path / "backup.db"), cwd=root)
+    assert again.returncode == 1 and "exists; give the backup a new path" in again.stderr, again.stderr
+    pg = run_cli("store", "backup", str(tmp_path / "pg.db"), "--store", pg_cluster.create_database(), cwd=root)
+    assert pg.returncode == 1 and "pg_dump" in pg.stderr and pg.stderr.count("\n") == 1, pg.stderr

@@ -85,6 +85,7 @@ COMMANDS = Registry("command", "mlnb.commands", {
     "scheduler": "mlnb.cli.schedule:scheduler_command",
     "registry": "mlnb.cli.registry:registry",
     "monitor": "mlnb.cli.registry:monitor_command",
+    "store": "mlnb.cli.store:store",
 })
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,6 +5,7 @@
 # %% ../../nbs/store/01_database.ipynb #6c47e9dd
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import random
@@ -12,6 +13,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -23,7 +25,8 @@ from ..core.plugins import Registry
 
 # %% auto #0
 __all__ = ['SUPPORTED', 'SCHEMA_VERSION', 'SQLITE_HEADER', 'Params', 'BACKENDS', 'masked', 'parse_store_url', 'compile_binds',
-           'bind_values', 'Tx', 'Database', 'check_sqlite_file', 'SqliteDatabase', 'SqlAlchemyDatabase', 'connect']
+           'bind_values', 'Tx', 'Database', 'check_sqlite_file', 'SqliteDatabase', 'checkpoint_sqlite',
+           'checkpoint_opened', 'backup_sqlite', 'SqlAlchemyDatabase', 'connect']
 
 # %% ../../nbs/store/01_database.ipynb #50bf3d62
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -225,6 +228,8 @@ def check_sqlite_file(path: Path) -> None:
                          "project folder, or set --store / MLNB_STORE to a writable location.")
 
 # %% ../../nbs/store/01_database.ipynb #07140c93
+_OPENED: weakref.WeakSet[_SqliteConnections] = weakref.WeakSet()  # the SQLite files this process opened
+
 class _SqliteConnections(Database):
     "The connections of an SQLite file (or `:memory:`): one per thread."
     backend = "sqlite"
@@ -240,6 +245,7 @@ class _SqliteConnections(Database):
         self._lock = threading.RLock()
         self._shared: sqlite3.Connection | None = None
         self._pid = os.getpid()
+        _OPENED.add(self)  # its write-ahead log is checkpointed when the process ends
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -321,6 +327,48 @@ class _NoLock:
         return False
 
 _NO_LOCK = _NoLock()
+
+# %% ../../nbs/store/01_database.ipynb #fd918865
+def checkpoint_sqlite(db: _SqliteConnections) -> None:
+    "Moves what the write-ahead log of `db` holds into its file, never waiting for another process."
+    if db.in_memory or not os.path.exists(db.path):
+        return
+    conn = sqlite3.connect(db.path, timeout=0, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # empties the log if no one else is reading it
+    except sqlite3.Error:
+        pass  # another process holds it: its own exit checkpoints what it wrote
+    finally:
+        conn.close()
+
+@atexit.register
+def checkpoint_opened() -> None:
+    "Checkpoints every SQLite store this process opened (run at exit)."
+    for db in list(_OPENED):
+        if db._pid == os.getpid():
+            checkpoint_sqlite(db)
+
+def backup_sqlite(db: _SqliteConnections, dest: str | Path) -> Path:
+    "Writes a consistent single-file copy of the SQLite store `db` to `dest` (a new file) while others write."
+    dest = Path(dest)
+    if dest.exists():
+        raise StoreError(f"{dest} exists; give the backup a new path (mlnb never overwrites a file with it).")
+    tmp = dest.with_name(f".{dest.name}.mlnb-tmp")
+    try:
+        with sqlite3.connect(db.path, timeout=30) as src, sqlite3.connect(tmp) as out:
+            src.backup(out)
+            out.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            verdict = out.execute("PRAGMA integrity_check").fetchone()[0]
+        if verdict != "ok":
+            raise StoreError(f"The backup of {db.path} failed its integrity check ({verdict}); nothing was written.")
+        os.replace(tmp, dest)
+    except (sqlite3.Error, OSError) as e:
+        raise StoreError(f"Could not back up {db.path} to {dest}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 # %% ../../nbs/store/01_database.ipynb #274ef5c1
 class SqlAlchemyDatabase(Database):
