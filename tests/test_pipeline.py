@@ -245,7 +245,7 @@ def test_a_failing_step_names_notebook_cell_and_copy_skips_dependents_and_resume
     assert {n: s["status"] for n, s in steps.items()} == {"ok": "finished", "bad": "failed", "after": "skipped",
                                                           "side": "finished"}
     error = steps["bad"]["error"]
-    assert "ValueError: limit 1 too low" in error and "cell 3 of bad.ipynb" in error and "executed copy:" in error
+    assert "ValueError: limit 1 too low" in error and "cell 3 of bad.ipynb" in error and "executed copy, In [" in error
     executed = json.loads(Path(steps["bad"]["executed"]).read_text())
     assert any("ValueError" in json.dumps(c.get("outputs", [])) for c in executed["cells"])
     assert "bad" in Path(steps["bad"]["report"]).read_text()

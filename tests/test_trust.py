@@ -353,3 +353,34 @@ def test_the_store_file_alone_holds_every_run_after_a_command_and_backup_works_w
     assert again.returncode == 1 and "exists; give the backup a new path" in again.stderr, again.stderr
     pg = run_cli("store", "backup", str(tmp_path / "pg.db"), "--store", pg_cluster.create_database(), cwd=root)
     assert pg.returncode == 1 and "pg_dump" in pg.stderr and pg.stderr.count("\n") == 1, pg.stderr
+
+
+# -- What you give is what runs: other kernels, and errors where the user looks ----------------------------------
+def test_a_notebook_for_another_kernel_is_refused_before_any_kernel_starts(tmp_path):
+    "An R (or Julia, ...) notebook is never run as Python: refused in one line naming its kernelspec."
+    root = write_project(tmp_path / "r", {"fit": Step("alpha <- 0.5", "print(alpha)")})
+    nb = json.loads((root / "notebooks" / "fit.ipynb").read_text())
+    nb["metadata"]["kernelspec"] = {"name": "ir", "display_name": "R", "language": "R"}
+    (root / "notebooks" / "fit.ipynb").write_text(json.dumps(nb))
+    for args in (["run"], ["params", "notebooks/fit.ipynb"]):
+        result = run_cli(*args, cwd=root)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert "is written for the 'R' kernel (R); mlnb runs and reads Python notebooks only" in result.stderr
+    assert not (root / ".mlnb" / "mlnb.db").exists() or not Store(f"sqlite:///{root}/.mlnb/mlnb.db").open().list_runs()
+
+
+def test_errors_name_the_cell_the_user_sees_with_its_in_count_and_a_magics_usage_error(tmp_path):
+    root = write_project(tmp_path / "cells", {"m": Step("x = 1", ["y = 2", "%notamagic now"]),
+                                              "v": Step("x = 1", ["y = 2", "print('a')\n\nraise ValueError('boom')"])})
+    for name in ("m", "v"):  # a markdown cell between: the cell number is the notebook's, as JupyterLab lists them
+        nb = json.loads((root / "notebooks" / f"{name}.ipynb").read_text())
+        nb["cells"].insert(1, {"cell_type": "markdown", "id": "md", "metadata": {}, "source": "# notes"})
+        (root / "notebooks" / f"{name}.ipynb").write_text(json.dumps(nb))
+    result = run_cli("run", "-p", "x=3", cwd=root, timeout=300)  # with a parameter: papermill injects a cell
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    magic = next(line for line in lines if line.startswith("error: step 'm' failed"))
+    assert "UsageError: Line magic function `%notamagic` not found." in magic, magic
+    assert "(cell 4 of notebooks/m.ipynb; executed copy, In [4]:" in magic, magic
+    raised = next(line for line in lines if line.startswith("error: step 'v' failed"))
+    assert "ValueError: boom (cell 4 of notebooks/v.ipynb; executed copy, In [4]:" in raised, raised

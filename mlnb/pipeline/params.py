@@ -15,8 +15,8 @@ from ..core.errors import NotebookError, ParameterError, did_you_mean, one_of
 from ..core.hashing import hash_json
 
 # %% auto #0
-__all__ = ['read_notebook', 'cell_source', 'cell_tags', 'code_hash', 'Parameter', 'NotebookParameters', 'parameters_cell',
-           'parse_parameters', 'value_fits', 'given_value', 'resolve_params']
+__all__ = ['read_notebook', 'cell_source', 'cell_tags', 'code_hash', 'Parameter', 'NotebookParameters', 'check_python',
+           'parameters_cell', 'parse_parameters', 'value_fits', 'given_value', 'resolve_params']
 
 # %% ../../nbs/pipeline/01_params.ipynb #b8ca9ff3
 def read_notebook(path: str | Path) -> dict:
@@ -88,6 +88,15 @@ class NotebookParameters:
     found: bool = False
 
 # %% ../../nbs/pipeline/01_params.ipynb #62140e21
+def check_python(path: Path, nb: dict) -> None:
+    "Raises NotebookError for a notebook written for another language's kernel (R, Julia, ...), naming it."
+    spec = nb.get("metadata", {}).get("kernelspec") or {}
+    language = (spec.get("language") or nb.get("metadata", {}).get("language_info", {}).get("name") or "python")
+    if str(language).lower() != "python":
+        kernel = spec.get("display_name") or spec.get("name") or language
+        raise NotebookError(f"{path} is written for the {kernel!r} kernel ({language}); mlnb runs and reads Python "
+                            "notebooks only, so no kernel was started. Give this step a Python notebook.")
+
 def parameters_cell(nb: dict) -> dict | None:
     "Returns the cell tagged `parameters`, or None."
     return next((c for c in nb["cells"] if c.get("cell_type") == "code" and "parameters" in cell_tags(c)), None)
@@ -96,6 +105,7 @@ def parse_parameters(path: str | Path, nb: dict | None = None) -> NotebookParame
     "Returns the parameters declared in a notebook's `parameters` cell."
     path = Path(path)
     nb = nb if nb is not None else read_notebook(path)
+    check_python(path, nb)
     cell = parameters_cell(nb)
     result = NotebookParameters(path=path)
     if cell is None:

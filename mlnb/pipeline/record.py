@@ -146,7 +146,8 @@ class StepRecorder(_StepRecords):
         self.store.add_run_files(run.id, files)
         error = result.error
         if result.status == "failed" and result.cell is not None:
-            error = f"{result.error} (cell {result.cell} of {plan.step.rel(self.root)}; executed copy: {result.executed})"
+            shown = f", In [{result.in_count}]" if result.in_count is not None else ""
+            error = f"{result.error} (cell {result.cell} of {plan.step.rel(self.root)}; executed copy{shown}: {result.executed})"
         run.end(result.status, error=error)
         ename, _, evalue = (result.error or "").partition(": ")
         return self._ended(StepOutcome(name, result.status, run.id, time.perf_counter() - began, result.html,

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,7 @@ class StepResult:
     status: str              # finished | failed | killed
     error: str | None = None
     cell: int | None = None  # 1-based index of the failing cell in the source notebook
+    in_count: int | None = None  # its execution count, In [n], in the executed copy
     executed: str | None = None
     html: str | None = None
     seconds: float = 0.0
@@ -74,6 +76,19 @@ def _source_cell_number(executed: dict | None, cell_index: int | None) -> int | 
     injected = sum(1 for c in cells[:cell_index] if "injected-parameters" in c.get("metadata", {}).get("tags", []))
     return cell_index - injected + 1
 
+def _failed_cell(executed: dict | None, cell_index: int | None) -> dict | None:
+    "Returns the executed copy's cell that failed (papermill's `cell_index`, counted before its error banner)."
+    if executed is None or cell_index is None:
+        return None
+    cells = [c for c in executed.get("cells", []) if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
+    return cells[cell_index] if 0 <= cell_index < len(cells) else None
+
+def _printed_error(cell: dict | None) -> str | None:
+    "Returns the last 'SomethingError: ...' line a failed cell printed (IPython prints a magic's UsageError)."
+    lines = [line for out in (cell or {}).get("outputs", []) if out.get("output_type") == "stream"
+             for line in "".join(out.get("text", "")).splitlines()]
+    return next((line.strip() for line in reversed(lines) if re.match(r"^\w*(Error|Exception)\b", line.strip())), None)
+
 def _quiet_nbclient_lines(record) -> bool:
     """A logging filter: drops nbclient's lines that the step's own error says better, once: a cell past its timeout
     (with the right seconds), a kernel that died."""
@@ -89,8 +104,13 @@ def _record_cell_error(result: StepResult, e: Any, task: StepTask, deadline: flo
     if e.ename == "SystemExit" and str(e.evalue).strip() in ("", "0", "None"):
         return  # sys.exit(0): the notebook chose to stop early
     result.status = "failed"
-    result.cell = _source_cell_number(_read_json(task.executed), e.cell_index)
+    executed = _read_json(task.executed)
+    result.cell = _source_cell_number(executed, e.cell_index)
+    failed = _failed_cell(executed, e.cell_index)
+    result.in_count = failed.get("execution_count") if failed else None
     result.error = f"{e.ename}: {e.evalue}".strip()
+    if e.ename == "CellExecutionError" and not str(e.evalue).strip():  # a line magic's UsageError: only printed
+        result.error = _printed_error(failed) or "the cell failed without an exception (see the executed copy)"
     # the interrupted cell shows KeyboardInterrupt (or nothing, when it caught it)
     if task.timeout is not None and time.monotonic() >= deadline and e.ename in ("KeyboardInterrupt", "CellExecutionError"):
         result.error = f"TimeoutError: {_past_timeout(task.timeout)}"
