@@ -384,3 +384,53 @@ def test_errors_name_the_cell_the_user_sees_with_its_in_count_and_a_magics_usage
     assert "(cell 4 of notebooks/m.ipynb; executed copy, In [4]:" in magic, magic
     raised = next(line for line in lines if line.startswith("error: step 'v' failed"))
     assert "ValueError: boom (cell 4 of notebooks/v.ipynb; executed copy, In [4]:" in raised, raised
+
+
+# -- A live run stays alive ------------------------------------------------------------------------------------------
+PAUSED = """
+import sys, time, mlnb
+run = mlnb.start_run("paused")
+print(run.id, flush=True)
+mlnb.log_metric("before", 1.0)
+while not __import__("os").path.exists("go"):
+    time.sleep(0.05)
+mlnb.log_metric("after", 2.0)
+run.end()
+"""
+
+
+def test_a_run_marked_crashed_while_paused_records_its_real_end_when_it_finishes(project):
+    "A stalled heartbeat reads crashed (its duration up to that heartbeat); the process going on ends it for real."
+    (project / "paused.py").write_text(PAUSED)
+    proc = subprocess.Popen([sys.executable, "paused.py"], cwd=project, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "MLNB_HEARTBEAT_INTERVAL": "0.2"})
+    run_id = proc.stdout.readline().strip()
+    store = Store(f"sqlite:///{project}/.mlnb/mlnb.db").open()
+    os.kill(proc.pid, signal.SIGSTOP)           # paused (or swapped out): no heartbeat
+    try:
+        wait_for(lambda: store.get_run(run_id).status == "crashed", timeout=60)
+        assert run_id in store.mark_crashed()  # what the next `mlnb run` records
+        crashed = store.get_run(run_id)
+        assert crashed.end_time == crashed.heartbeat and crashed.duration == crashed.heartbeat - crashed.start_time
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    (project / "go").touch()
+    assert proc.wait(timeout=60) == 0
+    ended = store.get_run(run_id)
+    assert ended.status == "finished" and ended.error is None, (ended.status, ended.error)
+    assert ended.end_time > crashed.end_time and set(ended.metrics) == {"before", "after"}
+
+
+def test_resume_keeps_the_parameter_overrides_of_the_run_it_resumes(tmp_path):
+    root = write_project(tmp_path / "resume", {
+        "a": Step("n = 1", "import mlnb\nmlnb.output('n', n)"),
+        "b": Step("n = 1", "import mlnb, os\nif not os.path.exists('fixed'):\n    raise RuntimeError('not yet')\n"
+                           "mlnb.output('n', n)", needs=["a"])})
+    first = run_cli("run", "--json", "-q", "-p", "n=5", cwd=root, timeout=300)
+    assert first.returncode == 1 and {s["name"]: s["status"] for s in json.loads(first.stdout)["steps"]} == \
+        {"a": "finished", "b": "failed"}, first.stderr
+    (root / "fixed").touch()
+    resumed = run_cli("run", "--json", "-q", "--resume", cwd=root, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    [b] = [s for s in json.loads(resumed.stdout)["steps"] if s["name"] == "b"]
+    assert outputs(root, b["run_id"])["n"] == 5   # the resumed run's -p n=5, not the notebook's default

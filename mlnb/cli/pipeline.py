@@ -133,7 +133,8 @@ def _rel(path: str | None, root: Path) -> str:
 @click.option("--until", metavar="STEP", help="Run this step and everything it needs.")
 @click.option("--force", is_flag=False, flag_value="*", default=None, multiple=True, metavar="[STEP]",
               help="Ignore the cache: for every step, or for STEP (repeatable).")
-@click.option("--resume", is_flag=True, help="Re-run only the steps that did not finish in the last pipeline run.")
+@click.option("--resume", is_flag=True,
+              help="Re-run only the steps that did not finish in the last pipeline run, with its -p values.")
 @click.option("--jobs", "-j", type=int, default=None, help="Steps run at once (default: the number of cores).")
 @click.option("--executor", default="local", show_default=True, help="Where steps run: local or dask.")
 @click.option("--scheduler", metavar="ADDRESS", help="With --executor dask: a scheduler (tcp://host:port); default: "

@@ -5,7 +5,7 @@
 # %% ../../nbs/pipeline/06_plan.ipynb #dd8816f8
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.config import Project
@@ -27,6 +27,7 @@ class RunPlan:
     selected: list[str]                  # the steps it runs, in order
     plans: dict[str, StepPlan]
     reused: dict[str, RunRecord]         # step -> the finished run it uses instead of running it
+    overrides: list[str] = field(default_factory=list)  # its -p NAME=VALUE, kept with the run (a resume reuses them)
 
 def latest_good_run(store: Store, step: str) -> RunRecord | None:
     "Returns the newest finished run of a step (for a restored run, the run it restored)."
@@ -78,9 +79,16 @@ def plan_run(project: Project, store: Store, *, pipeline: str | None = None, par
     declared = Pipeline(project, pipeline)
     selected = declared.select(only, from_step, until)
     reused = _reused(store, declared, selected, resume, run_name or project.name)
+    if resume:  # the run resumed ran with its -p values: so does its resumption (a new -p still wins)
+        params = [*_resumed_overrides(store, run_name or project.name), *(params or [])]
     selected = [s for s in selected if s not in reused]
     if product_root:  # a trial writes its files apart from the project's (and other trials')
         for name in selected:
             step = declared.steps[name]
             step.products = {k: (Path(product_root) / v).as_posix() for k, v in step.products.items()}
-    return RunPlan(declared, selected, _step_plans(declared, selected, params), reused)
+    return RunPlan(declared, selected, _step_plans(declared, selected, params), reused, list(params or []))
+
+def _resumed_overrides(store: Store, run_name: str) -> list[str]:
+    "Returns the -p values of the newest pipeline run named `run_name`."
+    previous = [r for r in store.list_runs(kind="pipeline", details=False) if r.name == run_name][:1]
+    return list(store.get_tags(previous[0].id).get("mlnb.params") or []) if previous else []

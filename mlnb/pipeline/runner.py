@@ -176,7 +176,7 @@ class _StepStarter(_RunnerSettings):
         self.artifacts = artifacts_for(self.store)
         flat = {f"{n}.{k}": v for n, p in plan.plans.items() for k, v in p.effective.items()}
         self.pipeline_run = start_run(self.run_name, params=flat, store=self.store, kind=self.kind, parent=self.parent,
-                                      activate=False, tags={"steps": plan.selected, **self.tags})
+                                      activate=False, tags={"steps": plan.selected, "mlnb.params": plan.overrides, **self.tags})
         self.report_dir = report_folder(self.report_root or (self.root / "reports"), self.pipeline_run)
         self.recorder = StepRecorder(self.store, self.root, self.artifacts, self.pipeline_run, self.project.name, self.on_event)
         self.steps = StepStates(plan.plans, plan.reused)

@@ -126,12 +126,13 @@ class _RunValues(_RunWrites):
             "sha256 = excluded.sha256", (run_id, name, kind, value, sha256)), "recording an output")
 
     def heartbeat(self, run_ids: Iterable[str], now: float | None = None) -> None:
-        "Marks running runs as alive now."
+        "Marks running runs as alive now (a run marked crashed while its process was paused is running again)."
         ids = list(run_ids)
         if ids:
             now = now or time.time()
             self.store.write(lambda tx: tx.execute(
-                f"UPDATE mlnb_runs SET heartbeat = :now WHERE status = 'running' AND id IN ({placeholders('p', len(ids))})",
+                "UPDATE mlnb_runs SET heartbeat = :now, status = 'running', end_time = NULL, error = NULL "
+                f"WHERE status IN ('running', 'crashed') AND id IN ({placeholders('p', len(ids))})",
                 (now, *ids)), "recording a heartbeat")
 
 # %% ../../nbs/store/06_runs.ipynb #63eab36c
@@ -153,8 +154,8 @@ class RunsRepository(_RunValues):
         def end(tx: Tx) -> bool:
             if metrics:
                 self.store.metrics.write_rows(tx, metrics)
-            cursor = tx.execute(f"UPDATE mlnb_runs SET {sets} WHERE id = :run_id AND status = 'running'",
-                                {**values, "run_id": run_id})
+            cursor = tx.execute(f"UPDATE mlnb_runs SET {sets} WHERE id = :run_id AND status IN ('running', 'crashed')",
+                                {**values, "run_id": run_id})  # crashed: its heartbeat stalled, yet it lived on
             return cursor.rowcount > 0
         return self.store.write(end, "ending a run")
 
