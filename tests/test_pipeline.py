@@ -120,7 +120,8 @@ def test_run_records_steps_outputs_lineage_and_reports(small):
         html = Path(step["report"]).read_text()
         assert "<html" in html and "cdnjs" not in html and "unpkg" not in html, name
         assert Path(step["executed"]).exists()
-        stored = {a["name"]: a["uri"] for a in store.get_run(step["run_id"]).artifacts}
+        blobs = small / ".mlnb" / "artifacts"   # a local blob's uri is relative to the artifact root
+        stored = {a["name"]: blobs / a["uri"] for a in store.get_run(step["run_id"]).artifacts}
         for path, artifact in ((step["report"], "notebook/report.html"), (step["executed"], "notebook/executed.ipynb")):
             assert os.path.samefile(path, stored[artifact]), (name, artifact)  # one copy on disk, not two
     index = Path(data["report"]).read_text()

@@ -8,7 +8,9 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -253,7 +255,7 @@ def test_a_changed_blob_is_an_error_naming_it_and_its_run_never_restored_or_unpi
     assert made.returncode == 0, made.stderr
     run_id = made.stdout.strip()
     [art] = [a for a in store.get_run(run_id).artifacts if a["name"] == "model.pkl"]
-    model_blob = Path(art["uri"])
+    model_blob = root / ".mlnb" / "artifacts" / art["uri"]
     model_blob.chmod(0o644)
     model_blob.write_bytes(pickle.dumps(("not", "the", "model")))  # a valid pickle: would load silently
     check = ("import mlnb, sys\nfor load in (lambda: mlnb.load_model(sys.argv[1]), lambda: mlnb.registry.load_model('dummy')):\n"
@@ -434,3 +436,41 @@ def test_resume_keeps_the_parameter_overrides_of_the_run_it_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     [b] = [s for s in json.loads(resumed.stdout)["steps"] if s["name"] == "b"]
     assert outputs(root, b["run_id"])["n"] == 5   # the resumed run's -p n=5, not the notebook's default
+
+
+# -- A project is a folder you can move, copy and rename --------------------------------------------------------------
+def test_a_project_in_any_folder_name_moves_and_copies_as_a_whole(tmp_path):
+    "Spaces, ?, #, % and unicode in the path; a moved project works in place, a copy is independent of its original."
+    original = _two_steps(tmp_path / "my project ?#%20 ü")
+    first = run_cli("run", "--json", "-q", cwd=original, timeout=300)
+    assert _lines_read(original, first) == 100
+    model = ("import mlnb\nfrom sklearn.dummy import DummyClassifier\nwith mlnb.start_run('m') as run:\n"
+             "    mlnb.log_model(DummyClassifier().fit([[0], [1]], [0, 1]))\nmlnb.registry.register('d', run.id)\n")
+    made = subprocess.run([sys.executable, "-c", model], cwd=original, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert made.returncode == 0, made.stderr
+    assert not (original / "mlnb.db").exists() and not list(original.glob("*mlnb.db?*"))  # never a URL query
+    with sqlite3.connect(original / ".mlnb" / "mlnb.db") as db:   # no absolute path into the project is stored
+        text = "\n".join(str(v) for table in ("mlnb_meta", "mlnb_artifacts", "mlnb_tags", "mlnb_runs")
+                         for row in db.execute(f"SELECT * FROM {table}") for v in row)
+    assert str(original) not in text and str(tmp_path) not in text, [line for line in text.splitlines()
+                                                                      if str(tmp_path) in line][:3]
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    moved = tmp_path / "moved, renamed"
+    original.rename(moved)                      # the original is gone from where it was made
+    for root in (copy, moved):
+        (root / "data" / "rows.txt").unlink()
+        again = run_cli("run", "--json", "-q", cwd=root, timeout=300)
+        assert again.returncode == 0, again.stderr
+        assert {s["status"] for s in json.loads(again.stdout)["steps"]} == {"cached"}, again.stdout
+        assert len((root / "data" / "rows.txt").read_text().splitlines()) == 100   # restored from its own blobs
+        loaded = subprocess.run([sys.executable, "-c", "import mlnb; print(mlnb.registry.load_model('d@latest'))"],
+                                cwd=root, capture_output=True, text=True, timeout=120, check=False)
+        assert loaded.returncode == 0 and "DummyClassifier" in loaded.stdout, loaded.stderr
+        report = run_cli("report", cwd=root)
+        assert report.returncode == 0 and Path(report.stdout.strip()).is_relative_to(root), report
+    (copy / "data" / "rows.txt").write_text("changed in the copy\n")
+    forced = run_cli("run", "-q", "--force", "--only", "write", "-p", "rows=3", cwd=copy, timeout=300)
+    assert forced.returncode == 0, forced.stderr
+    assert len(Store(f"sqlite:///{moved}/.mlnb/mlnb.db").open().list_runs(kind="pipeline")) == 2  # not the copy's

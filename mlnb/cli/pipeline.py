@@ -24,7 +24,7 @@ from ..pipeline.runner import PipelineRunner
 from ..store.database import parse_store_url
 from ..store.facade import open_store
 from ..ui.report import write_pipeline_report
-from ..ui.site import build_site
+from ..ui.site import build_site, report_dir
 
 # %% auto #0
 __all__ = ['template_dir', 'init_project', 'init_command', 'run_command', 'params_command', 'lineage_command', 'report_command']
@@ -264,6 +264,6 @@ def report_command(run, last, out, store_url) -> None:
     record = store.resolve_run(run)
     if record.kind != "pipeline":
         raise MlnbError(f"Run {record.id[:8]} is a {record.kind} run; give a pipeline run (see 'mlnb runs list').")
-    folder = record.tags.get("mlnb.report_dir") or str(project.root / "reports" / record.id[:8])
+    folder = report_dir(record, project.root) or project.root / "reports" / record.id[:8]
     path = write_pipeline_report(store, record.id, folder)
     click.echo(str(path))

@@ -285,9 +285,8 @@ def _absolute_sqlite(url: str, base: Path) -> str:
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/"):
         rest = url[len(prefix):]
-        if rest and rest != ":memory:":
-            path, sep, query = rest.partition("?")
-            return prefix + str((base / path).resolve()) + sep + query
+        if rest and rest != ":memory:":  # the path is taken literally: a '?' in it is not a URL query
+            return prefix + str((base / rest).resolve())
     return url
 
 def default_store_url(folder: str | Path) -> str:

@@ -159,11 +159,13 @@ class _RunnerSettings:
         return self.force is True or (isinstance(self.force, (list, tuple, set)) and name in self.force)
 
 # %% ../../nbs/pipeline/08_runner.ipynb #c4a87f7f
-def report_folder(reports: Path, run: Run) -> Path:
-    "Makes and returns the report folder of pipeline run `run` under `reports` (`<time>-<run id>`), tagged on the run."
+def report_folder(reports: Path, run: Run, root: Path) -> Path:
+    """Makes and returns the report folder of pipeline run `run` under `reports` (`<time>-<run id>`), tagged on
+    the run relative to the project `root` when it lies inside it (the project may move)."""
     folder = reports / f"{time.strftime('%Y%m%d-%H%M%S')}-{run.id[:8]}"
     folder.mkdir(parents=True, exist_ok=True)
-    run.set_tag("mlnb.report_dir", str(folder))
+    inside = folder.resolve().is_relative_to(root.resolve())
+    run.set_tag("mlnb.report_dir", os.path.relpath(folder.resolve(), root.resolve()) if inside else str(folder))
     return folder
 
 # %% ../../nbs/pipeline/08_runner.ipynb #9232e6f6
@@ -177,7 +179,7 @@ class _StepStarter(_RunnerSettings):
         flat = {f"{n}.{k}": v for n, p in plan.plans.items() for k, v in p.effective.items()}
         self.pipeline_run = start_run(self.run_name, params=flat, store=self.store, kind=self.kind, parent=self.parent,
                                       activate=False, tags={"steps": plan.selected, "mlnb.params": plan.overrides, **self.tags})
-        self.report_dir = report_folder(self.report_root or (self.root / "reports"), self.pipeline_run)
+        self.report_dir = report_folder(self.report_root or (self.root / "reports"), self.pipeline_run, self.root)
         self.recorder = StepRecorder(self.store, self.root, self.artifacts, self.pipeline_run, self.project.name, self.on_event)
         self.steps = StepStates(plan.plans, plan.reused)
         self.reused = {n: (plan.pipeline.steps[n], record) for n, record in plan.reused.items()}  # made earlier

@@ -191,22 +191,29 @@ class ArtifactStore(_BlobPlaces):
 
 # %% ../../nbs/store/10_artifacts.ipynb #42e9f110
 def artifact_root_for(store, explicit: str | None = None) -> str:
-    "Returns the artifact root for `store` and records it in the store the first time."
+    """Returns the artifact root for `store` and records it in the store the first time: for an SQLite store,
+    relative to the store file's folder when it lies in the same project, so a moved or copied project works."""
+    backend, target = parse_store_url(store.url)
+    base = Path(target).resolve().parent if backend == "sqlite" and target not in ("", ":memory:") else None
     chosen = resolve_artifact_root(explicit or store.artifact_root)
     recorded = store.get_meta("artifact_root")
+    if chosen is None and recorded is not None:
+        chosen = recorded if base is None or "://" in recorded else str((base / recorded).resolve())
     if chosen is None:
-        chosen = recorded
-    if chosen is None:
-        backend, target = parse_store_url(store.url)
-        if backend == "sqlite" and target not in ("", ":memory:"):
-            chosen = str(Path(target).resolve().parent / "artifacts")
+        if base is not None:
+            chosen = str(base / "artifacts")
         else:
             project = find_project()
-            base = project.root if project else Path.cwd()
-            chosen = str(base / STATE_DIR / "artifacts")
+            chosen = str((project.root if project else Path.cwd()) / STATE_DIR / "artifacts")
     if recorded is None:
-        store.set_meta("artifact_root", chosen)
+        store.set_meta("artifact_root", _portable_root(chosen, base))
     return chosen
+
+def _portable_root(root: str, base: Path | None) -> str:
+    "Returns `root` relative to the store file's folder `base` when both lie in one project folder, else as is."
+    if base is None or "://" in root or not Path(root).resolve().is_relative_to(base.parent):
+        return root
+    return os.path.relpath(Path(root).resolve(), base)
 
 def artifacts_for(store, explicit: str | None = None) -> ArtifactStore:
     "Returns the artifact store that goes with `store`."
@@ -220,7 +227,11 @@ class ArtifactIndex:
         self.store = store
 
     def add(self, run_id: str, name: str, sha256: str, size: int, uri: str, media_type: str | None = None) -> None:
-        "Indexes an artifact of a run (its bytes already sit in the artifact store); a name logged again is replaced."
+        """Indexes an artifact of a run (its bytes already sit in the artifact store); a name logged again is
+        replaced. A local blob's `uri` is recorded relative to the artifact root (`ab/cdef...`), never as an
+        absolute path into the project."""
+        if "://" not in uri and Path(uri).as_posix().endswith(f"{sha256[:2]}/{sha256[2:]}"):
+            uri = f"{sha256[:2]}/{sha256[2:]}"
         self.store.write(lambda tx: tx.execute(
             "INSERT INTO mlnb_artifacts (run_id, name, sha256, size, uri, media_type, created_at) "
             "VALUES (:run_id, :name, :sha256, :size, :uri, :media_type, :now) ON CONFLICT (run_id, name) DO UPDATE SET "

@@ -53,8 +53,7 @@ def parse_store_url(url: str) -> tuple[str, str]:
     backend, _, driver = scheme.partition("+")
     if backend == "sqlite" and driver in ("", "pysqlite"):
         rest = url.split("://", 1)[1]
-        path = rest[1:] if rest.startswith("/") else rest
-        path = path.split("?", 1)[0]
+        path = rest[1:] if rest.startswith("/") else rest  # taken literally: '?', '#', '%' are part of the path
         return "sqlite", path or ":memory:"
     if backend in ("postgresql", "postgres"):
         if driver not in ("", "psycopg"):

@@ -9,6 +9,7 @@ import functools
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 from ..core.errors import StoreError
 from ..core.lazy import lazy_import
@@ -114,7 +115,8 @@ def optuna_storage(store: Store):
     event = _sqlalchemy.event
     backend, target = parse_store_url(store.url)
     if backend == "sqlite":
-        storage = _rdb_storage(store, f"sqlite:///{target}", engine_kwargs={"connect_args": {"timeout": 30}})
+        # SQLAlchemy reads '?' as a query and decodes '%XX' in a URL: the path goes quoted, to arrive as it is
+        storage = _rdb_storage(store, f"sqlite:///{quote(target, safe='/')}", engine_kwargs={"connect_args": {"timeout": 30}})
         engine = storage.engine
 
         @event.listens_for(engine, "connect")

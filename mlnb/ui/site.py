@@ -56,12 +56,17 @@ def sparkline(values: list[float | None], labels: list[str], width: int = 140, h
             f'stroke-width="1.5"/>{dots}</svg>')
 
 # %% auto #0
-__all__ = ['esc', 'sparkline', 'build_site']
+__all__ = ['esc', 'sparkline', 'report_dir', 'build_site']
 
 # %% ../../nbs/ui/06_site.ipynb #4610690e
-def _run_link(record: RunRecord, out: Path) -> str:
-    "Returns a link to a pipeline run's page when it lies under the site's folder, else its short id."
+def report_dir(record: RunRecord, root: Path) -> Path | None:
+    "Returns a pipeline run's report folder (tagged relative to the project `root`, or absolute by older mlnb)."
     folder = record.tags.get("mlnb.report_dir")
+    return root / folder if folder else None
+
+def _run_link(record: RunRecord, out: Path, root: Path) -> str:
+    "Returns a link to a pipeline run's page when it lies under the site's folder, else its short id."
+    folder = report_dir(record, root)
     short = f"<code>{esc(record.id[:8])}</code>"
     if folder and (Path(folder) / "index.html").exists():
         try:
@@ -79,8 +84,8 @@ def _origin(record: RunRecord) -> str:
         return esc(str(tags["mlnb.trigger"]))
     return "by hand"
 
-def _pipelines_section(runs: list[RunRecord], out: Path, limit: int) -> str:
-    rows = [[_run_link(r, out), esc(r.name or "-"), _status(r.status), _when(r.start_time),
+def _pipelines_section(runs: list[RunRecord], out: Path, limit: int, root: Path) -> str:
+    rows = [[_run_link(r, out, root), esc(r.name or "-"), _status(r.status), _when(r.start_time),
              "-" if r.duration is None else f"{r.duration:.1f}s", _origin(r),
              f"<span class='err'>{esc((r.error or '')[:120])}</span>"] for r in runs[:limit]]
     more = f"<p class='meta'>{len(runs) - limit} older run(s) not listed.</p>" if len(runs) > limit else ""
@@ -236,7 +241,7 @@ def build_site(store: Store, root: str | Path, out: str | Path | None = None, la
     studies = [_study_page(store, s, out)[1] for s in store.list_runs(kind="study")]
     body = (f"<p class='meta'>{esc(str(root))} · {len(runs)} pipeline run(s) · store "
             f"<code>{esc(store.url if hasattr(store, 'url') else '')}</code></p>"
-            "<h2>Pipeline runs</h2>" + _pipelines_section(runs, out, limit)
+            "<h2>Pipeline runs</h2>" + _pipelines_section(runs, out, limit, root)
             + f"<h2>Metrics across the last {last} runs</h2>" + _comparison_section(store, runs, last, out)
             + "<h2>Studies</h2>" + _table(["study", "status", "started", "trials", "objectives", "best"], studies,
                                           "No studies: mlnb sweep NAME")
@@ -248,7 +253,7 @@ def build_site(store: Store, root: str | Path, out: str | Path | None = None, la
     tmp.write_text(_page(f"{root.name}: reports", body), encoding="utf-8")
     tmp.replace(index)
     for r in runs[:limit]:  # each run's page again, now linking back to the index
-        folder = r.tags.get("mlnb.report_dir")
-        if folder and Path(folder).is_dir():
+        folder = report_dir(r, root)
+        if folder and folder.is_dir():
             write_pipeline_report(store, r.id, folder, link_latest=False)
     return index
