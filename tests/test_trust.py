@@ -474,3 +474,51 @@ def test_a_project_in_any_folder_name_moves_and_copies_as_a_whole(tmp_path):
     forced = run_cli("run", "-q", "--force", "--only", "write", "-p", "rows=3", cwd=copy, timeout=300)
     assert forced.returncode == 0, forced.stderr
     assert len(Store(f"sqlite:///{moved}/.mlnb/mlnb.db").open().list_runs(kind="pipeline")) == 2  # not the copy's
+
+
+# -- Nothing leaks: what users wrote is shown, never run ------------------------------------------------------------
+HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+HOSTILE_STEP = f"""
+import mlnb
+from IPython.display import HTML, display
+mlnb.set_tag("note", {HOSTILE!r})
+mlnb.output("said", {HOSTILE!r})
+display(HTML({HOSTILE!r}))
+raise ValueError({HOSTILE!r})
+"""
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed "
+                    "(make test installs it: apt-get install chromium)")
+def test_hostile_strings_in_notebooks_runs_and_errors_never_run_as_script_in_any_page(tmp_path):
+    "Reports (markdown, outputs), the run's page and the report site: in a real browser, no script runs."
+    root = write_project(tmp_path / "xss", {"evil": Step("x = ''", HOSTILE_STEP)})
+    nb = json.loads((root / "notebooks" / "evil.ipynb").read_text())
+    nb["cells"].insert(1, {"cell_type": "markdown", "id": "md", "metadata": {},
+                           "source": f"# Notes\n\n{HOSTILE}\n\n[click](javascript:window.__pwned=3)"})
+    (root / "notebooks" / "evil.ipynb").write_text(json.dumps(nb))
+    result = run_cli("run", "--json", "-q", "-p", f"x={HOSTILE}", cwd=root, timeout=300)
+    assert result.returncode == 1 and result.stdout, result.stderr
+    data = json.loads(result.stdout)
+    site = run_cli("report", cwd=root)
+    assert site.returncode == 0, site.stderr
+    pages = [Path(data["steps"][0]["report"]), Path(data["report"]), Path(site.stdout.strip())]
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as manager:
+        browser = manager.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            for path in pages:
+                page = browser.new_page()
+                dialogs = []
+                page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))  # noqa: B023
+                page.goto(path.as_uri())
+                page.wait_for_load_state("load")
+                for link in page.query_selector_all("a[href^='javascript:']"):
+                    link.click()
+                assert page.evaluate("window.__pwned") is None and not dialogs, path
+                assert "onerror" in page.content() or "&lt;img" in page.content() or path.name == "index.html", path
+                page.close()
+        finally:
+            browser.close()

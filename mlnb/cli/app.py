@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import io
 import json
 import math
 import os
@@ -22,8 +23,8 @@ from ..core.errors import InternalError, MlnbError, did_you_mean
 from ..core.plugins import Registry
 
 # %% auto #0
-__all__ = ['COMMANDS', 'LazyGroup', 'cli', 'main', 'exit_now', 'store_option', 'json_option', 'echo_json', 'fmt_value',
-           'fmt_time', 'fmt_duration', 'format_table']
+__all__ = ['COMMANDS', 'LazyGroup', 'cli', 'PrintableStream', 'main', 'exit_now', 'store_option', 'json_option', 'echo_json',
+           'fmt_value', 'fmt_time', 'fmt_duration', 'format_table']
 
 # %% ../../nbs/cli/01_app.ipynb #48f5fa8c
 def _debug_enabled(ctx: click.Context | None) -> bool:
@@ -104,6 +105,40 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug or ctx.obj.get("debug", False)
 
+# %% ../../nbs/cli/01_app.ipynb #253bc3fa
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0))}
+_UNPRINTABLE.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+class PrintableStream(io.TextIOBase):
+    "A text stream writing control characters and escape sequences as visible text; newlines and tabs pass."
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, s: str) -> int:
+        self.stream.write(s.translate(_UNPRINTABLE))
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.stream.errors
+
 # %% ../../nbs/cli/01_app.ipynb #d1736a5b
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the command line; `--debug` may appear anywhere among the arguments.
@@ -112,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(sys.stdout), PrintableStream(sys.stderr)
     try:
         cli.main(args=args, prog_name="mlnb", obj={"debug": debug})
     except SystemExit as e:
@@ -124,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             exit_now(code)
         gc.collect()
         sys.exit(code)
+    finally:
+        sys.stdout, sys.stderr = saved
 
 def exit_now(code: int | str | None) -> NoReturn:
     """Ends the process the way the interpreter does (running threads joined, `atexit` hooks run, output

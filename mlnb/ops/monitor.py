@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.config import find_project
 from ..core.errors import MonitorError, one_of
 from ..core.lazy import lazy_import
+from ..pipeline.render import CSP_META
 from ..integrations.explain import run_models
 from .registry import resolve
 from ..pipeline.runner import PipelineRunner
@@ -160,7 +161,7 @@ def drift_html(result: DriftResult, title: str) -> str:
                     f"<td>{r['psi']:.3f}</td><td>{r['test']} {r['statistic']:.3g} (p={r['p_value']:.2g})</td>"
                     f"<td>{_svg(labels, ref, cur)}</td></tr>")
     verdict = "Data drift detected" if result.drifted else "No data drift"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
+    return f"""<!doctype html><html><head><meta charset="utf-8">{CSP_META}<title>{html.escape(title)}</title><style>
 body{{font:14px system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328}}
 table{{border-collapse:collapse;width:100%}}
 td,th{{border-bottom:1px solid #eaeef2;padding:6px;text-align:left;vertical-align:middle}}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import RegistryError, did_you_mean, one_of
+from ..core.names import check_name
 from ..integrations.explain import run_models
 from ..store.artifacts import artifacts_for
 from ..store.facade import Store, open_store
@@ -95,8 +96,7 @@ def _model_run(store: Store, run: str, artifact: str | None):
 def register(name: str, run: str, artifact: str | None = None, store: Store | None = None) -> ModelVersion:
     "Returns the new version of model `name`, made from the model `run` logged."
     store = store or open_store()
-    if not name or any(c in name for c in "@/ "):
-        raise RegistryError(f"Invalid model name {name!r}: use letters, digits, '-', '_' or '.'.")
+    check_name("Model name", name, RegistryError)
     record, model = _model_run(store, run, artifact)
     art = next(a for a in record.artifacts if a["name"] == f"{model}.pkl")
     number = store.models.add_version(name, record.id, art["name"], art["sha256"])
@@ -107,6 +107,7 @@ def set_alias(name: str, alias: str, version: int, store: Store | None = None, e
     "Points `alias` at `version`; returns the version it pointed to before (None if new)."
     store = store or open_store()
     resolve(f"{name}@{version}", store)
+    check_name("Alias", alias, RegistryError)
     if alias in ("latest",) or alias.isdigit():
         raise RegistryError(f"{alias!r} cannot be an alias: it already means a version.")
     return store.models.move_alias(name, alias, version, event, details)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import ScheduleError, did_you_mean, one_of
+from ..core.names import check_name
 from .cron import _DAYS, _MONTHS, next_time, validate_cron
 from ..pipeline.dag import Pipeline, check_params
 from ..store.facade import Store
@@ -21,7 +22,6 @@ __all__ = ['MISFIRE', 'Schedule', 'list_schedules', 'get_schedule', 'check_sched
            'remove_schedule', 'schedule_history', 'export_crontab', 'export_systemd']
 
 # %% ../../nbs/ops/05_schedule.ipynb #b0aa2aef
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MISFIRE = ("once", "skip")
 
 @dataclass
@@ -66,8 +66,7 @@ def add_schedule(store: Store, name: str, cron: str, *, params: list[str] | None
                  only: list[str] | None = None, pipeline: str | None = None, misfire: str = "once",
                  force: list[str] | None = None, project=None) -> Schedule:
     "Returns a new schedule, stored; checked first against `project` when given (pipeline, steps, params)."
-    if not _NAME.match(name or ""):
-        raise ScheduleError(f"Schedule name {name!r} may hold letters, digits, '.', '-' and '_' (up to 128).")
+    check_name("Schedule name", name, ScheduleError)
     if misfire not in MISFIRE:
         raise ScheduleError(f"--misfire {misfire!r}: use {one_of(MISFIRE)}.")
     schedule = Schedule(name, validate_cron(cron), list(params or []), list(only or []), pipeline, misfire, False,

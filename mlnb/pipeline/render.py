@@ -15,7 +15,7 @@ from typing import Any
 from ..core.lazy import lazy_import
 
 # %% auto #0
-__all__ = ['quiet_slow_imports', 'render_html', 'warm_reports', 'exporter_ready', 'warm_reports_in_background']
+__all__ = ['CSP', 'CSP_META', 'quiet_slow_imports', 'render_html', 'warm_reports', 'exporter_ready', 'warm_reports_in_background']
 
 # %% ../../nbs/pipeline/03_render.ipynb #7d2e3b59
 jinja2 = lazy_import("jinja2")
@@ -29,12 +29,17 @@ def quiet_slow_imports() -> None:
     # None in sys.modules makes importing a module fail (the import system's documented "blocked" marker)
     sys.modules.setdefault("rfc3987_syntax", None)  # pyright: ignore[reportArgumentType]
 
+# No script runs in a report, whatever a notebook's markdown or outputs hold (<script>, onerror=, javascript:):
+# the page's Content-Security-Policy forbids them, and a report needs none (its figures are embedded images).
+CSP = "script-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'"
+CSP_META = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'  # for mlnb's own pages too
 _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}<meta http-equiv="Content-Security-Policy" content="CSP_HERE">{%- endblock html_head_js -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {% block jupyter_widgets %}{% endblock jupyter_widgets %}
-"""
+""".replace("CSP_HERE", CSP)
 
 _STATE: dict[str, Any] = {}  # "exporter": built once per process; "warming": the thread building it
 

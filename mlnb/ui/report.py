@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..store.records import RunRecord
+from ..pipeline.render import CSP_META
 from ..store.facade import Store
 
 # %% auto #0
@@ -87,7 +88,8 @@ def pipeline_report_html(store: Store, pipeline_run_id: str, report_dir: str | P
     git = f" · git <code>{esc(run.git_commit[:10])}</code>{' (dirty)' if run.git_dirty else ''}" if run.git_commit else ""
     table = _table
 
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(run.name or 'pipeline')} · {run.id[:8]}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8">{CSP_META}
+<title>{esc(run.name or 'pipeline')} · {run.id[:8]}</title>
 <style>{_CSS}</style></head><body>
 {nav}<h1>{esc(run.name or 'pipeline')} {_status(run.status)}</h1>
 <p class="meta">pipeline run <code>{run.id}</code> · started {started} · {_duration(run)}{git}</p>

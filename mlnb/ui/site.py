@@ -15,6 +15,7 @@ from pathlib import Path
 from ..ops.gate import version_metrics
 from ..ops.registry import history, models, versions
 from ..ops.schedule import list_schedules, schedule_history
+from ..pipeline.render import CSP_META
 from ..store.artifacts import artifacts_for
 from ..store.records import RunRecord
 from ..store.facade import Store
@@ -34,7 +35,7 @@ def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
 
 def _page(title: str, body: str, back: str | None = None) -> str:
     nav = f'<p class="meta"><a href="{esc(back)}">&larr; all reports</a></p>' if back else ""
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_CSS}'
+    return (f'<!doctype html><html><head><meta charset="utf-8">{CSP_META}<title>{esc(title)}</title><style>{_CSS}'
             ".spark{vertical-align:middle}.num{text-align:right;font-variant-numeric:tabular-nums}</style></head><body>"
             f"{nav}<h1>{esc(title)}</h1>{body}<p class='meta'>Written by mlnb on {time.strftime('%Y-%m-%d %H:%M:%S')}."
             "</p></body></html>")
