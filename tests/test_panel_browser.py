@@ -222,7 +222,7 @@ def test_a_page_whose_kernel_never_answers_loads_again_once_then_shows_the_error
     notebook, env = _one_cell_notebook_on_kernel(
         tmp_path, [sys.executable, "-c", "import time; time.sleep(600)", "{connection_file}"], "1 + 1")
     port, token = free_port(), "mlnb-ui-token"
-    server = _serve(voila_command(notebook, port, token, kernel_timeout=3), port, notebook.parent, env)
+    server = _serve(voila_command(notebook, port, kernel_timeout=3), port, notebook.parent, {**env, "MLNB_UI_TOKEN": token})
     manager, browser = _browser()
     try:
         page = browser.new_page()
@@ -266,7 +266,7 @@ def test_a_page_whose_cell_reply_never_comes_still_renders(tmp_path):
         tmp_path, [sys.executable, "-c", REPLYLESS, "-f", "{connection_file}"],
         "from IPython.display import HTML\nHTML('<b id=\"rendered\">rendered without its reply</b>')")
     port, token = free_port(), "mlnb-ui-token"
-    server = _serve(voila_command(notebook, port, token), port, notebook.parent, env)
+    server = _serve(voila_command(notebook, port), port, notebook.parent, {**env, "MLNB_UI_TOKEN": token})
     manager, browser = _browser()
     try:
         page = browser.new_page()

@@ -7,18 +7,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import pickle
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import MLNB, run_cli, wait_for
+from conftest import MLNB, free_port, run_cli, wait_for
 from mlnb.core.yaml12 import parse_value
 from mlnb.store.facade import Store
 from mlnb.sweep.space import parse_param
@@ -522,3 +524,80 @@ def test_hostile_strings_in_notebooks_runs_and_errors_never_run_as_script_in_any
                 page.close()
         finally:
             browser.close()
+
+
+def _cmdlines() -> str:
+    "Every process's command line, as any user on this machine can list them (ps, /proc)."
+    lines = []
+    for proc in Path("/proc").iterdir():
+        try:
+            lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return "\n".join(lines)
+
+
+def test_the_store_password_and_the_ui_token_stay_out_of_files_and_command_lines(tmp_path, pg_cluster):
+    "mlnb ui on a PostgreSQL store with a password: no file, log or process argument list holds it, nor the token."
+    url = pg_cluster.create_database().replace("mlnb@", "mlnb:S3cretPassw0rd@")  # trust auth: any password opens it
+    root = write_project(tmp_path / "secret", {"s": Step("", "x = 1")})
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([MLNB, "ui", "--port", str(port)], cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env={**os.environ, "MLNB_STORE": url})
+    try:
+        def serving() -> bool:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/?token={token}", timeout=5)
+                return True
+            except OSError:
+                assert server.poll() is None, log.read_text()
+                return False
+        token = wait_for(lambda: re.search(r"\?token=([\w-]+)", log.read_text()), timeout=120).group(1)
+        wait_for(serving, timeout=120)
+        listed = _cmdlines()
+        assert "S3cretPassw0rd" not in listed and token not in listed, [
+            line for line in listed.splitlines() if "S3cret" in line or token in line]
+        written = [p for p in root.rglob("*") if p.is_file() and b"S3cretPassw0rd" in p.read_bytes()]
+        assert not written, written
+        [generated] = list((root / ".mlnb" / "ui").glob("*.ipynb"))
+        assert oct(generated.stat().st_mode & 0o777) == "0o600"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert "S3cretPassw0rd" not in log.read_text(), "the terminal shows the URL masked, if at all"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (CI runs as root)")
+def test_the_kernel_zygote_answers_only_its_user_and_only_mlnbs_helpers(tmp_path):
+    "Its socket is 0600 whatever the umask; another user's connection is hung up on; a helper is never any function."
+    from mlnb.pipeline.kernels.zygote import Zygote
+    old = os.umask(0)
+    try:
+        zygote = Zygote(["mlnb"]).start()
+    finally:
+        os.umask(old)
+    try:
+        wait_for(lambda: Path(zygote.socket_path).exists(), timeout=60)
+        assert oct(os.stat(zygote.socket_path).st_mode & 0o777) == "0o600"
+        intruder = ("import json, os, socket, sys\nos.setgid(65534)\nos.setuid(65534)\n"
+                    "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+                    "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused'); sys.exit()\n"
+                    "try:\n    s.sendall(b'{\"helper\": \"os:system\"}\\n')\n    print(repr(s.makefile().readline()))\n"
+                    "except ConnectionResetError:\n    print(repr(''))\n")  # hung up on, with or without a reset
+        refused = subprocess.run([sys.executable, "-c", intruder, zygote.socket_path], capture_output=True, text=True,
+                                 timeout=60, check=False)
+        assert refused.stdout.strip() == "refused", refused
+        os.chmod(zygote.socket_path, 0o666)     # even if the file let them in, the zygote hangs up on them
+        hung_up = subprocess.run([sys.executable, "-c", intruder, zygote.socket_path], capture_output=True, text=True,
+                                 timeout=60, check=False)
+        assert hung_up.stdout.strip() == "''", hung_up
+        assert zygote.helper("mlnb.pipeline.kernels.zygote_server:loaded_modules").call(["mlnb.core.errors"]) == \
+            ["mlnb.core.errors"]                # its own user is served
+        not_a_helper = zygote.helper("os:system")
+        with pytest.raises(Exception, match="is not a zygote helper"):
+            not_a_helper.call(f"touch {tmp_path}/pwned")
+        assert not (tmp_path / "pwned").exists()
+    finally:
+        zygote.close()

@@ -24,23 +24,25 @@ from ..store.facade import open_store
 __all__ = ['panel_notebook', 'voila_command', 'ui_command']
 
 # %% ../../nbs/cli/06_ui.ipynb #60ca4ac8
-def panel_notebook(folder: Path, store_url: str) -> Path:
-    "Writes the notebook Voila serves (the panel over `store_url`) and returns its path."
+def panel_notebook(folder: Path) -> Path:
+    "Writes the notebook Voila serves (the panel over the store MLNB_STORE names) and returns its path."
     ensure_kernel()
     folder.mkdir(parents=True, exist_ok=True)
     cell = {"cell_type": "code", "execution_count": None, "id": "panel", "metadata": {}, "outputs": [],
-            "source": f"import mlnb\nmlnb.panel(store={store_url!r})"}
+            "source": "import mlnb\nmlnb.panel()  # the store comes from MLNB_STORE: no URL (nor password) in a file"}
     nb = {"cells": [cell], "metadata": {"kernelspec": {"name": KERNEL_NAME, "display_name": "mlnb", "language": "python"},
                                         "language_info": {"name": "python"}}, "nbformat": 4, "nbformat_minor": 5}
     path = folder / "mlnb-panel.ipynb"
     path.write_text(json.dumps(nb, indent=1))
+    path.chmod(0o600)  # generated notebooks are the user's alone
     return path
 
-def voila_command(notebook: Path, port: int, token: str, kernel_timeout: int = 30) -> list[str]:
+def voila_command(notebook: Path, port: int, kernel_timeout: int = 30) -> list[str]:
     """Returns the command line that serves `notebook` with Voila on 127.0.0.1:`port` (through `mlnb.ui.server`:
-    a page whose kernel has not answered in `kernel_timeout` seconds loads again once, then shows the error)."""
+    a page whose kernel has not answered in `kernel_timeout` seconds loads again once, then shows the error).
+    The token goes in the environment (`MLNB_UI_TOKEN`), never in the command line others can list."""
     return [sys.executable, "-m", "mlnb.ui.server", str(notebook), "--no-browser", f"--port={port}",
-            "--Voila.ip=127.0.0.1", f"--Voila.token={token}", "--Voila.port_retries=0", "--theme=light",
+            "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--theme=light",
             f"--VoilaExecutor.startup_timeout={kernel_timeout}"]
 
 # %% ../../nbs/cli/06_ui.ipynb #b1d0f509
@@ -61,12 +63,12 @@ def ui_command(port, token, no_token, store_url) -> None:
     open_store(url)  # a bad URL or a corrupt store is reported here, not in the browser
     project = find_project()
     folder = (project.root if project else Path.cwd()) / STATE_DIR / "ui"
-    notebook = panel_notebook(folder, url)
+    notebook = panel_notebook(folder)
     token = "" if no_token else (token or secrets.token_urlsafe(18))
     click.echo(f"Serving the mlnb panel on http://127.0.0.1:{port}/" + (f"?token={token}" if token else "")
                + "   (Ctrl-C to stop)", err=True)
-    env = {**os.environ, **kernel_env(), "MLNB_STORE": url}
-    server = subprocess.Popen(voila_command(notebook, port, token), env=env)
+    env = {**os.environ, **kernel_env(), "MLNB_STORE": url, "MLNB_UI_TOKEN": token}
+    server = subprocess.Popen(voila_command(notebook, port), env=env)
     # SIGTERM (systemd stop, kill) stops Voila and its kernels too, instead of leaving them behind.
     signal.signal(signal.SIGTERM, lambda signum, frame: server.terminate())
     try:

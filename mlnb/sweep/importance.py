@@ -10,6 +10,7 @@ import warnings
 from typing import Any
 
 from ..core.lazy import lazy_import
+from ..pipeline.kernels.zygote_server import zygote_helper
 
 # %% auto #0
 __all__ = ['param_importances', 'importance_inputs', 'importances_of', 'remember_importances', 'known_importances',
@@ -50,6 +51,7 @@ def importance_inputs(study) -> dict[str, Any]:
                         "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()}}
                        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]}
 
+@zygote_helper  # called in a child of the sweep's kernel zygote, where optuna is imported already
 def importances_of(inputs: dict[str, Any]) -> dict[str, dict[str, float]]:
     "Returns `param_importances` of the study `inputs` (from `importance_inputs`) describes: for another process."
     json_to_distribution = _optuna_distributions.json_to_distribution

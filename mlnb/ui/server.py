@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import os
 import sys
 from typing import Any
 
@@ -119,8 +120,12 @@ def install() -> None:
     VoilaExecutor._async_poll_for_reply = _async_poll_for_reply
 
 def main() -> None:
-    "`python -m mlnb.ui.server NOTEBOOK [Voila's options]`: Voila, with `install` done first."
+    """`python -m mlnb.ui.server NOTEBOOK [Voila's options]`: Voila, with `install` done first; its token from
+    `MLNB_UI_TOKEN` (kept out of the command line, where any user can list it, and out of the kernels' environment)."""
     install()
+    token = os.environ.pop("MLNB_UI_TOKEN", None)
+    if token is not None:
+        sys.argv.append(f"--Voila.token={token}")
     voila_main = _voila_app.main
     voila_main()
 

@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from ...core.lazy import lazy_import, preload
 
 # %% auto #0
-__all__ = ['serve', 'main']
+__all__ = ['zygote_helper', 'loaded_modules', 'same_user', 'serve', 'main']
 
 # %% ../../../nbs/pipeline/kernels/02_zygote_server.ipynb #001360ee
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -136,6 +137,23 @@ def _run_kernel(request: dict) -> int:
         pass
     return code
 
+# %% ../../../nbs/pipeline/kernels/02_zygote_server.ipynb #2a063639
+def zygote_helper(fn):
+    "Marks `fn` (a function of mlnb taking and returning JSON data) as one a zygote's helper may call."
+    fn.__mlnb_zygote_helper__ = True
+    return fn
+
+@zygote_helper
+def loaded_modules(prefixes: list[str]) -> list[str]:
+    "Returns the modules loaded in this process whose names start with one of `prefixes` (what a fork inherits)."
+    return sorted(m for m in sys.modules if m.startswith(tuple(prefixes)))
+
+# %% ../../../nbs/pipeline/kernels/02_zygote_server.ipynb #2272382c
+def same_user(conn: socket.socket) -> bool:
+    "Returns whether the process at the other end of the Unix socket `conn` runs as this process's user."
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid == os.getuid()
+
 # %% ../../../nbs/pipeline/kernels/02_zygote_server.ipynb #83c72b6c
 def _run_helper(conn: socket.socket, function: str) -> int:
     "Serves one call of `function` ('module:name', imported now) on `conn`: a JSON line in, a JSON line out."
@@ -146,7 +164,12 @@ def _run_helper(conn: socket.socket, function: str) -> int:
     fn, failed = None, None
     try:
         module, _, name = function.partition(":")
+        if module != "mlnb" and not module.startswith("mlnb."):
+            raise PermissionError(f"{function!r} is not a zygote helper (only mlnb's own, marked @zygote_helper)")
         fn = getattr(importlib.import_module(module), name)
+        if not getattr(fn, "__mlnb_zygote_helper__", False):
+            fn = None
+            raise PermissionError(f"{function!r} is not a zygote helper (only mlnb's own, marked @zygote_helper)")
     except BaseException as e:  # noqa: BLE001 - the answer to the call (not before it: the caller is still sending)
         failed = f"{type(e).__name__}: {e}"
     try:
@@ -183,7 +206,11 @@ def serve(socket_path: str, modules: list[str]) -> None:
             todo = []
             break
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(socket_path)
+    umask = os.umask(0o177)  # the socket is the user's alone (0600), whatever the umask
+    try:
+        listener.bind(socket_path)
+    finally:
+        os.umask(umask)
     listener.listen(16)
     _say({"pid": os.getpid(), "listening": True})
     children: set[int] = set()
@@ -199,7 +226,7 @@ def serve(socket_path: str, modules: list[str]) -> None:
                 return
             while listener in ready:  # every caller now: a module's import can take seconds
                 conn, _ = listener.accept()
-                request = _read_request(conn)
+                request = _read_request(conn) if same_user(conn) else conn.close()  # another user: hung up on
                 if request is not None:
                     waiting.append((conn, request))
                 ready = select.select([listener], [], [], 0)[0]
