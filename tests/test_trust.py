@@ -567,6 +567,12 @@ def test_the_store_password_and_the_ui_token_stay_out_of_files_and_command_lines
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     assert "S3cretPassw0rd" not in log.read_text(), "the terminal shows the URL masked, if at all"
+    ran = run_cli("run", "--json", cwd=root, timeout=300, env={"MLNB_STORE": url})   # a pipeline run on that store
+    assert ran.returncode == 0 and "S3cretPassw0rd" not in ran.stdout + ran.stderr, ran.stderr
+    written = [p for p in root.rglob("*") if p.is_file() and b"S3cretPassw0rd" in p.read_bytes()]  # reports too
+    assert not written, written
+    recorded = json.dumps([r.to_dict() for r in Store(url).open().list_runs()], default=str)
+    assert "S3cretPassw0rd" not in recorded
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (CI runs as root)")
@@ -601,3 +607,27 @@ def test_the_kernel_zygote_answers_only_its_user_and_only_mlnbs_helpers(tmp_path
         assert not (tmp_path / "pwned").exists()
     finally:
         zygote.close()
+
+
+def test_terminal_output_shows_escape_sequences_as_text_and_names_follow_one_rule(tmp_path, project):
+    "A run name, a notebook's exception and a tag cannot steer the terminal; a model name or alias is checked."
+    evil = "evil\x1b]0;pwned\x07\x1b[2J\u202e"
+    made = subprocess.run([sys.executable, "-c", f"import mlnb\nwith mlnb.start_run({evil!r}) as r:\n"
+                           f"    mlnb.set_tag('note', {evil!r})\n    mlnb.log_model([1, 2])\nprint(r.id)"],
+                          cwd=project, capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stderr
+    run_id = made.stdout.strip()
+    for args in (["runs", "list"], ["runs", "show", run_id[:8]]):
+        shown = run_cli(*args, cwd=project)
+        assert shown.returncode == 0 and "evil\\x1b]0;pwned\\x07" in shown.stdout, shown.stdout
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e]", shown.stdout), repr(shown.stdout)
+    root = write_project(tmp_path / "raises", {"s": Step("", f"raise ValueError({evil!r})")})
+    failed = run_cli("run", cwd=root, timeout=300)
+    assert failed.returncode == 1 and "ValueError: evil\\x1b]0;pwned\\x07" in failed.stderr, failed.stderr
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u202a-\u202e]", failed.stderr), repr(failed.stderr)
+    for name in ("churn model", "../x", "<b>m</b>", "m@1"):
+        bad = run_cli("registry", "register", name, "--run", run_id[:8], cwd=project)
+        assert bad.returncode == 1 and "is not a valid name: use a letter or digit first" in bad.stderr, bad.stderr
+    assert run_cli("registry", "register", "churn-v2", "--run", run_id[:8], cwd=project).returncode == 0
+    alias = run_cli("registry", "alias", "churn-v2", "<script>", "1", cwd=project)
+    assert alias.returncode != 0 and "<script>" in alias.stderr, alias.stderr
