@@ -631,3 +631,17 @@ def test_terminal_output_shows_escape_sequences_as_text_and_names_follow_one_rul
     assert run_cli("registry", "register", "churn-v2", "--run", run_id[:8], cwd=project).returncode == 0
     alias = run_cli("registry", "alias", "churn-v2", "<script>", "1", cwd=project)
     assert alias.returncode != 0 and "<script>" in alias.stderr, alias.stderr
+
+
+def test_a_date_param_gets_a_date_and_every_other_param_keeps_dates_as_text(tmp_path):
+    "Dates stay strings (YAML 1.2, papermill) unless the param is annotated `date` or `datetime`."
+    root = write_project(tmp_path / "dates", {"d": Step(
+        "import datetime\nday: datetime.date = datetime.date(2024, 1, 1)\nat: datetime.datetime | None = None\n"
+        "label = 'x'", "import mlnb\nmlnb.output('got', [type(day).__name__, str(day), type(at).__name__, label])")})
+    ran = run_cli("run", "--json", "-q", "-p", "day=2024-02-29", "-p", "at=2024-02-29T08:15:00", "-p",
+                  "label=2024-02-29", cwd=root, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    got = outputs(root, json.loads(ran.stdout)["steps"][0]["run_id"])["got"]
+    assert got == ["date", "2024-02-29", "datetime", "2024-02-29"], got
+    bad = run_cli("run", "-p", "day=29/02/2024", cwd=root)
+    assert bad.returncode == 1 and "parameter 'day' expects datetime.date, got str '29/02/2024'" in bad.stderr, bad.stderr

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ast
+import datetime
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ from ..core.hashing import hash_json
 
 # %% auto #0
 __all__ = ['read_notebook', 'cell_source', 'cell_tags', 'code_hash', 'Parameter', 'NotebookParameters', 'check_python',
-           'parameters_cell', 'parse_parameters', 'value_fits', 'given_value', 'resolve_params']
+           'parameters_cell', 'parse_parameters', 'DateText', 'DateTimeText', 'value_fits', 'given_value',
+           'resolve_params']
 
 # %% ../../nbs/pipeline/01_params.ipynb #b8ca9ff3
 def read_notebook(path: str | Path) -> dict:
@@ -137,6 +139,43 @@ def parse_parameters(path: str | Path, nb: dict | None = None) -> NotebookParame
         result.params[name] = param
     return result
 
+# %% ../../nbs/pipeline/01_params.ipynb #b2c44468
+_DATES = {"date": datetime.date, "datetime.date": datetime.date, "datetime": datetime.datetime,
+          "datetime.datetime": datetime.datetime}
+
+def _as_date(value: Any, kind: type) -> Any:
+    "Returns `value` as a `kind` (date or datetime) if it is one or an ISO 8601 text of one, else None."
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        try:
+            return kind.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+class DateText(str):
+    """The ISO text of a date or datetime given for a param annotated as one: recorded and hashed as the text,
+    injected into the notebook as the date (see `mlnb.pipeline.step.register_translator`)."""
+    kind = "date"
+
+    @staticmethod
+    def of(value: datetime.date) -> DateText:
+        "Returns the `DateText` of a date or a datetime."
+        return (DateTimeText if isinstance(value, datetime.datetime) else DateText)(value.isoformat())
+
+class DateTimeText(DateText):
+    kind = "datetime"
+
+def _date_kind(annotation: str | None) -> type | None:
+    "Returns date or datetime when the annotation names one (`date`, `datetime | None`, ...), else None."
+    try:
+        node = ast.parse(annotation or "", mode="eval").body
+    except SyntaxError:
+        return None
+    names = [ast.unparse(n) for n in ast.walk(node) if isinstance(n, (ast.Name, ast.Attribute))]
+    return next((_DATES[n] for n in names if n in _DATES), None)
+
 # %% ../../nbs/pipeline/01_params.ipynb #ac93974d
 _SIMPLE = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "tuple": tuple,
            "List": list, "Dict": dict, "Tuple": tuple, "Path": str, "pathlib.Path": str}
@@ -178,6 +217,8 @@ def _matches(value: Any, node: ast.AST) -> bool | None:
             return all(_matches(k, args[0]) is not False and _matches(v, args[1]) is not False
                        for k, v in value.items())
         return True
+    if name in _DATES:  # a date param takes its ISO text (YAML 1.2 and papermill keep dates as strings)
+        return _as_date(value, _DATES[name]) is not None
     base = _SIMPLE.get(name)
     return None if base is None else _matches_simple(value, base)
 
@@ -207,9 +248,14 @@ def value_fits(param: Parameter, value: Any) -> bool:
 
 def given_value(param: Parameter, value: Any) -> Any:
     """Returns the value to inject for `param`: the text `None` is None for a param that allows None, as in
-    papermill; dicts with their keys in sorted order (a dict's key order is ignored everywhere: in the cache key
+    papermill; the ISO text of a date for a param annotated `date` or `datetime`, that date; dicts with their
+    keys in sorted order (a dict's key order is ignored everywhere: in the cache key
     and in the notebook). Raises TypeError for a dict whose keys cannot be sorted (1 and 'a')."""
-    return None if value == "None" and value_fits(param, None) else _keys_sorted(value)
+    if value == "None" and value_fits(param, None):
+        return None
+    kind = _date_kind(param.annotation) if isinstance(value, str) else None
+    parsed = _as_date(value, kind) if kind else None
+    return DateText.of(parsed) if parsed is not None else _keys_sorted(value)
 
 def _keys_sorted(value: Any) -> Any:
     if isinstance(value, dict):

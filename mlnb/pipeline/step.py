@@ -20,6 +20,7 @@ from ..core.lazy import lazy_import
 from .kernels.ipc import ensure_kernel, ipc_kernel_manager, kernel_env
 from .kernels.warm import (enter_step, forked_kernel, has_zygote, leave_step, retire, start_kernel_ahead,
                                         take_kernel_ahead)
+from .params import DateText
 from .render import quiet_slow_imports, render_html
 
 # %% auto #0
@@ -93,7 +94,8 @@ def _quiet_nbclient_lines(record) -> bool:
     """A logging filter: drops nbclient's lines that the step's own error says better, once: a cell past its timeout
     (with the right seconds), a kernel that died."""
     return not str(record.msg).startswith(("Timeout waiting for execute reply", "Interrupting kernel",
-                                           "Kernel died while waiting for execute reply"))
+                                           "Kernel died while waiting for execute reply",
+                                           "Passed unknown parameter"))  # mlnb checked the params itself
 
 def _past_timeout(timeout: float) -> str:
     "Returns what a step that ran past its `timeout:` says."
@@ -227,10 +229,15 @@ def register_translator() -> str:
     "Registers (once) papermill's Python translator with dict keys kept as they are; returns its language name."
     registry = papermill_translators.papermill_translators
     if TRANSLATOR_LANGUAGE not in registry._translators:
+        base = papermill_translators.PythonTranslator
         def translate_dict(cls, val: dict) -> str:
             return "{" + ", ".join(f"{cls.translate(k)}: {cls.translate(v)}" for k, v in val.items()) + "}"
-        keyed = type("KeyedPythonTranslator", (papermill_translators.PythonTranslator,),
-                     {"translate_dict": classmethod(translate_dict)})
+        def translate(cls, val: Any) -> str:  # a date param's value arrives as a date (papermill: its text)
+            if isinstance(val, DateText):
+                return f"__import__('datetime').{val.kind}.fromisoformat({str(val)!r})"
+            return base.translate.__func__(cls, val)
+        keyed = type("KeyedPythonTranslator", (base,),
+                     {"translate_dict": classmethod(translate_dict), "translate": classmethod(translate)})
         registry.register(TRANSLATOR_LANGUAGE, keyed)
     return TRANSLATOR_LANGUAGE
 
