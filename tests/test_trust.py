@@ -645,3 +645,16 @@ def test_a_date_param_gets_a_date_and_every_other_param_keeps_dates_as_text(tmp_
     assert got == ["date", "2024-02-29", "datetime", "2024-02-29"], got
     bad = run_cli("run", "-p", "day=29/02/2024", cwd=root)
     assert bad.returncode == 1 and "parameter 'day' expects datetime.date, got str '29/02/2024'" in bad.stderr, bad.stderr
+
+
+def test_generated_notebooks_and_blobs_are_private_whatever_the_umask(tmp_path):
+    "Executed copies (in a run's report folder) and stored blobs sit in folders only their user can enter."
+    root = write_project(tmp_path / "private", {"s": Step("", "x = 1")})
+    ran = subprocess.run(["sh", "-c", f"umask 000 && {MLNB} run --json -q"], cwd=root, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert ran.returncode == 0, ran.stderr
+    [step] = json.loads(ran.stdout)["steps"]
+    executed = Path(step["executed"])
+    assert oct(executed.parent.stat().st_mode & 0o777) == "0o700", executed.parent
+    blob_dirs = [p for p in (root / ".mlnb" / "artifacts").iterdir() if p.is_dir()]
+    assert blob_dirs and all(oct(p.stat().st_mode & 0o777) == "0o700" for p in blob_dirs)

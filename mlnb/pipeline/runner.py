@@ -164,6 +164,7 @@ def report_folder(reports: Path, run: Run, root: Path) -> Path:
     the run relative to the project `root` when it lies inside it (the project may move)."""
     folder = reports / f"{time.strftime('%Y%m%d-%H%M%S')}-{run.id[:8]}"
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # the executed notebooks in it are the user's alone, whatever the umask
     inside = folder.resolve().is_relative_to(root.resolve())
     run.set_tag("mlnb.report_dir", os.path.relpath(folder.resolve(), root.resolve()) if inside else str(folder))
     return folder

@@ -94,7 +94,7 @@ class _BlobPlaces:
         "Writes a blob through a temporary file and an atomic rename, so readers never see half a blob."
         folder = os.path.dirname(target)
         try:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(folder, mode=0o700, exist_ok=True)  # blob folders: the user's alone, whatever the umask
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         except OSError as e:
             raise ArtifactError(f"Cannot write artifacts under {self.root}: {e.strerror}. Check that the "
