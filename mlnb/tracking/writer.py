@@ -36,26 +36,39 @@ _INT64 = range(-2**63, 2**63)
 
 def checked_point(key: Any, value: Any, step: Any, timestamp: Any) -> tuple[str, float, int | None, float | None]:
     "Returns the point as the store holds it, or raises `MetricError` naming the key (nothing is held then)."
+    if type(key) is not str or not key or "\x00" in key or not (key.isascii() or _utf8(key)):
+        _refuse_key(key)
+    if type(value) is not float:  # the common case (a float) pays for none of these checks
+        value = _number(key, value)
+    if step is not None and (type(step) is not int or step not in _INT64):
+        step = _step(key, step)
+    if timestamp is not None:
+        if isinstance(timestamp, (str, bytes)) or not math.isfinite(float(timestamp)):
+            raise MetricError(f"Metric {key!r}: the timestamp must be a finite number of seconds, not {timestamp!r}.")
+        timestamp = float(timestamp)
+    return key, value, step, timestamp
+
+def _refuse_key(key: Any) -> None:
     if type(key) is not str or not key:
         raise MetricError(f"A metric key must be a non-empty string, not {key!r}.")
-    if "\x00" in key or not _utf8(key):
-        raise MetricError(f"Metric key {key!r} holds a character the store cannot hold (NUL or an unpaired surrogate).")
+    raise MetricError(f"Metric key {key!r} holds a character the store cannot hold (NUL or an unpaired surrogate).")
+
+def _number(key: str, value: Any) -> float:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
         raise MetricError(f"Metric {key!r}: the value must be a number, not {type(value).__name__} {value!r}.")
     try:
-        value = float(value)
+        return float(value)
     except (TypeError, ValueError, OverflowError) as e:
         raise MetricError(f"Metric {key!r}: the value {value!r} is not a number ({e}).") from None
-    if step is not None:
-        try:
-            step = operator.index(step)
-        except TypeError:
-            raise MetricError(f"Metric {key!r}: the step must be an integer, not {step!r}.") from None
-        if step not in _INT64:
-            raise MetricError(f"Metric {key!r}: step {step} is outside the 64-bit range the store holds.")
-    if timestamp is not None and (isinstance(timestamp, (str, bytes)) or not math.isfinite(float(timestamp))):
-        raise MetricError(f"Metric {key!r}: the timestamp must be a finite number of seconds, not {timestamp!r}.")
-    return key, value, step, None if timestamp is None else float(timestamp)
+
+def _step(key: str, step: Any) -> int:
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise MetricError(f"Metric {key!r}: the step must be an integer, not {step!r}.") from None
+    if step not in _INT64:
+        raise MetricError(f"Metric {key!r}: step {step} is outside the 64-bit range the store holds.")
+    return step
 
 def _utf8(text: str) -> bool:
     try:
