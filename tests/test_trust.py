@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import MLNB, free_port, run_cli, wait_for
+from test_pipeline import store_of
 from mlnb.core.yaml12 import parse_value
 from mlnb.store.facade import Store
 from mlnb.sweep.space import parse_param
@@ -43,7 +44,7 @@ CLI_ONLY = [("#ff0000", "#ff0000"), ("", ""), ("a: b: c", "a: b: c"), ("x # note
 
 def outputs(root: Path, run_id: str) -> dict:
     "The outputs a step's run recorded, read back from the project's store."
-    store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    store = store_of(root)
     return {k: v["value"] for k, v in store.get_run(run_id).outputs.items()}
 
 
@@ -113,7 +114,7 @@ def test_a_dict_param_with_keys_of_mixed_types_is_one_line_before_any_kernel(tmp
     bad = run_cli("run", "-p", "w={1: a, b: c}", cwd=root)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
     assert "parameter 'w': a dict whose keys mix types (1, 'b')" in bad.stderr, bad.stderr
-    assert not (root / ".mlnb" / "mlnb.db").exists() or not Store(f"sqlite:///{root}/.mlnb/mlnb.db").open().list_runs()
+    assert not (root / ".mlnb" / "mlnb.db").exists() or not store_of(root).list_runs()
     first = run_cli("run", "--json", "-q", "-p", "w={b: 1, a: 2}", cwd=root, timeout=300)
     assert first.returncode == 0, first.stderr
     assert outputs(root, json.loads(first.stdout)["steps"][0]["run_id"])["w"] == ["a", "b"]  # sorted, as hashed
@@ -147,7 +148,7 @@ def test_bad_metric_points_cost_nothing_else(tmp_path, project):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["refused"] == 700 and data["named"] == 700, data
-    store = Store(f"sqlite:///{project}/.mlnb/mlnb.db").open()
+    store = store_of(project)
     run = store.get_run(data["run"])
     assert run.status == "finished" and set(run.metrics) == {"good"}, (run.status, run.metrics)
     assert [(s, v) for s, v, _ in store.metric_history(run.id, "good")] == [(i, float(i)) for i in range(100)]
@@ -178,7 +179,7 @@ def test_hostile_project_files_are_one_line_and_record_nothing(tmp_path, case):
             (args, result.stderr)
         assert "internal error" not in result.stderr and "Traceback" not in result.stderr
     (root / "mlnb.yaml").write_bytes(good)
-    assert len(Store(f"sqlite:///{root}/.mlnb/mlnb.db").open().list_runs()) == 2  # the pipeline run and its step
+    assert len(store_of(root).list_runs()) == 2  # the pipeline run and its step
 
 
 # -- Records are never wrong: what a step read is what its upstream run made -------------------------------------
@@ -236,7 +237,7 @@ def test_a_changed_blob_is_an_error_naming_it_and_its_run_never_restored_or_unpi
     root = _two_steps(tmp_path / "blobs")
     first = run_cli("run", "--json", "-q", cwd=root, timeout=300)
     assert first.returncode == 0, first.stderr
-    store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    store = store_of(root)
     [write] = [s for s in json.loads(first.stdout)["steps"] if s["name"] == "write"]
     [product] = [f for f in store.get_run(write["run_id"]).files if f["role"] == "product"]
     blob = root / ".mlnb" / "artifacts" / product["sha256"][:2] / product["sha256"][2:]
@@ -298,7 +299,7 @@ def test_a_full_disk_while_storing_a_product_fails_the_step_in_one_line_and_keep
     assert result.stderr.strip().splitlines()[-1].startswith("error: step 'big' failed: Cannot store a blob under")
     assert "No space left on device" in result.stderr, result.stderr
     assert not [p for p in small_disk.rglob("*") if p.name.startswith(".tmp-")]  # no half-written blob
-    store = Store(f"sqlite:///{root}/.mlnb/mlnb.db").open()
+    store = store_of(root)
     [step] = store.list_runs(kind="step")
     assert step.status == "failed" and step.metrics["before"]["last"] == 1.0, (step.status, step.metrics)
     assert store.list_runs(kind="pipeline")[0].status == "failed"
@@ -370,7 +371,7 @@ def test_a_notebook_for_another_kernel_is_refused_before_any_kernel_starts(tmp_p
         result = run_cli(*args, cwd=root)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
         assert "is written for the 'R' kernel (R); mlnb runs and reads Python notebooks only" in result.stderr
-    assert not (root / ".mlnb" / "mlnb.db").exists() or not Store(f"sqlite:///{root}/.mlnb/mlnb.db").open().list_runs()
+    assert not (root / ".mlnb" / "mlnb.db").exists() or not store_of(root).list_runs()
 
 
 def test_errors_name_the_cell_the_user_sees_with_its_in_count_and_a_magics_usage_error(tmp_path):
@@ -409,7 +410,7 @@ def test_a_run_marked_crashed_while_paused_records_its_real_end_when_it_finishes
     proc = subprocess.Popen([sys.executable, "paused.py"], cwd=project, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "MLNB_HEARTBEAT_INTERVAL": "0.2"})
     run_id = proc.stdout.readline().strip()
-    store = Store(f"sqlite:///{project}/.mlnb/mlnb.db").open()
+    store = store_of(project)
     os.kill(proc.pid, signal.SIGSTOP)           # paused (or swapped out): no heartbeat
     try:
         wait_for(lambda: store.get_run(run_id).status == "crashed", timeout=60)
@@ -475,7 +476,7 @@ def test_a_project_in_any_folder_name_moves_and_copies_as_a_whole(tmp_path):
     (copy / "data" / "rows.txt").write_text("changed in the copy\n")
     forced = run_cli("run", "-q", "--force", "--only", "write", "-p", "rows=3", cwd=copy, timeout=300)
     assert forced.returncode == 0, forced.stderr
-    assert len(Store(f"sqlite:///{moved}/.mlnb/mlnb.db").open().list_runs(kind="pipeline")) == 2  # not the copy's
+    assert len(store_of(moved).list_runs(kind="pipeline")) == 2  # not the copy's
 
 
 # -- Nothing leaks: what users wrote is shown, never run ------------------------------------------------------------

@@ -11,7 +11,7 @@ import click
 
 from .app import echo_json, json_option, store_option
 from ..core.errors import StoreError
-from ..store.database import backup_sqlite, masked
+from ..store.database import SqliteDatabase, backup_sqlite, masked
 from ..store.facade import open_store
 
 # %% auto #0
@@ -35,10 +35,10 @@ def backup_command(path: Path, as_json: bool, store_url: str | None) -> None:
       mlnb store backup copy.db --store sqlite:///elsewhere/mlnb.db"""
     opened = open_store(store_url)
     db = opened.db
-    if db.backend != "sqlite":
+    if not isinstance(db, SqliteDatabase):
         raise StoreError(f"{masked(opened.url)} is a PostgreSQL store: back it up with PostgreSQL's own tool, "
                          f"e.g. pg_dump --format=custom --file {path} 'postgresql://USER@HOST/DB' (restore: pg_restore).")
-    written = backup_sqlite(db, path)  # type: ignore[arg-type]  # an SQLite database, checked above
+    written = backup_sqlite(db, path)
     if as_json:
         echo_json({"backup": str(written), "bytes": written.stat().st_size})
     else:

@@ -17,7 +17,7 @@ from ..store.facade import Store
 from ..store.records import RunRecord
 
 # %% auto #0
-__all__ = ['RunPlan', 'latest_good_run', 'plan_run']
+__all__ = ['RunPlan', 'latest_good_run', 'last_pipeline_run', 'plan_run']
 
 # %% ../../nbs/pipeline/06_plan.ipynb #01198588
 @dataclass
@@ -36,14 +36,18 @@ def latest_good_run(store: Store, step: str) -> RunRecord | None:
             return store.get_run(record.source_run_id or record.id)
     return None
 
+def last_pipeline_run(store: Store, run_name: str) -> RunRecord | None:
+    "Returns the newest pipeline run named `run_name` (the one `--resume` resumes), or None."
+    return next((r for r in store.list_runs(kind="pipeline", details=False) if r.name == run_name), None)
+
 def _reused(store: Store, pipeline: Pipeline, selected: list[str], resume: bool, run_name: str) -> dict[str, RunRecord]:
     "Returns earlier runs to use for steps this run does not execute (outside the selection, or resumed)."
     reused: dict[str, RunRecord] = {}
     if resume:
-        previous = [r for r in store.list_runs(kind="pipeline", details=False) if r.name == run_name][:1]
-        if not previous:
+        previous = last_pipeline_run(store, run_name)
+        if previous is None:
             raise InvalidPipeline("Nothing to resume: this project has no pipeline run yet. Run 'mlnb run'.")
-        for child in store.children(previous[0].id):
+        for child in store.children(previous.id):
             if child.status in ("finished", "cached") and child.name in pipeline.steps:
                 reused[child.name] = store.get_run(child.source_run_id or child.id)
     outside = {need for name in selected for need in pipeline.upstream_of(name)} - set(selected)
@@ -90,5 +94,5 @@ def plan_run(project: Project, store: Store, *, pipeline: str | None = None, par
 
 def _resumed_overrides(store: Store, run_name: str) -> list[str]:
     "Returns the -p values of the newest pipeline run named `run_name`."
-    previous = [r for r in store.list_runs(kind="pipeline", details=False) if r.name == run_name][:1]
-    return list(store.get_tags(previous[0].id).get("mlnb.params") or []) if previous else []
+    previous = last_pipeline_run(store, run_name)
+    return list(store.get_tags(previous.id).get("mlnb.params") or []) if previous else []

@@ -64,6 +64,13 @@ class StepResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+# %% ../../nbs/pipeline/04_step.ipynb #c44b3c44
+def _printed_error(cell: dict | None) -> str | None:
+    "Returns the last 'SomethingError: ...' line a failed cell printed (IPython prints a magic's UsageError)."
+    lines = [line for out in (cell or {}).get("outputs", []) if out.get("output_type") == "stream"
+             for line in "".join(out.get("text", "")).splitlines()]
+    return next((line.strip() for line in reversed(lines) if re.match(r"^\w*(Error|Exception)\b", line.strip())), None)
+
 # %% ../../nbs/pipeline/04_step.ipynb #3c7e56a8
 def _source_cell_number(executed: dict | None, cell_index: int | None) -> int | None:
     """Returns the 1-based position in the source notebook of the executed copy's failing cell.
@@ -72,23 +79,20 @@ def _source_cell_number(executed: dict | None, cell_index: int | None) -> int | 
     with the parameters is not in the source notebook."""
     if executed is None or cell_index is None:
         return None
-    cells = [c for c in executed.get("cells", [])
-             if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
+    cells = _executed_cells(executed)
     injected = sum(1 for c in cells[:cell_index] if "injected-parameters" in c.get("metadata", {}).get("tags", []))
     return cell_index - injected + 1
+
+def _executed_cells(executed: dict) -> list[dict]:
+    "Returns the executed copy's cells as papermill numbers them (before it added its error banner)."
+    return [c for c in executed.get("cells", []) if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
 
 def _failed_cell(executed: dict | None, cell_index: int | None) -> dict | None:
     "Returns the executed copy's cell that failed (papermill's `cell_index`, counted before its error banner)."
     if executed is None or cell_index is None:
         return None
-    cells = [c for c in executed.get("cells", []) if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
+    cells = _executed_cells(executed)
     return cells[cell_index] if 0 <= cell_index < len(cells) else None
-
-def _printed_error(cell: dict | None) -> str | None:
-    "Returns the last 'SomethingError: ...' line a failed cell printed (IPython prints a magic's UsageError)."
-    lines = [line for out in (cell or {}).get("outputs", []) if out.get("output_type") == "stream"
-             for line in "".join(out.get("text", "")).splitlines()]
-    return next((line.strip() for line in reversed(lines) if re.match(r"^\w*(Error|Exception)\b", line.strip())), None)
 
 def _quiet_nbclient_lines(record) -> bool:
     """A logging filter: drops nbclient's lines that the step's own error says better, once: a cell past its timeout
