@@ -25,7 +25,7 @@ from test_pipeline import store_of
 from mlnb.core.yaml12 import parse_value
 from mlnb.store.facade import Store
 from mlnb.sweep.space import parse_param
-from mlnb.testing.projects import Step, write_project
+from mlnb.testing.projects import Step, write_notebook, write_project
 
 # Parameter text, the value YAML 1.2 reads from it, and the value a notebook then holds. Papermill's own
 # translator cases (strings with quotes, unicode, nested lists and dicts, None, bools, floats) and the YAML 1.1
@@ -361,17 +361,71 @@ def test_the_store_file_alone_holds_every_run_after_a_command_and_backup_works_w
 
 
 # -- What you give is what runs: other kernels, and errors where the user looks ----------------------------------
-def test_a_notebook_for_another_kernel_is_refused_before_any_kernel_starts(tmp_path):
-    "An R (or Julia, ...) notebook is never run as Python: refused in one line naming its kernelspec."
-    root = write_project(tmp_path / "r", {"fit": Step("alpha <- 0.5", "print(alpha)")})
-    nb = json.loads((root / "notebooks" / "fit.ipynb").read_text())
-    nb["metadata"]["kernelspec"] = {"name": "ir", "display_name": "R", "language": "R"}
-    (root / "notebooks" / "fit.ipynb").write_text(json.dumps(nb))
-    for args in (["run"], ["params", "notebooks/fit.ipynb"]):
-        result = run_cli(*args, cwd=root)
-        assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
-        assert "is written for the 'R' kernel (R); mlnb runs and reads Python notebooks only" in result.stderr
+def _bash_notebook(path: Path, params: str, *cells: str) -> None:
+    "Writes a notebook for the Bash kernel (bash_kernel's kernelspec) with a parameters cell and `cells`."
+    write_notebook(path, params, list(cells))
+    nb = json.loads(path.read_text())
+    nb["metadata"]["kernelspec"] = {"name": "bash", "display_name": "Bash", "language": "bash"}
+    path.write_text(json.dumps(nb))
+
+
+@pytest.fixture(scope="module")
+def bash_kernel(tmp_path_factory) -> dict:
+    "The environment under which Jupyter finds bash_kernel's kernelspec (installed in a folder of its own)."
+    prefix = tmp_path_factory.mktemp("bash-kernel")
+    subprocess.run([sys.executable, "-m", "bash_kernel.install", "--prefix", str(prefix)], check=True, capture_output=True)
+    return {"JUPYTER_PATH": str(prefix / "share" / "jupyter")}
+
+
+def test_a_notebook_for_another_kernel_runs_in_that_kernel_with_its_params_or_is_refused_before_any_kernel(
+        tmp_path, bash_kernel):
+    "A bash notebook: its params read in bash, run in bash_kernel (never as Python), cached; refused when not installed."
+    root = write_project(tmp_path / "polyglot", {"total": Step("upstream = None", [
+        "import mlnb\nmlnb.output('total', sum(int(x) for x in open(upstream['count']['counts']).read().split()))"])})
+    _bash_notebook(root / "notebooks" / "count.ipynb", 'n=2\nlabel="a b"  # what the count is called',
+                   'mkdir -p out && seq 1 "$n" > out/counts.txt && echo "$label in $MLNB_STEP"',
+                   'test "$n" -le 100 || { echo "n is too big: $n" >&2; false; }')
+    config = yaml.safe_load((root / "mlnb.yaml").read_text())
+    config["pipeline"] = {"count": {"notebook": "notebooks/count.ipynb", "products": {"counts": "out/counts.txt"}},
+                          "total": {**config["pipeline"]["total"], "needs": ["count"]}}
+    (root / "mlnb.yaml").write_text(yaml.safe_dump(config))
+
+    shown = run_cli("params", "notebooks/count.ipynb", "--json", cwd=root)
+    assert shown.returncode == 0, shown.stderr
+    declared = json.loads(shown.stdout)
+    assert (declared["language"], declared["kernel"]) == ("bash", "bash")
+    assert [(p["name"], p["type"], p["default"], p["description"]) for p in declared["params"]] == [
+        ("n", "int", 2, ""), ("label", "str", "a b", "what the count is called")]
+
+    refused = run_cli("run", cwd=root, env={"JUPYTER_PATH": str(tmp_path / "none")})
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "count.ipynb is written for the 'Bash' kernel (bash), which is not installed here" in refused.stderr
     assert not (root / ".mlnb" / "mlnb.db").exists() or not store_of(root).list_runs()
+    typed = run_cli("run", "-p", "count.n=many", cwd=root, env=bash_kernel)
+    assert typed.returncode == 1 and "parameter 'n' expects int, got str 'many'" in typed.stderr, typed.stderr
+
+    ran = run_cli("run", "-p", "count.n=4", cwd=root, env=bash_kernel)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert (root / "out" / "counts.txt").read_text().split() == ["1", "2", "3", "4"]
+    store = store_of(root)
+    steps = {r.name: r for r in store.list_runs() if r.kind == "step"}
+    assert outputs(root, steps["total"].id) == {"total": 10}
+    executed = json.loads(Path(root / "reports" / "latest" / "count.ipynb").read_text())
+    printed = [o for c in executed["cells"] for o in c.get("outputs", [])]
+    assert "n=4" in "".join(executed["cells"][1]["source"]) and "a b in count" in json.dumps(printed)
+    again = run_cli("run", "-p", "count.n=4", cwd=root, env=bash_kernel)
+    assert again.returncode == 0 and again.stdout.count("cached") >= 2, again.stdout
+
+    failed = run_cli("run", "-p", "count.n=101", cwd=root, env=bash_kernel)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "count" in failed.stderr and "cell 3" in failed.stderr and "n is too big: 101" in failed.stderr, failed.stderr
+
+    (root / "notebooks" / "count.ipynb").unlink()
+    _bash_notebook(root / "notebooks" / "count.ipynb", "product=", "true")
+    (root / "out" / "counts.txt").unlink()
+    dicts = run_cli("run", cwd=root, env=bash_kernel)
+    assert dicts.returncode == 1 and dicts.stderr.count("\n") == 1, dicts.stderr
+    assert "param 'product' is a dict, which papermill cannot write in bash" in dicts.stderr
 
 
 def test_errors_name_the_cell_the_user_sees_with_its_in_count_and_a_magics_usage_error(tmp_path):

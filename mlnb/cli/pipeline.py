@@ -192,8 +192,11 @@ def params_command(notebook, as_json) -> None:
     declared = parse_parameters(notebook)
     items = [p.to_dict() for p in declared.params.values()]
     if as_json:
-        echo_json({"notebook": notebook, "has_parameters_cell": declared.found, "params": items})
+        echo_json({"notebook": notebook, "language": declared.kernel.language, "kernel": declared.kernel.name,
+                   "has_parameters_cell": declared.found, "params": items})
         return
+    if not declared.kernel.python:
+        click.echo(f"{notebook} is written for the {declared.kernel.display!r} kernel ({declared.kernel.language}).")
     if not declared.found:
         click.echo(f"{notebook} has no cell tagged 'parameters' (tag one in JupyterLab's property inspector).")
         return

@@ -15,6 +15,7 @@ from typing import Any
 from ..core.errors import MlnbError, PipelineError
 from ..core.hashing import FileHashes, hash_json
 from .dag import Step
+from .languages import PYTHON, NotebookKernel
 from ..store.artifacts import ArtifactStore
 from ..store.records import RunRecord
 
@@ -34,6 +35,7 @@ class StepPlan:
     effective: dict[str, Any] = field(default_factory=dict)  # what the notebook runs with: defaults + given
     inputs: dict[str, tuple[str, int]] = field(default_factory=dict)   # rel path -> (sha256, size)
     cache_key: str | None = None
+    kernel: NotebookKernel = PYTHON            # the kernel its notebook is written for
 
 def rel_path(root: Path, path: Path) -> str:
     "Returns `path` relative to the project root, POSIX style (absolute if it lies outside)."

@@ -14,11 +14,11 @@ from typing import Any
 
 from ..core.errors import NotebookError, ParameterError, did_you_mean, one_of
 from ..core.hashing import hash_json
+from .languages import PYTHON, NotebookKernel, notebook_kernel, read_foreign_parameters
 
 # %% auto #0
-__all__ = ['read_notebook', 'cell_source', 'cell_tags', 'code_hash', 'Parameter', 'NotebookParameters', 'check_python',
-           'parameters_cell', 'parse_parameters', 'DateText', 'DateTimeText', 'value_fits', 'given_value',
-           'resolve_params']
+__all__ = ['read_notebook', 'cell_source', 'cell_tags', 'code_hash', 'Parameter', 'NotebookParameters', 'parameters_cell',
+           'parse_parameters', 'DateText', 'DateTimeText', 'value_fits', 'given_value', 'resolve_params']
 
 # %% ../../nbs/pipeline/01_params.ipynb #b8ca9ff3
 def read_notebook(path: str | Path) -> dict:
@@ -50,10 +50,12 @@ def cell_tags(cell: dict) -> list[str]:
 
 # %% ../../nbs/pipeline/01_params.ipynb #194422c3
 def code_hash(nb: dict) -> str:
-    "Returns the sha256 over the sources of a notebook's code cells (outputs, metadata, markdown ignored)."
+    """Returns the sha256 over the sources of a notebook's code cells (outputs, metadata, markdown ignored), and
+    the kernel it names when that is not Python (the same code in another kernel is another step)."""
     sources = [cell_source(c) for c in nb["cells"]
                if c.get("cell_type") == "code" and "injected-parameters" not in cell_tags(c)]
-    return hash_json(sources)
+    kernel = notebook_kernel(nb)
+    return hash_json(sources if kernel.python else [kernel.name, kernel.language, *sources])
 
 # %% ../../nbs/pipeline/01_params.ipynb #f1613ca0
 @dataclass
@@ -88,17 +90,9 @@ class NotebookParameters:
     path: Path
     params: dict[str, Parameter] = field(default_factory=dict)
     found: bool = False
+    kernel: NotebookKernel = PYTHON  # the kernel it is written for (see `mlnb.pipeline.languages`)
 
 # %% ../../nbs/pipeline/01_params.ipynb #62140e21
-def check_python(path: Path, nb: dict) -> None:
-    "Raises NotebookError for a notebook written for another language's kernel (R, Julia, ...), naming it."
-    spec = nb.get("metadata", {}).get("kernelspec") or {}
-    language = (spec.get("language") or nb.get("metadata", {}).get("language_info", {}).get("name") or "python")
-    if str(language).lower() != "python":
-        kernel = spec.get("display_name") or spec.get("name") or language
-        raise NotebookError(f"{path} is written for the {kernel!r} kernel ({language}); mlnb runs and reads Python "
-                            "notebooks only, so no kernel was started. Give this step a Python notebook.")
-
 def parameters_cell(nb: dict) -> dict | None:
     "Returns the cell tagged `parameters`, or None."
     return next((c for c in nb["cells"] if c.get("cell_type") == "code" and "parameters" in cell_tags(c)), None)
@@ -107,13 +101,16 @@ def parse_parameters(path: str | Path, nb: dict | None = None) -> NotebookParame
     "Returns the parameters declared in a notebook's `parameters` cell."
     path = Path(path)
     nb = nb if nb is not None else read_notebook(path)
-    check_python(path, nb)
     cell = parameters_cell(nb)
-    result = NotebookParameters(path=path)
+    result = NotebookParameters(path=path, kernel=notebook_kernel(nb))
     if cell is None:
         return result
     result.found = True
     source = cell_source(cell)
+    if not result.kernel.python:
+        for p in read_foreign_parameters(source, result.kernel, path):
+            result.params[p.name] = Parameter(p.name, p.annotation, p.default, True, p.literal, p.description)
+        return result
     try:
         tree = ast.parse(source)
     except SyntaxError as e:

@@ -12,6 +12,7 @@ from ..core.config import Project
 from ..core.errors import InvalidPipeline
 from .cache import StepPlan
 from .dag import Pipeline, check_params
+from .languages import check_kernel
 from .params import code_hash
 from ..store.facade import Store
 from ..store.records import RunRecord
@@ -72,8 +73,9 @@ def _step_plans(pipeline: Pipeline, selected: list[str], overrides: list[str] | 
             params["upstream"] = {need: dict(pipeline.steps[need].products) for need in step.needs}
         defaults = {k: p.default for k, p in declared[name].params.items()
                     if p.has_default and p.literal_default and k not in ("product", "upstream")}
+        check_kernel(declared[name].kernel, step.notebook, params)  # before any kernel starts
         plans[name] = StepPlan(step=step, params=params, code_hash=code_hash(notebooks[name]),
-                               effective={**defaults, **resolved[name]})
+                               effective={**defaults, **resolved[name]}, kernel=declared[name].kernel)
     return plans
 
 def plan_run(project: Project, store: Store, *, pipeline: str | None = None, params: list[str] | None = None,

@@ -228,12 +228,12 @@ class _StepStarter(_RunnerSettings):
     def _task(self, name: str, plan: StepPlan, run: Run) -> StepTask:
         "Returns what the executor needs to run a step: its notebook, params, report paths, its kernel's environment."
         env = {"MLNB_RUN_ID": run.id, "MLNB_STORE": self.store.url, "MLNB_STEP": name,
-               "MLNB_NOTEBOOK": plan.step.rel(self.root), "MLNB_PROJECT": str(self.root),
-               "MLNB_ARTIFACTS": self.artifacts.root,
+               "MLNB_NOTEBOOK": plan.step.rel(self.root), "MLNB_PROJECT": str(self.root), "MLNB_ARTIFACTS": self.artifacts.root,
                "MLNB_UPSTREAM": json.dumps({n: self.steps.results[n].id for n in plan.step.needs}), **self.step_env}
         return StepTask(step=name, run_id=run.id, notebook=str(plan.step.notebook),
                         executed=str(self.report_dir / f"{name}.ipynb"), html=str(self.report_dir / f"{name}.html"),
-                        cwd=str(self.root), params=plan.params, env=env, timeout=plan.step.timeout)
+                        cwd=str(self.root), params=plan.params, env=env, timeout=plan.step.timeout,
+                        kernel=plan.kernel.name, language=plan.kernel.language)
 
 # %% ../../nbs/pipeline/08_runner.ipynb #b0dc0949
 class _StepLoop(_StepStarter):

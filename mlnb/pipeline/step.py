@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.lazy import lazy_import
-from .kernels.ipc import ensure_kernel, ipc_kernel_manager, kernel_env
+from .kernels.ipc import ensure_kernel, foreign_kernel_manager, ipc_kernel_manager, kernel_env
 from .kernels.warm import (enter_step, forked_kernel, has_zygote, leave_step, retire, start_kernel_ahead,
                                         take_kernel_ahead)
 from .params import DateText
@@ -48,6 +48,8 @@ class StepTask:
     warm: bool = False       # use the kernel this worker started ahead
     ahead: bool = True       # and, with warm, start the next one when this step ends (False: no step follows)
     preload: list[str] | None = None  # the notebook's imports: fork its kernel once the worker's zygote has them
+    kernel: str | None = None          # a kernelspec for another language (R, Julia, bash, ...); None: mlnb's Python
+    language: str = "python"           # the notebook's language, for papermill's parameter translator
 
 @dataclass
 class StepResult:
@@ -65,6 +67,15 @@ class StepResult:
         return asdict(self)
 
 # %% ../../nbs/pipeline/04_step.ipynb #c44b3c44
+def _printed_line(cell: dict | None) -> str | None:
+    "Returns the last line a cell printed (its standard error first), or None."
+    outputs = [out for out in (cell or {}).get("outputs", []) if out.get("output_type") == "stream"]
+    for stream in ("stderr", "stdout"):
+        lines = [ln.strip() for out in outputs if out.get("name") == stream for ln in "".join(out.get("text", "")).splitlines()]
+        if any(lines):
+            return [ln for ln in lines if ln][-1]
+    return None
+
 def _printed_error(cell: dict | None) -> str | None:
     "Returns the last 'SomethingError: ...' line a failed cell printed (IPython prints a magic's UsageError)."
     lines = [line for out in (cell or {}).get("outputs", []) if out.get("output_type") == "stream"
@@ -99,7 +110,8 @@ def _quiet_nbclient_lines(record) -> bool:
     (with the right seconds), a kernel that died."""
     return not str(record.msg).startswith(("Timeout waiting for execute reply", "Interrupting kernel",
                                            "Kernel died while waiting for execute reply",
-                                           "Passed unknown parameter"))  # mlnb checked the params itself
+                                           "Passed unknown parameter",  # mlnb checked the params itself
+                                           "Translator for"))  # "... does not support parameter introspection"
 
 def _past_timeout(timeout: float) -> str:
     "Returns what a step that ran past its `timeout:` says."
@@ -115,6 +127,8 @@ def _record_cell_error(result: StepResult, e: Any, task: StepTask, deadline: flo
     failed = _failed_cell(executed, e.cell_index)
     result.in_count = failed.get("execution_count") if failed else None
     result.error = f"{e.ename}: {e.evalue}".strip()
+    if not str(e.ename).strip():  # a kernel that names no exception (bash: a command's non-zero exit status)
+        result.error = f"{_printed_line(failed) or 'the cell failed'} (the kernel reported {e.evalue!r})"
     if e.ename == "CellExecutionError" and not str(e.evalue).strip():  # a line magic's UsageError: only printed
         result.error = _printed_error(failed) or "the cell failed without an exception (see the executed copy)"
     # the interrupted cell shows KeyboardInterrupt (or nothing, when it caught it)
@@ -192,9 +206,17 @@ def _restore_env(saved: dict[str, str | None]) -> None:
         else:
             os.environ[key] = value
 
+def _kernel_options(km: Any, task: StepTask) -> dict[str, Any]:
+    """Returns papermill's options for the step's kernel: the one ready (`km`), or mlnb's Python kernel booted on
+    private sockets with mlnb's translator, or the notebook's own kernel (another language) with papermill's."""
+    if task.kernel is not None:
+        return {"kernel_name": task.kernel, "language": task.language, "kernel_manager_class": foreign_kernel_manager()}
+    kernel = {"km": km} if km is not None else {"kernel_manager_class": ipc_kernel_manager()}
+    return {"kernel_name": ensure_kernel(), "language": register_translator(), **kernel}
+
 def _ready_kernel(km: Any, task: StepTask) -> Any:
     "Returns the kernel the step runs on: the one started ahead (given the step), one forked, or None (papermill boots)."
-    if km is None and task.preload is not None and has_zygote():
+    if km is None and task.preload is not None and task.kernel is None and has_zygote():
         return forked_kernel(task.preload, cwd=task.cwd)  # once the zygote has the notebook's imports (None: it is gone)
     if km is not None:
         enter_step(km, task)
@@ -254,17 +276,15 @@ def execute_step(task: StepTask) -> StepResult:
     saved = _swap_env({**task.env, **kernel_env()})
     result = StepResult(status="finished", executed=task.executed)
     Path(task.executed).parent.mkdir(parents=True, exist_ok=True)
-    km = take_kernel_ahead() if task.warm else None
+    km = take_kernel_ahead() if task.warm and task.kernel is None else None  # warm kernels are mlnb's Python
     result.phases["kernel_ahead"] = float(km is not None)
     deaf, deadline = None, lambda: math.inf
     try:
         km = _ready_kernel(km, task)
-        kernel = {"km": km} if km is not None else {"kernel_manager_class": ipc_kernel_manager()}
         result.phases["ready"] = time.perf_counter() - start
         deadline, limit = _time_limit(task.timeout)
-        papermill.execute_notebook(
-            task.notebook, task.executed, parameters=task.params, kernel_name=ensure_kernel(), language=register_translator(),
-            cwd=task.cwd, progress_bar=False, log_output=False, request_save_on_cell_execute=False, **limit, **kernel)
+        papermill.execute_notebook(task.notebook, task.executed, parameters=task.params, cwd=task.cwd, progress_bar=False,
+                                   log_output=False, request_save_on_cell_execute=False, **limit, **_kernel_options(km, task))
     except papermill_exceptions.PapermillExecutionError as e:
         _record_cell_error(result, e, task, deadline())
     except KeyboardInterrupt:

@@ -17,7 +17,8 @@ from ...core.lazy import lazy_import
 from .zygote import pid_alive
 
 # %% auto #0
-__all__ = ['KERNEL_NAME', 'kernel_dir', 'ensure_kernel', 'kernel_env', 'kernel_folder', 'ipc_kernel_manager']
+__all__ = ['KERNEL_NAME', 'kernel_dir', 'ensure_kernel', 'kernel_env', 'kernel_folder', 'ipc_kernel_manager',
+           'foreign_kernel_manager']
 
 # %% ../../../nbs/pipeline/kernels/04_ipc.ipynb #083a2c0c
 # The kernel manager's module imports jupyter_client (~0.2 s): imported the first time a kernel starts
@@ -72,3 +73,7 @@ def kernel_folder() -> str:
 def ipc_kernel_manager() -> type:
     "Returns the jupyter_client kernel manager class for a step's kernel (see `mlnb.pipeline.kernels.manager`)."
     return _manager.IPCKernelManager
+
+def foreign_kernel_manager() -> type:
+    "Returns the kernel manager class for a step written for another language (R, Julia, bash, ...)."
+    return _manager.ForeignKernelManager

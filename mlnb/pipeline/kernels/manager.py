@@ -19,7 +19,7 @@ from jupyter_client.manager import AsyncKernelManager
 from .ipc import kernel_folder
 
 # %% auto #0
-__all__ = ['QuickReadyClient', 'IPCKernelManager']
+__all__ = ['QuickReadyClient', 'IPCKernelManager', 'ForeignKernelManager']
 
 # %% ../../../nbs/pipeline/kernels/05_manager.ipynb #ea8c9f76
 class QuickReadyClient(AsyncKernelClient):
@@ -143,3 +143,23 @@ class IPCKernelManager(_FolderKernelManager):
         # jupyter_client checks every 100 ms whether a kernel asked to shut down has exited: a
         # step's kernel took ~0.11 s to shut down, and a command waits for its last one. Every 10 ms.
         await super()._async_finish_shutdown(waittime, min(pollinterval, 0.01), restart)
+
+# %% ../../../nbs/pipeline/kernels/05_manager.ipynb #dde00d22
+class ForeignKernelManager(AsyncKernelManager):
+    "The kernel manager of a step written for another language: a private folder, its stderr kept out of the terminal."
+
+    def __init__(self, **kwargs):
+        self.folder = kernel_folder()
+        kwargs.setdefault("connection_file", os.path.join(self.folder, "kernel.json"))
+        super().__init__(transport="tcp", ip="127.0.0.1", **kwargs)
+
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw) -> None:
+        with open(os.path.join(self.folder, "stderr.log"), "ab") as log:  # the child keeps its own handle
+            await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
+
+    _launch_kernel = _async_launch_kernel  # the base class binds the name to its own coroutine
+
+    async def _async_cleanup_resources(self, restart: bool = False) -> None:
+        await super()._async_cleanup_resources(restart)
+        if not restart:
+            shutil.rmtree(self.folder, ignore_errors=True)

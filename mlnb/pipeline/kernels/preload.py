@@ -10,6 +10,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+from ..languages import notebook_kernel
 from ..params import cell_source, cell_tags, read_notebook
 
 # %% auto #0
@@ -111,5 +112,5 @@ def notebook_preload(notebook: str | Path, project: str | Path) -> list[str]:
     return list(dict.fromkeys(["mlnb", *modules]))
 
 def notebook_forks_warm(notebook: str | Path) -> bool:
-    "False when `notebook` must get a booted kernel in a pipeline (see `edits_before_import`)."
-    return not edits_before_import(_code_cells(notebook))
+    "False when `notebook` must get a booted kernel in a pipeline (see `edits_before_import`), or is not Python."
+    return notebook_kernel(read_notebook(notebook)).python and not edits_before_import(_code_cells(notebook))
