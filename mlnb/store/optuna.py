@@ -8,11 +8,11 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from pathlib import Path
 from urllib.parse import quote
 
 from ..core.errors import StoreError
 from ..core.lazy import lazy_import
+from ..core.private_apis import optuna_migration_scripts, optuna_version_manager, optuna_version_manager_as
 from .database import masked, parse_store_url
 from .facade import Store
 
@@ -21,8 +21,6 @@ __all__ = ['optuna_schema_head', 'optuna_storage']
 
 # %% ../../nbs/store/12_optuna.ipynb #027ec344
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
-_optuna_storages = lazy_import("optuna.storages")
-_optuna_storages__rdb = lazy_import("optuna.storages._rdb")
 _sqlalchemy = lazy_import("sqlalchemy")
 optuna = lazy_import("optuna")
 sa = lazy_import("sqlalchemy")
@@ -35,9 +33,8 @@ _DOWN_REVISION = re.compile(r"^down_revision\s*=\s*(?:None|[\"']([^\"']+)[\"'])"
 def optuna_schema_head() -> str | None:
     """Returns the newest revision of Optuna's storage schema, read from its migration scripts' text; None unless
     every script names its revision and the one before, and they make one chain with one head."""
-    _rdb = _optuna_storages._rdb
     revisions, parents = set(), set()
-    for path in (Path(_rdb.__file__).parent / "alembic" / "versions").glob("*.py"):
+    for path in optuna_migration_scripts():
         text = path.read_text(encoding="utf-8")
         revision, down = _REVISION.search(text), _DOWN_REVISION.search(text)
         if revision is None or down is None:
@@ -58,9 +55,7 @@ def _version_table():
 @functools.cache
 def _plain_sql_version_manager():
     "Returns a subclass of Optuna's storage version manager that reads and stamps the revision in plain SQL."
-    rdb = _optuna_storages__rdb.storage
-
-    class PlainSqlVersionManager(rdb._VersionManager):
+    class PlainSqlVersionManager(optuna_version_manager()):
         def _revisions(self) -> list[str] | None:
             "The version table's rows (None: no such table)."
             table = _version_table()
@@ -96,9 +91,7 @@ _OPENING = threading.Lock()
 def _rdb_storage(store: Store, url: str, **kwargs):
     """Returns optuna.storages.RDBStorage(url, **kwargs) on `store`'s database, its schema version checked without
     alembic; StoreError when Optuna's tables there are at another version than this Optuna's."""
-    rdb = _optuna_storages__rdb.storage
-    with _OPENING:  # the version manager Optuna's constructor uses, swapped for this one call
-        optuna_manager, rdb._VersionManager = rdb._VersionManager, _plain_sql_version_manager()
+    with _OPENING, optuna_version_manager_as(_plain_sql_version_manager()):  # for this one call
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
         except RuntimeError as e:
@@ -106,8 +99,6 @@ def _rdb_storage(store: Store, url: str, **kwargs):
                 raise
             raise StoreError(f"The store {masked(store.url)} holds Optuna tables this Optuna cannot use as they are. "
                              f"{str(e).rstrip('.')}. Back the store up first.") from None
-        finally:
-            rdb._VersionManager = optuna_manager
 
 # %% ../../nbs/store/12_optuna.ipynb #505935cf
 def optuna_storage(store: Store):

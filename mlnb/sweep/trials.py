@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.errors import SweepError, did_you_mean, one_of
 from ..core.lazy import lazy_import
+from ..core.private_apis import set_trial_user_attr, tell_trial_quietly
 from .space import Param
 
 # %% auto #0
@@ -21,7 +22,6 @@ __all__ = ['make_sampler', 'grid_points', 'grid_of', 'trial_target', 'open_point
 
 # %% ../../nbs/sweep/02_trials.ipynb #e5816715
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
-_optuna_study__tell = lazy_import("optuna.study._tell")
 optuna = lazy_import("optuna")
 
 # %% ../../nbs/sweep/02_trials.ipynb #5e88574e
@@ -94,9 +94,8 @@ def ask_trial(study, grid: list[dict[str, Any]] | None = None):
 def tell_trial(study, trial, values: Sequence[float] | None = None, state=None) -> None:
     """Records how `trial` ended, as `study.tell` does, without what `study.tell` adds for its return value: a
     second read of the trial (a transaction of 6 statements) and a deep copy of it, ~1.5 ms a trial. Optuna's own
-    `optimize` loop calls the same internal function (Optuna is pinned; the tests cover this call)."""
-    _tell_with_warning = _optuna_study__tell._tell_with_warning
-    _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+    `optimize` loop calls the same internal function (see `mlnb.core.private_apis`)."""
+    tell_trial_quietly(study, trial, values, state)
 
 def finished_trials(study) -> list:
     "Returns the trials that count as done: complete, pruned, or failed (but not interrupted)."
@@ -108,8 +107,8 @@ def fail_interrupted(study) -> int:
     "Marks trials left RUNNING by an interrupted sweep as failed (interrupted); returns how many."
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "mlnb_status", "killed")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        set_trial_user_attr(study, trial, "mlnb_status", "killed")  # while it runs: a finished trial's are fixed
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         count += 1
     return count
 

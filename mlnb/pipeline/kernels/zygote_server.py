@@ -5,7 +5,6 @@
 # %% ../../../nbs/pipeline/kernels/02_zygote_server.ipynb #97f1b7dd
 from __future__ import annotations
 
-import atexit
 import gc
 import importlib
 import json
@@ -21,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from ...core.lazy import lazy_import, preload
+from ...core.private_apis import run_exit_hooks
 
 # %% auto #0
 __all__ = ['zygote_helper', 'loaded_modules', 'same_user', 'serve', 'main']
@@ -129,8 +129,7 @@ def _run_kernel(request: dict) -> int:
         traceback.print_exc()
         code = 1
     try:  # what the interpreter does at exit: wait for threads, run atexit hooks, flush
-        getattr(threading, "_shutdown", lambda: None)()
-        atexit._run_exitfuncs()
+        run_exit_hooks()
         sys.stdout.flush()
         sys.stderr.flush()
     except BaseException:  # noqa: BLE001 - exiting anyway
