@@ -10,17 +10,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mlnb-installed
 PG_BINARIES := $(wildcard /usr/lib/postgresql/*/bin/initdb)
 
-.PHONY: setup bytecode demo test check-export check-clean lint types nbtest pytest system-deps bench clean
+# make lock: rewrite constraints.txt from the set-up .venv (after changing a range or a pin in settings.ini).
+.PHONY: lock setup bytecode demo test check-export check-clean lint types nbtest pytest system-deps bench clean
 
 setup: $(STAMP)
 
-# torch first and exactly 2.13.0: the CPU wheel lies on this machine's disk, and any looser
-# spec (asked for by pytorch-lightning installed first) pulls a multi-GB CUDA build.
-$(STAMP): settings.ini setup.py
+# Exact versions from constraints.txt (the lock; settings.ini holds the ranges users resolve within). torch first:
+# the CPU wheel (2.13.0) lies on this machine's disk, and pytorch-lightning installed first would pull a CUDA build.
+$(STAMP): settings.ini setup.py constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==26.3 setuptools==84.2.1 wheel==0.48.0 $(PIPQUIET)
-	$(BIN)/python -m pip install --quiet torch==2.13.0 $(PIPQUIET)
-	$(BIN)/python -m pip install --quiet -e ".[dev]" $(PIPQUIET)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==26.3 $(PIPQUIET)
+	$(BIN)/python -m pip install --quiet -c constraints.txt setuptools wheel torch $(PIPQUIET)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all,dev]" $(PIPQUIET)
 	@# The kernel papermill runs is this venv's own Python, registered inside the venv (never in ~).
 	$(BIN)/python -m ipykernel install --sys-prefix --name mlnb --display-name "Python (mlnb .venv)" >/dev/null
 	@touch $(STAMP)
@@ -116,6 +117,10 @@ bench: setup bytecode $(BENCH_VENV)/.installed
 	$(BIN)/python bench/train_tune.py
 	$(BIN)/python bench/explain_panel.py
 	$(BIN)/python bench/operations.py
+
+lock: setup
+	@{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --all --exclude-editable | grep -v -e '^mlnb==' -e '^pip=='; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt; echo "constraints.txt: $$(grep -vc '^#' constraints.txt) exact versions"
 
 clean:
 	rm -rf $(VENV) _docs .pytest_cache build

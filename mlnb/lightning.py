@@ -6,7 +6,14 @@
 __all__ = []
 
 # %% ../nbs/lightning.ipynb #3ef40ade
-from .integrations import lightning as _target
+from .core.errors import extra_for, missing_dependency
+
+try:  # without mlnb[torch] this is one clear error saying what to install, not a bare "No module named 'torch'"
+    from mlnb.integrations import lightning as _target
+except ModuleNotFoundError as e:
+    if extra_for(e.name or "") is None:
+        raise
+    raise missing_dependency(str(e.name), "mlnb.lightning (Lightning training and tuning)") from None
 from .integrations.lightning import *  # noqa: F403
 __all__ = []  # the same names as the module it stands for
 __all__ += _target.__all__

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import configparser
+import importlib.metadata
 import json
-import re
 import sys
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,27 +20,52 @@ def _settings() -> configparser.SectionProxy:
     return cfg["DEFAULT"]
 
 
-def _normalize(spec: str) -> str:
-    return re.sub(r"\s+", "", spec).lower().replace("_", "-")
+def _name(spec: str) -> str:
+    "The canonical name of a requirement (`psycopg[binary]>=3,<4` -> psycopg)."
+    return canonicalize_name(Requirement(spec).name)
 
 
-def test_environment_yml_has_the_same_pins_as_settings_ini():
-    settings = _settings()
-    wanted = {_normalize(s) for s in settings["requirements"].split() + settings["dev_requirements"].split()}
+def _locked() -> dict[str, str]:
+    "constraints.txt as {name: exact version}."
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return {canonicalize_name(n): v for n, _, v in (ln.partition("==") for ln in lines if ln and not ln.startswith("#"))}
+
+
+def _extras() -> dict[str, list[str]]:
+    return {k.removeprefix("extras_"): v.split() for k, v in _settings().items() if k.startswith("extras_")}
+
+
+def test_the_metadata_has_ranges_the_lock_has_exact_versions_inside_them_and_environment_yml_lists_the_same():
+    settings, locked = _settings(), _locked()
+    direct = settings["requirements"].split() + [r for rs in _extras().values() for r in rs]
+    for spec in direct:  # a range with a lower bound, and the locked version inside it
+        req = Requirement(spec)
+        assert any(s.operator == ">=" for s in req.specifier) and not any(s.operator == "==" for s in req.specifier), spec
+        assert req.specifier.contains(locked[_name(spec)].split("+")[0]), (spec, locked[_name(spec)])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    listed = {_normalize(s) for s in pip_section if not s.startswith("-e")}
-    assert listed == wanted, (f"only in environment.yml: {sorted(listed - wanted)}; "
-                              f"only in settings.ini: {sorted(wanted - listed)}")
-    assert "python=3.11" in env["dependencies"]
+    listed = {_name(s.partition("==")[0]): s.partition("==")[2] for s in pip_section if "==" in s}
+    wanted = {_name(s): locked[_name(s)] for s in direct + settings["dev_requirements"].split()}
+    assert listed == wanted, {k: (listed.get(k), wanted.get(k)) for k in set(listed) | set(wanted)
+                              if listed.get(k) != wanted.get(k)}
+    assert "python=3.11" in env["dependencies"] and "https://download.pytorch.org/whl/cpu" in pip_section[0]
+    assert _name(next(s for s in pip_section if "==" in s)) == "torch"
 
 
-def test_torch_is_pinned_exactly_and_listed_first():
-    reqs = _settings()["requirements"].split()
-    assert reqs[0] == "torch==2.13.0"
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    assert pip_section[0] == "torch==2.13.0"
+def test_the_lock_holds_every_package_of_the_set_up_environment_at_its_installed_version():
+    "make test installs with -c constraints.txt: what is installed is what the lock says (nothing by hand)."
+    locked = _locked()
+    for dist in importlib.metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        if name not in ("mlnb", "pip"):
+            assert locked.get(name) == dist.version, (name, dist.version, locked.get(name))
+
+
+def test_the_core_needs_no_torch_and_no_jupyter_server():
+    core = {_name(s) for s in _settings()["requirements"].split()}
+    assert not core & {"torch", "pytorch-lightning", "jupyterlab", "voila", "notebook", "wandb", "dask", "psycopg"}
+    assert set(_extras()) == {"torch", "postgres", "dask", "wandb", "ui"}
+    assert _locked()["torch"].startswith("2.13.0")
 
 
 def test_nbdev_is_the_2x_line_that_keeps_settings_ini():
@@ -62,3 +89,15 @@ def test_kernel_is_registered_inside_the_venv_and_runs_its_python():
 def test_package_version_matches_settings():
     import mlnb
     assert mlnb.__version__ == _settings()["version"]
+
+
+def test_the_help_says_which_extra_each_feature_needs():
+    "mlnb --help lists the extras; each command's help names the extra its optional parts need."
+    from click.testing import CliRunner
+    from mlnb.cli.app import cli
+    wanted = {(): ["mlnb[torch]", "mlnb[postgres]", "mlnb[dask]", "mlnb[wandb]", "mlnb[ui]", "mlnb[all]"],
+              ("ui",): ["mlnb[ui]"], ("run",): ["mlnb[dask]", "mlnb[postgres]"], ("sweep", "run"): ["mlnb[dask]"],
+              ("init",): ["mlnb[torch]"], ("runs", "list"): ["mlnb[postgres]"]}
+    for command, extras in wanted.items():
+        shown = CliRunner().invoke(cli, [*command, "--help"], terminal_width=200)
+        assert shown.exit_code == 0 and all(e in shown.output for e in extras), (command, shown.output)

@@ -5,14 +5,12 @@
 # %% ../../nbs/cli/01_app.ipynb #3899fcdc
 from __future__ import annotations
 
-import atexit
 import gc
 import io
 import json
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -21,6 +19,7 @@ import click
 
 from ..core.errors import InternalError, MlnbError, did_you_mean
 from ..core.plugins import Registry
+from ..core.private_apis import run_exit_hooks
 
 # %% auto #0
 __all__ = ['COMMANDS', 'LazyGroup', 'cli', 'PrintableStream', 'main', 'exit_now', 'store_option', 'json_option', 'echo_json',
@@ -101,6 +100,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
       mlnb init demo && cd demo && mlnb run
       mlnb runs list --where "metrics.val_auc > 0.9" --sort -metrics.val_auc
       mlnb runs show 3f2a9c
+
+    \b
+    pip install mlnb gives the core: tracking, notebook pipelines, sweeps, explanations, reports, schedules.
+    Extras: mlnb[torch] (Lightning training), mlnb[postgres] (a PostgreSQL store), mlnb[dask] (--executor
+    dask), mlnb[wandb] (mirroring runs to W&B), mlnb[ui] (JupyterLab, and Voila for mlnb ui); mlnb[all].
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug or ctx.obj.get("debug", False)
@@ -172,11 +176,7 @@ def exit_now(code: int | str | None) -> NoReturn:
         print(code, file=sys.stderr)
         code = 1
     try:
-        try:
-            threading._shutdown()  # pyright: ignore[reportAttributeAccessIssue]  # what Py_Finalize does first: wait for the non-daemon threads
-        except KeyboardInterrupt:
-            pass
-        atexit._run_exitfuncs()   # prints, and goes past, a hook that raises
+        run_exit_hooks()  # what Py_Finalize does first: wait for the non-daemon threads, run the atexit hooks
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -189,7 +189,8 @@ def exit_now(code: int | str | None) -> NoReturn:
 def store_option(fn):
     "Adds `--store URL` (default: $MLNB_STORE, the project's store, or .mlnb/mlnb.db)."
     return click.option("--store", "store_url", metavar="URL", default=None,
-                        help="Store URL (default: $MLNB_STORE, mlnb.yaml's store, or .mlnb/mlnb.db).")(fn)
+                        help="Store URL (default: $MLNB_STORE, mlnb.yaml's store, or .mlnb/mlnb.db; "
+                             "postgresql+psycopg://... needs mlnb[postgres]).")(fn)
 
 def json_option(fn):
     "Adds `--json` for output meant for scripts."

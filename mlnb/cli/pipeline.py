@@ -5,6 +5,7 @@
 # %% ../../nbs/cli/03_pipeline.ipynb #674ed845
 from __future__ import annotations
 
+import importlib.resources
 import shutil
 import sys
 import time
@@ -31,9 +32,10 @@ __all__ = ['template_dir', 'init_project', 'init_command', 'run_command', 'param
 
 # %% ../../nbs/cli/03_pipeline.ipynb #3ded39e1
 def template_dir() -> Path:
-    "Returns the folder of the project template (the repository's, or the installed copy)."
-    candidates = [Path(mlnb.__file__).resolve().parents[1] / "templates" / "project",
-                  Path(sys.prefix) / "share" / "mlnb" / "templates" / "project"]
+    """Returns the folder of the project template: the copy an installed mlnb carries inside its package (the build
+    puts the repository's `templates/` there), or the repository's own `templates/` in a source checkout."""
+    candidates = [Path(str(importlib.resources.files("mlnb"))) / "templates" / "project",
+                  Path(mlnb.__file__).resolve().parents[1] / "templates" / "project"]
     for folder in candidates:
         if (folder / "mlnb.yaml").is_file():
             return folder
@@ -76,6 +78,8 @@ def init_project(path: str | Path, name: str | None = None, force: bool = False,
 @click.option("--store", "store_url", metavar="URL", help="The project's store (default: SQLite in .mlnb/).")
 def init_command(path, name, force, store_url) -> None:
     """Create a project from the template: mlnb.yaml, step notebooks, data/.
+
+    Its train_mlp step (and evaluate, explain and report after it) trains with Lightning: mlnb[torch].
 
     \b
     Examples:
@@ -136,7 +140,7 @@ def _rel(path: str | None, root: Path) -> str:
 @click.option("--resume", is_flag=True,
               help="Re-run only the steps that did not finish in the last pipeline run, with its -p values.")
 @click.option("--jobs", "-j", type=int, default=None, help="Steps run at once (default: the number of cores).")
-@click.option("--executor", default="local", show_default=True, help="Where steps run: local or dask.")
+@click.option("--executor", default="local", show_default=True, help="Where steps run: local or dask (mlnb[dask]).")
 @click.option("--scheduler", metavar="ADDRESS", help="With --executor dask: a scheduler (tcp://host:port); default: "
               "a local cluster.")
 @click.option("--wait", is_flag=True, help="If another 'mlnb run' holds the project, wait for it instead of failing.")

@@ -166,7 +166,7 @@ def _show(study, as_json: bool, importances: dict | None = None) -> None:
 @click.option("--pruner", help="One objective: median (default), hyperband, none. Several: pareto (default), none.")
 @click.option("--prune-metric", help="The metric pruning watches (default: the first objective's).")
 @click.option("--jobs", "-j", type=int, help="Trials at once.")
-@click.option("--executor", help="local (default) or dask.")
+@click.option("--executor", help="local (default) or dask (mlnb[dask]).")
 @click.option("--scheduler", metavar="ADDRESS", help="A Dask scheduler (tcp://host:port); default: a local cluster.")
 @click.option("--seed", type=int, help="Seed of the sampler.")
 @click.option("--quiet", "-q", is_flag=True)

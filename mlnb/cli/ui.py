@@ -5,6 +5,7 @@
 # %% ../../nbs/cli/06_ui.ipynb #8df57a7b
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ import click
 
 from .app import store_option
 from ..core.config import STATE_DIR, find_project, resolve_store_url
+from ..core.errors import missing_dependency
 from ..pipeline.kernels.ipc import KERNEL_NAME, ensure_kernel, kernel_env
 from ..store.facade import open_store
 
@@ -52,13 +54,15 @@ def voila_command(notebook: Path, port: int, kernel_timeout: int = 30) -> list[s
 @click.option("--no-token", is_flag=True, help="Serve without a token (anyone on this machine can open it).")
 @store_option
 def ui_command(port, token, no_token, store_url) -> None:
-    """Serve the experiment panel as a web app with Voila, on 127.0.0.1.
+    """Serve the experiment panel as a web app with Voila, on 127.0.0.1 (needs mlnb[ui]).
 
     \b
     Examples:
       mlnb ui                 # then open the printed http://127.0.0.1:8866/?token=... URL
       mlnb ui --port 9000 --store postgresql+psycopg://me@db/mlnb
     """
+    if importlib.util.find_spec("voila") is None:
+        raise missing_dependency("voila", "mlnb ui (the panel as a web app)")
     url = resolve_store_url(store_url)
     open_store(url)  # a bad URL or a corrupt store is reported here, not in the browser
     project = find_project()

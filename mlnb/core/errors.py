@@ -10,11 +10,12 @@ from collections.abc import Iterable
 from typing import Any
 
 # %% auto #0
-__all__ = ['MlnbError', 'ProjectError', 'ProjectNotFound', 'ConfigError', 'StoreError', 'SchemaError', 'RunNotFound',
+__all__ = ['EXTRAS', 'MlnbError', 'ProjectError', 'ProjectNotFound', 'ConfigError', 'StoreError', 'SchemaError', 'RunNotFound',
            'MetricError', 'ArtifactError', 'QueryError', 'NotebookError', 'ParameterError', 'PipelineError',
            'InvalidPipeline', 'PipelineBusy', 'StepFailed', 'ExecutionError', 'Interrupted', 'ZygoteError',
            'SweepError', 'RegistryError', 'MonitorError', 'ScheduleError', 'ExplainError', 'PluginError',
-           'DependencyMissing', 'InternalError', 'did_you_mean', 'one_of', 'missing_dependency']
+           'DependencyMissing', 'InternalError', 'did_you_mean', 'one_of', 'extra_for', 'install_hint',
+           'missing_dependency']
 
 # %% ../../nbs/core/00_errors.ipynb #975c6e52
 __doc__ = """Errors raised by mlnb: one tree, each class a failure a user can act on.
@@ -150,8 +151,8 @@ class ExplainError(MlnbError):
 class PluginError(MlnbError):
     "No plug-in (executor, explainer, mirror, store backend, command) by that name, or it failed to load."
 
-class DependencyMissing(MlnbError):
-    "An optional dependency is not installed."
+class DependencyMissing(MlnbError, ImportError):
+    "An optional dependency is not installed (an ImportError too, for code that tries an import)."
 
 class InternalError(MlnbError):
     "An unexpected exception inside mlnb (a bug): reported as one line, with the traceback under `--debug`."
@@ -181,8 +182,19 @@ def one_of(choices: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 # %% ../../nbs/core/00_errors.ipynb #c8dbcaea
+# The extras of mlnb (settings.ini's extras_NAME), by the top-level modules they install.
+EXTRAS = {"torch": "torch", "pytorch_lightning": "torch", "lightning": "torch", "lightning_fabric": "torch",
+          "psycopg": "postgres", "dask": "dask", "distributed": "dask", "wandb": "wandb", "jupyterlab": "ui", "voila": "ui"}
+
+def extra_for(module: str) -> str | None:
+    "Returns the extra of mlnb that installs `module` (a module or package name: `torch.nn`, `psycopg[binary]`), or None."
+    return EXTRAS.get(module.split("[")[0].split(".")[0].replace("-", "_"))
+
+def install_hint(module: str) -> str:
+    "Returns how to install `module`: the mlnb extra that brings it, or the package itself."
+    extra = extra_for(module)
+    return f"pip install 'mlnb[{extra}]'" if extra else f"pip install {module}"
+
 def missing_dependency(package: str, purpose: str) -> DependencyMissing:
     "Returns the error for an optional `package` that `purpose` needs, saying how to install it."
-    return DependencyMissing(
-        f"{purpose} needs the optional dependency {package!r}, which is not installed. "
-        f"Run: pip install {package}")
+    return DependencyMissing(f"{purpose} needs {package!r}, which is not installed. Run: {install_hint(package)}")

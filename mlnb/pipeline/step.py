@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import extra_for, install_hint
 from ..core.lazy import lazy_import
 from .kernels.ipc import ensure_kernel, foreign_kernel_manager, ipc_kernel_manager, kernel_env
 from .kernels.warm import (enter_step, forked_kernel, has_zygote, leave_step, retire, start_kernel_ahead,
@@ -82,6 +83,21 @@ def _printed_error(cell: dict | None) -> str | None:
              for line in "".join(out.get("text", "")).splitlines()]
     return next((line.strip() for line in reversed(lines) if re.match(r"^\w*(Error|Exception)\b", line.strip())), None)
 
+# %% ../../nbs/pipeline/04_step.ipynb #2c0b031e
+def _cell_error_text(e: Any, failed: dict | None) -> str:
+    """Returns what a cell's error says (`e`: papermill's, `failed`: the executed cell): the exception, and what to
+    install when it is a part of mlnb's extras; what a kernel that names no exception (bash) printed last; the
+    `UsageError` a line magic only printed."""
+    text = f"{e.ename}: {e.evalue}".strip()
+    missing = re.fullmatch(r"No module named '([\w.]+)'", str(e.evalue).strip())
+    if e.ename == "ModuleNotFoundError" and missing and extra_for(missing.group(1)):
+        return f"{text}; it comes with an extra of mlnb: {install_hint(missing.group(1))}"
+    if not str(e.ename).strip():  # bash: a command's non-zero exit status
+        return f"{_printed_line(failed) or 'the cell failed'} (the kernel reported {e.evalue!r})"
+    if e.ename == "CellExecutionError" and not str(e.evalue).strip():
+        return _printed_error(failed) or "the cell failed without an exception (see the executed copy)"
+    return text
+
 # %% ../../nbs/pipeline/04_step.ipynb #3c7e56a8
 def _source_cell_number(executed: dict | None, cell_index: int | None) -> int | None:
     """Returns the 1-based position in the source notebook of the executed copy's failing cell.
@@ -126,11 +142,7 @@ def _record_cell_error(result: StepResult, e: Any, task: StepTask, deadline: flo
     result.cell = _source_cell_number(executed, e.cell_index)
     failed = _failed_cell(executed, e.cell_index)
     result.in_count = failed.get("execution_count") if failed else None
-    result.error = f"{e.ename}: {e.evalue}".strip()
-    if not str(e.ename).strip():  # a kernel that names no exception (bash: a command's non-zero exit status)
-        result.error = f"{_printed_line(failed) or 'the cell failed'} (the kernel reported {e.evalue!r})"
-    if e.ename == "CellExecutionError" and not str(e.evalue).strip():  # a line magic's UsageError: only printed
-        result.error = _printed_error(failed) or "the cell failed without an exception (see the executed copy)"
+    result.error = _cell_error_text(e, failed)
     # the interrupted cell shows KeyboardInterrupt (or nothing, when it caught it)
     if task.timeout is not None and time.monotonic() >= deadline and e.ename in ("KeyboardInterrupt", "CellExecutionError"):
         result.error = f"TimeoutError: {_past_timeout(task.timeout)}"
@@ -254,7 +266,9 @@ papermill_translators = lazy_import("papermill.translators")
 def register_translator() -> str:
     "Registers (once) papermill's Python translator with dict keys kept as they are; returns its language name."
     registry = papermill_translators.papermill_translators
-    if TRANSLATOR_LANGUAGE not in registry._translators:
+    try:
+        registry.find_translator(TRANSLATOR_LANGUAGE, TRANSLATOR_LANGUAGE)
+    except papermill_exceptions.PapermillException:  # not registered yet
         base = papermill_translators.PythonTranslator
         def translate_dict(cls, val: dict) -> str:
             return "{" + ", ".join(f"{cls.translate(k)}: {cls.translate(v)}" for k, v in val.items()) + "}"
