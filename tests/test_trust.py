@@ -646,7 +646,7 @@ def test_the_kernel_zygote_answers_only_its_user_and_only_mlnbs_helpers(tmp_path
                     "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
                     "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('refused'); sys.exit()\n"
                     "try:\n    s.sendall(b'{\"helper\": \"os:system\"}\\n')\n    print(repr(s.makefile().readline()))\n"
-                    "except (ConnectionResetError, BrokenPipeError):\n    print(repr(''))\n")  # hung up on (before or after it wrote)
+                    "except (ConnectionResetError, BrokenPipeError):\n    print(repr(''))\n")  # hung up on
         refused = subprocess.run([sys.executable, "-c", intruder, zygote.socket_path], capture_output=True, text=True,
                                  timeout=60, check=False)
         assert refused.stdout.strip() == "refused", refused
