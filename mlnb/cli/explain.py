@@ -29,7 +29,8 @@ def _row_entry(explanation, row: int) -> dict:
     lime = {lime_feature(c, explanation.feature_names): (c, w) for c, w in explanation.lime.get(row, [])}
     values = {str(k): v for k, v in explanation.data.iloc[position].to_dict().items()}
     base = float(explanation.base_values[position])
-    return {"row": row, "base_value": base, "output": base + sum(contributions.values()),
+    return {"row": row, "class": _plain(explanation.explained_class(row)), "base_value": base,
+            "output": base + sum(contributions.values()),
             "features": [{"feature": f, "value": _plain(values.get(f)), "shap": v,
                           "lime_condition": lime.get(f, (None, None))[0], "lime_weight": lime.get(f, (None, None))[1]}
                          for f, v in contributions.items()]}
@@ -44,11 +45,13 @@ def _plain(value):
 @click.option("--model", help="Which model the run logged (default: its first).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), help="Evaluation data (parquet or CSV) when the "
               "run did not log it.")
+@click.option("--class", "target", metavar="CLASS", help="For a classifier: the class to explain, by name (default: each "
+              "row's predicted class).")
 @click.option("--top", type=int, default=10, show_default=True, help="How many features to list.")
 @click.option("--refresh", is_flag=True, help="Compute again even if an explanation is stored.")
 @json_option
 @store_option
-def explain_command(run, rows_text, model, data, top, refresh, as_json, store_url) -> None:
+def explain_command(run, rows_text, model, data, target, top, refresh, as_json, store_url) -> None:
     """Explain the model a run logged: the explainer used, the top features, SHAP and LIME for rows.
 
     The explanation is stored with the run; asking again reads it back.
@@ -57,10 +60,11 @@ def explain_command(run, rows_text, model, data, top, refresh, as_json, store_ur
     Examples:
       mlnb explain train --rows 0,5,9
       mlnb explain 3f2a9c --model mlp --json
+      mlnb explain train --rows 3 --class virginica
     """
     rows = _rows(rows_text)
     explanation, record, reopened = explain_run(run, rows or [0], model=model, data=data, store=store_url,
-                                                refresh=refresh, lime_rows=rows or [0])
+                                                refresh=refresh, lime_rows=rows or [0], target=target)
     shown = rows or [0]
     importance = explanation.importance()
     per_row = [_row_entry(explanation, row) for row in shown]
@@ -75,7 +79,8 @@ def explain_command(run, rows_text, model, data, top, refresh, as_json, store_ur
     click.echo("\ntop features (mean |SHAP|):")
     click.echo(format_table(["FEATURE", "MEAN |SHAP|"], [[k, fmt_value(float(v))] for k, v in importance.head(top).items()]))
     for entry in per_row:
-        click.echo(f"\nrow {entry['row']}: base value {fmt_value(entry['base_value'])} -> output "
+        explained = f" (class {entry['class']!r})" if entry["class"] is not None else ""
+        click.echo(f"\nrow {entry['row']}{explained}: base value {fmt_value(entry['base_value'])} -> output "
                    f"{fmt_value(entry['output'])} ({explanation.output})")
         table = [[f["feature"], fmt_value(f["value"], 12), f"{f['shap']:+.4f}",
                   f["lime_condition"] or "-", "-" if f["lime_weight"] is None else f"{f['lime_weight']:+.4f}"]

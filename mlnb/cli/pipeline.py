@@ -28,7 +28,8 @@ from ..ui.report import write_pipeline_report
 from ..ui.site import build_site, report_dir
 
 # %% auto #0
-__all__ = ['template_dir', 'init_project', 'init_command', 'run_command', 'params_command', 'lineage_command', 'report_command']
+__all__ = ['template_dir', 'init_project', 'init_command', 'step_notes', 'run_command', 'params_command', 'lineage_command',
+           'report_command']
 
 # %% ../../nbs/cli/03_pipeline.ipynb #3ded39e1
 def template_dir() -> Path:
@@ -118,6 +119,23 @@ class _Progress:
         elif kind == "interrupt":
             click.echo(f"interrupted: stopping {', '.join(info['running']) or 'nothing'} (kernels shut down)...", err=True)
 
+def step_notes(store, outcome) -> list[str]:
+    """Returns what the steps of `outcome` asked to be told (a step's output `notes`: a list of lines) and their
+    headline metrics (output `headline`: {metric: value}), as lines for the terminal."""
+    lines, headline = [], []
+    for step in outcome.steps:
+        run_id = step.run_id or step.source_run_id
+        if run_id is None:
+            continue
+        outputs = {k: v.get("value") for k, v in store.get_run(run_id).outputs.items() if k in ("notes", "headline")}
+        notes = outputs.get("notes")
+        lines += [f"  {step.name}: {note}" for note in (notes if isinstance(notes, list) else [])]
+        if isinstance(outputs.get("headline"), dict):
+            headline += [f"{k} {fmt_value(v, 12)}" for k, v in outputs["headline"].items()]
+    if headline:
+        lines.append("headline: " + ", ".join(headline))
+    return lines
+
 def _rel(path: str | None, root: Path) -> str:
     if not path:
         return "-"
@@ -174,6 +192,9 @@ def run_command(pipeline_name, params, only, from_step, until, force, resume, jo
     else:
         rows = [[s.name, s.status, fmt_duration(s.seconds), _rel(s.report, project.root)] for s in outcome.steps]
         click.echo(format_table(["STEP", "STATUS", "DURATION", "REPORT"], rows))
+        notes = step_notes(store, outcome)
+        if notes:
+            click.echo("\n" + "\n".join(notes))
         click.echo(f"\npipeline run {outcome.run_id[:8]} {outcome.status} in {fmt_duration(outcome.seconds)}; "
                    f"report: {_rel(str(index), project.root)}")
     failures = outcome.failures()

@@ -368,12 +368,14 @@ class TabularMLP(_TabularNet):
 
 # %% ../../nbs/integrations/02_lightning.ipynb #ccc58528
 class TabularPredictor:
-    "A trained TabularMLP with its preprocessing: predicts from DataFrames, pickles, loads anywhere."
+    """A trained TabularMLP with its preprocessing: predicts from DataFrames, pickles, loads anywhere. `columns`: a
+    fitted step applied to raw rows before the preprocessor (the template's `mlnb.tables.TableColumns`)."""
 
-    def __init__(self, model: TabularMLP, preprocessor: TabularPreprocessor):
+    def __init__(self, model: TabularMLP, preprocessor: TabularPreprocessor, columns: Any = None):
         self.hparams = dict(model.hparams)
         self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.preprocessor = preprocessor
+        self.columns = columns
         self._model: TabularMLP | None = model.eval()
 
     @property
@@ -392,8 +394,13 @@ class TabularPredictor:
     def feature_names(self) -> list[str]:
         return self.preprocessor.feature_names
 
+    def transform(self, X) -> np.ndarray:
+        "Returns the network's input matrix for raw rows `X` (a DataFrame)."
+        columns = getattr(self, "columns", None)  # (pickled before it had columns: none)
+        return self.preprocessor.transform(columns.transform(X) if columns is not None else X)
+
     def _matrix(self, X) -> np.ndarray:
-        return X if isinstance(X, np.ndarray) else self.preprocessor.transform(X)
+        return X if isinstance(X, np.ndarray) else self.transform(X)
 
     def predict_proba(self, X) -> np.ndarray:
         "Returns class probabilities for a DataFrame (or an already transformed matrix)."

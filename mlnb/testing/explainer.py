@@ -10,7 +10,7 @@ from typing import Any
 
 from ..core.lazy import lazy_import
 from ..integrations.explain.api import explain
-from ..integrations.explain.base import Explainer, adapt
+from ..integrations.explain.base import Explainer, adapt, class_indices
 
 # %% auto #0
 __all__ = ['ExplainerConformance']
@@ -44,14 +44,23 @@ class ExplainerConformance:
         assert e.values.shape == (self.rows, X.shape[1]) and e.feature_names == [str(c) for c in X.columns]
         assert e.base_values.shape == (self.rows,) and e.rows == list(range(self.rows)) and len(e.data) == self.rows
 
-    def test_values_add_up_to_what_they_explain(self, case):
-        explainer, model, X, view, inputs, background, k = self._parts(case)
-        values, base, _ = explainer.attributions(view, inputs, background, k)
-        target = np.asarray(explainer.outputs(view, inputs, background, k), dtype=float)
+    def _adds_up(self, values: Any, base: Any, target: Any) -> None:
+        target = np.asarray(target, dtype=float)
         scale = max(1.0, float(np.abs(target).max()))
         np.testing.assert_allclose(np.asarray(values).sum(1) + base, target, atol=self.tolerance * scale)
-        e = explain(model, X, rows=list(range(self.rows)), explainer=explainer.name, background=X.head(100))
-        np.testing.assert_allclose(e.values.sum(1) + e.base_values, target, atol=self.tolerance * scale)
+
+    def test_values_add_up_to_what_they_explain(self, case):
+        "For each class (a classifier), and after the columns are summed back, for one class and each row's own."
+        explainer, model, X, view, inputs, background, k = self._parts(case)
+        for each in range(len(view.classes or [])) if view.task == "classification" else [k]:
+            values, base, _ = explainer.attributions(view, inputs, background, each)
+            self._adds_up(values, base, explainer.outputs(view, inputs, background, each))
+        e = explain(model, X, rows=list(range(self.rows)), explainer=explainer.name, background=X.head(100), class_index=k)
+        self._adds_up(e.values, e.base_values, explainer.outputs(view, inputs, background, k))
+        own = explain(model, X, rows=list(range(self.rows)), explainer=explainer.name, background=X.head(100))
+        ks = class_indices(view, X.head(self.rows))  # each row's predicted class (None: regression)
+        self._adds_up(own.values, own.base_values, [explainer.outputs(view, inputs[i:i + 1], background, ks[i] if ks else k)[0]
+                                                    for i in range(self.rows)])
 
     def test_it_leaves_the_model_as_it_found_it(self, case):
         explainer, model, _, view, inputs, background, k = self._parts(case)

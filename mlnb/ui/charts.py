@@ -15,8 +15,8 @@ if TYPE_CHECKING:  # the types annotations name; the modules themselves are impo
     from plotly.graph_objects import Figure
 
 # %% auto #0
-__all__ = ['curves_figure', 'parallel_figure', 'pareto_figure', 'importance_figure', 'beeswarm_figure', 'waterfall_figure',
-           'lime_figure']
+__all__ = ['curves_figure', 'parallel_figure', 'pareto_figure', 'importance_figure', 'beeswarm_figure', 'lime_figure',
+           'shown_number', 'waterfall_figure']
 
 # %% ../../nbs/ui/02_charts.ipynb #ee68fd3e
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -118,28 +118,12 @@ def beeswarm_figure(explanation, top: int = 12) -> Figure:
         colour = ((numeric - numeric.min()) / span).fillna(0.5) if span and span == span else numeric * 0 + 0.5
         fig.add_trace(go.Scatter(x=explanation.values[:, j], y=rank + rng.uniform(-0.25, 0.25, len(explanation.rows)),
                                  mode="markers", name=feature, showlegend=False,
-                                 marker={"color": colour, "colorscale": "RdBu_r", "cmin": 0, "cmax": 1, "size": 6},
+                                 marker={"color": colour, "colorscale": "RdBu_r", "cmin": 0, "cmax": 1, "size": 6,
+                                         "showscale": rank == 0, "colorbar": {"title": {"text": "feature value"},
+                                                                              "tickvals": [0, 1], "ticktext": ["low", "high"]}},
                                  text=[f"row {r}: {feature} = {v}" for r, v in zip(explanation.rows, raw, strict=False)],
                                  hoverinfo="text+x"))
     fig.update_yaxes(tickvals=list(range(len(features))), ticktext=features)
-    return fig
-
-def waterfall_figure(explanation, row: int, top: int = 12) -> Figure:
-    "Returns how one row's output builds up from the base value, feature by feature (the largest `top`)."
-    contributions = explanation.contributions(row)
-    shown, rest = contributions.head(top), contributions.iloc[top:].sum()
-    position = explanation.rows.index(row)
-    base = float(explanation.base_values[position])
-    values = explanation.data.iloc[position]
-    labels = [f"{f} = {_fmt(values.get(f))}" for f in shown.index] + ([f"{len(contributions) - top} other features"]
-                                                                      if len(contributions) > top else [])
-    deltas = list(shown.values) + ([rest] if len(contributions) > top else [])
-    fig = _figure("waterfall", f"row {row}: SHAP waterfall ({explanation.output})", height=max(340, 30 * len(labels)))
-    fig.add_trace(go.Waterfall(orientation="h", base=base, x=deltas[::-1], y=labels[::-1], measure=["relative"] * len(deltas),
-                               decreasing={"marker": {"color": "#1f77b4"}}, increasing={"marker": {"color": "#d62728"}},
-                               connector={"line": {"color": "#ccc"}}))
-    fig.add_annotation(text=f"base {base:.4g} → output {base + contributions.sum():.4g}", showarrow=False,
-                       x=1, y=1.08, xref="paper", yref="paper", xanchor="right")
     return fig
 
 def lime_figure(pairs: Sequence[tuple[str, float]], row: int) -> Figure:
@@ -154,3 +138,34 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+# %% ../../nbs/ui/02_charts.ipynb #3d54f157
+def shown_number(value: float, scale: float = 1.0) -> str:
+    "Returns `value` with 4 significant digits; float noise far below `scale` (-2.22e-16 beside 0.7) shows as 0."
+    return "0" if abs(value) <= 1e-9 * max(abs(scale), 1e-300) else f"{value:.4g}"
+
+def waterfall_figure(explanation, row: int, top: int = 12) -> Figure:
+    """Returns how one row's output builds up, read top-down as shap's waterfall: the base value first, then the
+    features (the largest `top`; the rest in one bar), then the row's output."""
+    contributions = explanation.contributions(row)
+    shown, rest = contributions.head(top), contributions.iloc[top:].sum()
+    position = explanation.rows.index(row)
+    base = float(explanation.base_values[position])
+    output = base + float(contributions.sum())
+    scale = max([abs(base), abs(output), *contributions.abs().tolist()])
+    values = explanation.data.iloc[position]
+    labels = [f"{f} = {_fmt(values.get(f))}" for f in shown.index] + ([f"{len(contributions) - top} other features"]
+                                                                      if len(contributions) > top else [])
+    deltas = list(shown.values) + ([rest] if len(contributions) > top else [])
+    explained = explanation.explained_class(row)
+    title = f"row {row}: SHAP waterfall ({explanation.output}" + (f"; class {explained!r}" if explained is not None else "")
+    fig = _figure("waterfall", title + ")", height=max(340, 30 * (len(labels) + 2)))
+    fig.add_trace(go.Waterfall(orientation="h", y=["base value", *labels, "output"], x=[base, *deltas, 0],
+                               measure=["absolute"] + ["relative"] * len(deltas) + ["total"],
+                               text=[shown_number(v, scale) for v in (base, *deltas, output)], textposition="outside",
+                               decreasing={"marker": {"color": "#1f77b4"}}, increasing={"marker": {"color": "#d62728"}},
+                               totals={"marker": {"color": "#7f7f7f"}}, connector={"line": {"color": "#ccc"}}))
+    fig.update_yaxes(autorange="reversed")  # the base value on top, the output at the bottom
+    fig.add_annotation(text=f"base {shown_number(base, scale)} → output {shown_number(output, scale)}", showarrow=False,
+                       x=1, y=1.08, xref="paper", yref="paper", xanchor="right")
+    return fig

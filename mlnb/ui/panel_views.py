@@ -254,26 +254,38 @@ class _ExplainChoice:
     def clear(self) -> None:
         "Clears what was shown (`ExplainView`)."
 
-# %% ../../nbs/ui/03_panel_views.ipynb #6716b5b2
-class ExplainView(_ExplainChoice):
-    "The chosen run's explanation: importance and beeswarm, and one row's SHAP waterfall beside LIME."
+# %% ../../nbs/ui/03_panel_views.ipynb #8871a71e
+class _ExplainLayout(_ExplainChoice):
+    "The explanation view's widgets: run, model, importance and beeswarm; row and class; waterfall beside LIME."
 
     def __init__(self, shared: PanelShared):
         super().__init__(shared)
         self.importance, self.beeswarm = w.Output(), w.Output()
         self.row = w.Dropdown(options=[], description="row", layout={"width": "260px"})
         shared.when_changed(self.row, self.show_row)
+        self.target = w.Dropdown(options=[], description="class", layout={"width": "320px", "display": "none"})
+        shared.when_changed(self.target, self.show_class)
         self.waterfall, self.lime = w.Output(layout={"width": "50%"}), w.Output(layout={"width": "50%"})
         self.box = w.VBox([w.HBox([self.run, self.model, self.compute]), self.note,
                            w.HBox([w.VBox([self.importance], layout={"width": "50%"}),
                                    w.VBox([self.beeswarm], layout={"width": "50%"})]),
-                           self.row, w.HBox([self.waterfall, self.lime])])
+                           w.HBox([self.row, self.target]), w.HBox([self.waterfall, self.lime])])
 
     def clear(self) -> None:
         self.compute.layout.display = "none"
         for out in (self.importance, self.beeswarm, self.waterfall, self.lime):
             out.clear_output()
         self.shared.set(self.row, [])
+
+    def show_row(self) -> None:
+        "Shows the chosen row (`ExplainView`)."
+
+    def show_class(self) -> None:
+        "Shows the chosen class (`ExplainView`)."
+
+# %% ../../nbs/ui/03_panel_views.ipynb #6716b5b2
+class ExplainView(_ExplainLayout):
+    "The chosen run's explanation: importance and beeswarm, and one row's SHAP waterfall beside LIME, for a class."
 
     def show(self) -> None:
         run_id, model = self.run.value, self.model.value
@@ -290,12 +302,34 @@ class ExplainView(_ExplainChoice):
         self.compute.layout.display = "none"
         self.note.value = note_html(f"{html.escape(e.model_type)}: {len(e.rows)} rows explained with the "
                                 f"<b>{e.explainer}</b> explainer; values are the {html.escape(e.output)}.")
+        self.draw(e)
+
+    def draw(self, e) -> None:
+        "Draws explanation `e`: importance, beeswarm, the class picker (a classifier), the chosen row."
         self.shared.show(self.importance, "importance", importance_figure(e))
         self.shared.show(self.beeswarm, "beeswarm", beeswarm_figure(e))
-        first = sorted(e.lime) or e.rows[:1]
+        classes = getattr(e, "model_classes", None)  # (stored before explanations named their classes: no picker)
+        self.target.layout.display = None if classes else "none"
+        self.shared.set(self.target, [("each row's predicted class", None)] + [(repr(c), c) for c in classes or []],
+                        getattr(e, "target", None))
+        first = [self.row.value] if self.row.value in e.rows else (sorted(e.lime) or e.rows[:1])
         self.shared.set(self.row, [(f"row {r}{' (LIME ready)' if r in e.lime else ''}", r)
                                    for r in e.rows[: self.shared.limit]], first[0] if first else None)
         self.show_row()
+
+    def show_class(self) -> None:
+        "Explains the chosen run's model for the class picked (SHAP and LIME alike), stored with the run."
+        if self.explanation is None or self.target.value == getattr(self.explanation, "target", None):
+            return
+        try:
+            self.explanation = explain_run(self.run.value, rows=[self.row.value] if self.row.value is not None else None,
+                                           model=self.model.value, store=self.shared.store, target=self.target.value,
+                                           lime_rows=[self.row.value] if self.row.value is not None else None)[0]
+        except MlnbError as err:
+            self.note.value = note_html(html.escape(str(err)), "error")
+            return
+        self.note.value = note_html(f"values are the {html.escape(self.explanation.output)}.")
+        self.draw(self.explanation)
 
     def show_row(self) -> None:
         e, row = self.explanation, self.row.value
@@ -303,8 +337,8 @@ class ExplainView(_ExplainChoice):
             return
         if row not in e.lime:  # LIME for this row: computed now, stored with the run
             try:
-                self.explanation = e = explain_run(self.run.value, rows=[row], model=self.model.value,
-                                                   store=self.shared.store, lime_rows=[row])[0]
+                self.explanation = e = explain_run(self.run.value, rows=[row], model=self.model.value, lime_rows=[row],
+                                                   store=self.shared.store, target=getattr(e, "target", None))[0]
             except MlnbError as err:
                 self.note.value = note_html(html.escape(str(err)), "error")
                 return

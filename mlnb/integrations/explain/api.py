@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ...core.errors import ExplainError, PluginError, one_of
 from ...core.hashing import hash_bytes, hash_json
 from ...core.lazy import lazy_import
-from .base import Explainer, Explanation, adapt, check_rows, choose, explainer as named
+from .base import Explainer, Explanation, adapt, check_rows, choose, class_indices, explainer as named
 from .lime import lime_explain
 from ...store.artifacts import artifacts_for
 from ...store.facade import Store, open_store
@@ -53,24 +54,47 @@ def _explainer_named(name: str, view: Any) -> Explainer:
                            f"(auto: {choose(view).name} for this model).")
     return chosen
 
+def _class_words(units: dict[int, str], classes: list | None) -> str:
+    "Returns what the values are in, with class names for the explainers' class indices ('log-odds of class 'yes'')."
+    named = {k: re.sub(rf"class {k}\b", f"class {classes[k]!r}" if classes else f"class {k}", text) for k, text in units.items()}
+    if len(named) == 1:
+        return next(iter(named.values()))
+    return re.sub(r" (of|for) class \d+$", "", next(iter(units.values()))) + " of each row's explained class"
+
+def _by_class(chosen: Explainer, view: Any, inputs: Any, base_inputs: Any, ks: list[int]) -> tuple[Any, Any, str]:
+    "Explains each row for its class `ks[i]` (the rows of one class together); returns (values, base, their unit)."
+    at_class, values, base, units = np.asarray(ks), None, np.zeros(len(ks)), {}
+    for k in dict.fromkeys(ks):
+        at = np.flatnonzero(at_class == k)
+        v, b, units[k] = chosen.attributions(view, inputs[at], base_inputs, k)
+        values = np.zeros((len(ks), np.asarray(v).shape[1])) if values is None else values
+        values[at], base[at] = v, b
+    return values, base, _class_words(units, view.classes)
+
 def explain(model: Any, X: DataFrame, rows: Sequence[int] | None = None, *, background: DataFrame | None = None,
-            explainer: str = "auto", class_index: int | None = None, max_background: int = 100) -> Explanation:
-    "Returns SHAP values (or LIME's, `explainer='lime'`) for `rows` of `X` (default: all), in its original columns."
+            explainer: str = "auto", class_index: int | None = None, target: Any = None,
+            max_background: int = 100) -> Explanation:
+    """Returns SHAP values (or LIME's, `explainer='lime'`) for `rows` of `X` (default: all), in its original columns;
+    for a classifier, of each row's predicted class, or of class `target` (a label) for every row."""
     started = time.perf_counter()
     if isinstance(X, np.ndarray):
         X = pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])])
     rows = check_rows(rows, len(X), "X")
     view = adapt(model, X)
     chosen = choose(view) if explainer == "auto" else _explainer_named(explainer, view)
-    k = view.class_index(class_index)
+    ks = class_indices(view, X.iloc[rows], target, class_index)
     background = (background if background is not None else X).head(max_background)
-    values, base, output = chosen.attributions(view, view.transform(X.iloc[rows]), view.transform(background), k)
+    inputs, base_inputs = view.transform(X.iloc[rows]), view.transform(background)
+    values, base, output = (chosen.attributions(view, inputs, base_inputs, None) if ks is None
+                            else _by_class(chosen, view, inputs, base_inputs, ks))
     originals = [str(c) for c in X.columns]
     values = aggregate(np.asarray(values, dtype=float), view.groups, originals)
     names = originals + [g for g in dict.fromkeys(view.groups) if g not in originals]
     return Explanation(explainer=chosen.name, model_type=view.model_type, output=output, feature_names=names,
                        values=values, base_values=np.asarray(base, dtype=float), data=X.iloc[rows].reset_index(drop=True),
-                       rows=rows, seconds=time.perf_counter() - started)
+                       rows=rows, seconds=time.perf_counter() - started,
+                       classes=None if ks is None or not view.classes else [view.classes[k] for k in ks],
+                       model_classes=view.classes if view.task == "classification" else None, target=target)
 
 # %% ../../../nbs/integrations/explain/07_api.ipynb #2d03c481
 def run_models(record) -> list[str]:
@@ -109,11 +133,12 @@ def _eval_frame(record, name: str, data: str | DataFrame | None, blobs) -> DataF
                            "mlnb.log_model(model, eval_data=X_test)).")
     return pd.read_parquet(io.BytesIO(blobs.read_bytes(logged["sha256"])))
 
-def _explanation_key(model_artifact: dict, frame: DataFrame) -> str:
-    "Returns the key of an explanation: the model's and the data's content hashes."
+def _explanation_key(model_artifact: dict, frame: DataFrame, target: Any = None) -> str:
+    "Returns the key of an explanation: the model's and the data's content hashes, and the class it explains."
     data_hash = hash_bytes(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
                            + str(list(frame.columns)).encode())
-    return hash_json({"model": model_artifact["sha256"], "data": data_hash, "version": 1})[:12]
+    explained = "predicted" if target is None else f"class:{target}"
+    return hash_json({"model": model_artifact["sha256"], "data": data_hash, "version": 2, "class": explained})[:12]
 
 def _extend(explanation: Explanation, extra: Explanation) -> None:
     "Adds the rows of `extra` (the same model, data and explainer) to `explanation`."
@@ -121,12 +146,15 @@ def _extend(explanation: Explanation, extra: Explanation) -> None:
     explanation.values = np.vstack([explanation.values, extra.values])
     explanation.base_values = np.concatenate([explanation.base_values, extra.base_values])
     explanation.data = pd.concat([explanation.data, extra.data], ignore_index=True)
+    if explanation.classes is not None and extra.classes is not None:
+        explanation.classes = explanation.classes + extra.classes
 
 # %% ../../../nbs/integrations/explain/07_api.ipynb #30b4bcf2
 def explain_run(run: str, rows: Sequence[int] | None = None, *, model: str | None = None,
                 data: str | DataFrame | None = None, store=None, refresh: bool = False,
-                lime_rows: Sequence[int] | None = None) -> tuple[Explanation, Any, bool]:
-    "Returns (explanation, run record, whether it was reopened) for the model a run logged."
+                lime_rows: Sequence[int] | None = None, target: Any = None) -> tuple[Explanation, Any, bool]:
+    """Returns (explanation, run record, whether it was reopened) for the model a run logged; a classifier's rows
+    explained for their predicted class, or for class `target` (a label), by SHAP and LIME alike."""
     store = store if isinstance(store, Store) else open_store(store)
     record = store.resolve_run(run)
     blobs = artifacts_for(store)
@@ -135,7 +163,7 @@ def explain_run(run: str, rows: Sequence[int] | None = None, *, model: str | Non
     where = f"the evaluation data of run {record.id[:8]}"
     wanted = check_rows(rows, len(frame), where) if rows is not None else []
     lime_rows = check_rows(list(lime_rows) if lime_rows is not None else (wanted or [0]), len(frame), where)
-    artifact_name = f"explanations/{name}-{_explanation_key(model_art, frame)}.pkl"
+    artifact_name = f"explanations/{name}-{_explanation_key(model_art, frame, target)}.pkl"
     stored = None if refresh else _artifact(record, artifact_name)
     explanation = Explanation.from_bytes(blobs.read_bytes(stored["sha256"])) if stored is not None else None
     missing = sorted(set(wanted) - set(explanation.rows)) if explanation is not None else []
@@ -145,11 +173,11 @@ def explain_run(run: str, rows: Sequence[int] | None = None, *, model: str | Non
     loaded = pickle.loads(blobs.read_bytes(model_art["sha256"]))
     if explanation is None:
         budget = choose(adapt(loaded, frame)).max_rows
-        explanation = explain(loaded, frame, sorted(set(range(min(len(frame), budget))) | set(wanted)))
+        explanation = explain(loaded, frame, sorted(set(range(min(len(frame), budget))) | set(wanted)), target=target)
     if missing:
-        _extend(explanation, explain(loaded, frame, missing, explainer=explanation.explainer))
+        _extend(explanation, explain(loaded, frame, missing, explainer=explanation.explainer, target=target))
     for row in unexplained:
-        explanation.lime[row] = lime_explain(loaded, frame, row)
+        explanation.lime[row] = lime_explain(loaded, frame, row, target=explanation.explained_class(row))
     blob = blobs.put_bytes(explanation.to_bytes())
     store.add_artifact(record.id, artifact_name, blob.sha256, blob.size, blob.uri, "application/x-python-pickle")
     store.set_tags(record.id, {f"mlnb.explanation.{name}": explanation.explainer})

@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # the types annotations name; the modules themselves are impo
     from pandas import DataFrame, Series
 
 # %% auto #0
-__all__ = ['EXPLAINERS', 'is_torch_module', 'ModelView', 'columns_of', 'adapt', 'Explanation', 'check_rows', 'Explainer',
-           'explainer', 'choose', 'select', 'logits_module', 'predict_fn']
+__all__ = ['EXPLAINERS', 'is_torch_module', 'ModelView', 'columns_of', 'adapt', 'Explanation', 'check_rows', 'class_indices',
+           'Explainer', 'explainer', 'choose', 'select', 'logits_module', 'predict_fn']
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #76d1a07c
 np = lazy_import("numpy")
@@ -49,6 +49,11 @@ class ModelView:
     def model_type(self) -> str:
         return f"{type(self.model).__module__}.{type(self.model).__qualname__}"
 
+    @property
+    def binary(self) -> bool:
+        "Whether it is a classifier of two classes."
+        return self.task == "classification" and self.classes is not None and len(self.classes) == 2
+
     def class_index(self, requested: int | None = None) -> int | None:
         "Returns the class explained: `requested`, else class 1 of a binary model and 0 of others (None: regression)."
         if self.task != "classification":
@@ -76,6 +81,10 @@ def _numeric(X: DataFrame, what: str) -> None:
                            "or encode them first.")
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #209d0895
+def _labels(classes: Any) -> list | None:
+    "Returns a model's classes as plain Python values (numpy scalars print as np.int64(1)), or None."
+    return [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None and len(classes) else None
+
 def adapt(model: Any, X: DataFrame) -> ModelView:
     "Returns how to explain `model` on data shaped like `X`, or raises ExplainError naming the model type."
     originals = [str(c) for c in X.columns]
@@ -93,15 +102,15 @@ def adapt(model: Any, X: DataFrame) -> ModelView:
         else:
             _numeric(X, kind_name)
             names, transform = originals, lambda frame: frame.to_numpy(dtype=float)
-        classes = list(getattr(est, "classes_", [])) or None
+        classes = _labels(getattr(est, "classes_", None))
         return ModelView(model, est, transform, names, columns_of(names, originals),
                          "classification" if hasattr(est, "predict_proba") else "regression", classes)
     if type(model).__name__ == "TabularPredictor":
         pre = model.preprocessor
         names = pre.feature_names
-        return ModelView(model, model.model, pre.transform, names, columns_of(names, originals),
+        return ModelView(model, model.model, model.transform, names, columns_of(names, originals),
                          "regression" if pre.task == "regression" else "classification",
-                         None if pre.classes_ is None else list(pre.classes_))
+                         _labels(pre.classes_))
     if not (hasattr(model, "predict_proba") or hasattr(model, "predict") or hasattr(model, "forward")):
         raise ExplainError(f"mlnb cannot explain a {kind_name}: it has no predict_proba, predict or forward method. "
                            "Explainable: scikit-learn estimators and pipelines, tree ensembles (xgboost, lightgbm), "
@@ -109,7 +118,7 @@ def adapt(model: Any, X: DataFrame) -> ModelView:
     _numeric(X, kind_name)
     task = "classification" if hasattr(model, "predict_proba") or (is_torch_module(model) and getattr(
         getattr(model, "hparams", {}), "get", lambda *_: None)("task") in ("binary", "multiclass")) else "regression"
-    classes = list(getattr(model, "classes_", [])) or None
+    classes = _labels(getattr(model, "classes_", None))
     return ModelView(model, model, lambda frame: frame.to_numpy(dtype=float), originals, originals, task, classes)
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #9e9ce200
@@ -126,6 +135,14 @@ class Explanation:
     rows: list[int]             # their positions in the evaluation data
     seconds: float = 0.0
     lime: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
+    classes: list | None = None  # classification: the class each row's values explain (its label)
+    model_classes: list | None = None  # classification: every class of the model
+    target: Any = None           # the class chosen for every row (None: each row's predicted class)
+
+    def explained_class(self, row: int) -> Any:
+        "Returns the class the values of evaluation-data row `row` explain (None: regression, or not recorded)."
+        classes = getattr(self, "classes", None)  # (explanations stored before classes were recorded: None)
+        return None if classes is None or row not in self.rows else classes[self.rows.index(row)]
 
     def importance(self) -> Series:
         "Returns each feature's mean |attribution| over the explained rows, largest first."
@@ -154,6 +171,23 @@ def check_rows(rows: Sequence[int] | None, n: int, where: str = "the data") -> l
         if not 0 <= int(row) < n:
             raise ExplainError(f"row {row} is out of range: {where} has {n} rows (0-{n - 1}).")
     return [int(r) for r in rows]
+
+# %% ../../../nbs/integrations/explain/01_base.ipynb #82918e1a
+def class_indices(view: ModelView, X_rows: DataFrame, target: Any = None, class_index: int | None = None) -> list[int] | None:
+    """Returns, for each row of `X_rows`, the index in `view.classes` of the class to explain: `target` (a class
+    label, matched by its text), or `class_index`, for every row; else each row's predicted class. None: regression."""
+    if view.task != "classification":
+        return None
+    labels = [str(c) for c in view.classes or []]
+    if target is not None:
+        if str(target) not in labels:
+            raise ExplainError(f"class {target!r} is not one of the model's classes: {', '.join(map(repr, labels))}.")
+        return [labels.index(str(target))] * len(X_rows)
+    default = view.class_index(class_index) or 0  # (a classifier's: never None)
+    if class_index is not None or not labels or not hasattr(view.model, "predict"):
+        return [default] * len(X_rows)
+    predicted = [str(p) for p in view.model.predict(X_rows)]
+    return [labels.index(p) if p in labels else default for p in predicted]
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #20b46bf6
 class Explainer:
@@ -206,9 +240,11 @@ def choose(view: ModelView) -> Explainer:
     raise ExplainError(f"No explainer supports a {view.model_type}; explainers: {', '.join(EXPLAINERS.names())}.")
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #58c2873c
-def select(values: Any, base: Any, class_index: int | None) -> tuple[ndarray, ndarray]:
-    "Returns (values, base values per row) for the explained class from what a SHAP explainer gave."
+def select(values: Any, base: Any, class_index: int | None, binary: bool = False) -> tuple[ndarray, ndarray]:
+    """Returns (values, base values per row) for the explained class from what a SHAP explainer gave. A binary
+    model explained by one output (the log-odds or logit of class 1) explains class 0 by that output negated."""
     values, base = np.asarray(values, dtype=float), np.asarray(base, dtype=float)
+    flip = binary and class_index == 0 and values.ndim == 2
     if values.ndim == 3:  # (rows, features, classes)
         classes = values.shape[2]
         k = class_index if class_index is not None and class_index < classes else classes - 1
@@ -219,7 +255,7 @@ def select(values: Any, base: Any, class_index: int | None) -> tuple[ndarray, nd
             base = np.full(values.shape[0], base[k])
     if base.ndim == 0 or base.size == 1:
         base = np.full(values.shape[0], float(base.reshape(-1)[0]))
-    return values, base.reshape(-1)
+    return (-values, -base.reshape(-1)) if flip else (values, base.reshape(-1))
 
 def logits_module(module: Any) -> Any:
     "Returns `module` as a (rows, outputs) network in eval mode, for SHAP's DeepExplainer."

@@ -34,14 +34,16 @@ class DeepExplainer(Explainer):
             deep = shap.DeepExplainer(net, torch.as_tensor(np.asarray(base_inputs, dtype=np.float32)))
             raw = deep.shap_values(torch.as_tensor(np.asarray(inputs, dtype=np.float32)), check_additivity=False)
         expected = np.asarray(deep.expected_value).reshape(-1)
-        width = np.asarray(raw).shape[-1] if np.asarray(raw).ndim == 3 else 1
-        k = 0 if width == 1 else (class_index or 0)
-        values, base = select(raw, np.tile(expected, (len(inputs), 1)), k)
-        output = ("logit of class 1" if width == 1 and view.task == "classification"
-                  else f"logit of class {k}" if view.task == "classification" else "output")
-        return values, base, output
+        raw = np.asarray(raw)
+        raw = raw[:, :, 0] if raw.ndim == 3 and raw.shape[2] == 1 else raw  # one output: (rows, inputs)
+        width = raw.shape[2] if raw.ndim == 3 else 1
+        k = class_index or 0
+        values, base = select(raw, np.tile(expected, (len(inputs), 1)) if width > 1 else expected, k, view.binary)
+        return values, base, f"logit of class {k}" if view.task == "classification" else "output"
 
     def outputs(self, view: ModelView, inputs: Any, base_inputs: Any, class_index: int | None) -> Any:
         with torch.no_grad():
             out = logits_module(view.estimator)(torch.as_tensor(np.asarray(inputs, dtype=np.float32))).numpy()
-        return out[:, 0] if out.shape[1] == 1 else out[:, class_index or 0]
+        if out.shape[1] == 1:  # one output: the target, or a binary model's logit of class 1
+            return -out[:, 0] if view.binary and class_index == 0 else out[:, 0]
+        return out[:, class_index or 0]

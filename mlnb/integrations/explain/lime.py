@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...core.lazy import lazy_import
-from .base import Explainer, ModelView, adapt, check_rows, is_torch_module, predict_fn
+from .base import (Explainer, ModelView, adapt, check_rows, class_indices, is_torch_module,
+                                            predict_fn)
 
 if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
     from numpy import ndarray
@@ -26,12 +27,14 @@ lime_tabular = lazy_import("lime.lime_tabular")
 
 # %% ../../../nbs/integrations/explain/06_lime.ipynb #1a41868e
 def lime_explain(model: Any, X: DataFrame, row: int, *, background: DataFrame | None = None,
-                 class_index: int | None = None, num_features: int = 10, num_samples: int = 2000,
+                 class_index: int | None = None, target: Any = None, num_features: int = 10, num_samples: int = 2000,
                  seed: int = 0) -> list[tuple[str, float]]:
-    "Returns LIME's (condition, weight) list for row `row` of `X`, the largest weights first."
+    """Returns LIME's (condition, weight) list for row `row` of `X`, the largest weights first: for a classifier, of
+    the row's predicted class, or of class `target` (a label), as SHAP's `explain` chooses."""
     check_rows([row], len(X), "X")
     view = adapt(model, X)
-    k = view.class_index(class_index)
+    ks = class_indices(view, X.iloc[[row]], target, class_index)
+    k = None if ks is None else ks[0]
     background = (background if background is not None else X).head(500)
     columns = list(X.columns)
     numeric = [c for c in columns if pd.api.types.is_numeric_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])]
@@ -104,13 +107,15 @@ class LimeExplainer(Explainer):
         else:
             predict = predict_fn(view, None)
         label = class_index if classify else 1  # LIME files a regression under label 1
-        explainer = lime_tabular.LimeTabularExplainer(
-            np.asarray(base_inputs, dtype=float), mode="classification" if classify else "regression",
-            feature_names=[str(n) for n in view.input_names], discretize_continuous=True, random_state=self.seed)
         found_all = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for row in np.asarray(inputs, dtype=float):
+                # one LIME explainer a row: a row's fit is the same whatever rows go with it (LIME's sampler, its
+                # discretizer and its local model draw from one random state)
+                explainer = lime_tabular.LimeTabularExplainer(
+                    np.asarray(base_inputs, dtype=float), mode="classification" if classify else "regression",
+                    feature_names=[str(n) for n in view.input_names], discretize_continuous=True, random_state=self.seed)
                 found = explainer.explain_instance(row, predict, labels=(label,) if classify else None,
                                                    num_features=len(view.input_names), num_samples=self.num_samples)
                 found_all.append((dict(found.as_map()[label]), float(found.intercept[label]),

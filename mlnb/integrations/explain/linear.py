@@ -31,11 +31,13 @@ class LinearExplainer(Explainer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             explained = shap.LinearExplainer(view.estimator, base_inputs)(inputs)
-        values, base = select(explained.values, explained.base_values, class_index)
-        return values, base, "log-odds of class 1" if view.task == "classification" else "output"
+        values, base = select(explained.values, explained.base_values, class_index, view.binary)
+        return values, base, f"log-odds of class {class_index}" if view.task == "classification" else "output"
 
     def outputs(self, view: ModelView, inputs: Any, base_inputs: Any, class_index: int | None) -> Any:
         est = view.estimator
         raw = np.asarray(est.decision_function(inputs) if view.task == "classification" else est.predict(inputs),
                          dtype=float)
-        return raw if raw.ndim == 1 else raw[:, class_index or 0]
+        if raw.ndim == 1:  # a binary model's log-odds of class 1
+            return -raw if view.binary and class_index == 0 else raw
+        return raw[:, class_index or 0]

@@ -35,7 +35,7 @@ class TreeExplainer(Explainer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             explained = shap.TreeExplainer(view.estimator)(inputs, check_additivity=False)
-        values, base = select(explained.values, explained.base_values, class_index)
+        values, base = select(explained.values, explained.base_values, class_index, view.binary)
         output = "raw output of the trees" if view.task == "regression" else f"model output for class {class_index}"
         return values, base, output
 
@@ -44,4 +44,6 @@ class TreeExplainer(Explainer):
         if raw.ndim == 2:
             k = class_index if class_index is not None and class_index < raw.shape[1] else raw.shape[1] - 1
             raw = raw[:, k]
+        elif view.binary and class_index == 0:  # one output for a binary model (gradient boosting): class 1's
+            raw = -raw
         return raw
