@@ -99,6 +99,11 @@ def test_the_template_pipeline_runs_on_the_tables_people_have(tmp_path, name):
     quality = logged["test_r2"]["last"] if task == "regression" else logged["test_roc_auc"]["last"]
     assert quality > (0.3 if task == "regression" else 0.75), logged
     assert _warnings_in_reports(root) == []
+    if task == "regression":  # the template's sweep: objectives auto, named by ingest for the task
+        swept = run_cli("sweep", "mlp", "--trials", "2", "--jobs", "1", cwd=root, timeout=600)
+        assert swept.returncode == 0 and "objectives (auto): val_rmse:minimize" in swept.stderr, swept.stderr
+        shown = json.loads(run_cli("sweep", "show", "mlp", "--json", cwd=root).stdout)
+        assert shown["objectives"] == ["val_rmse:minimize"] and shown["counts"].get("complete", 0) >= 1, shown
     if name == "every-kind":
         kinds = {k: v["value"] for k, v in store.get_run(steps["features"].id).outputs.items()}["feature_kinds"]
         assert kinds == {"customer_id": "identifier", "age": "numeric", "plan": "categorical", "city": "categorical",

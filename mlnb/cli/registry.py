@@ -184,18 +184,28 @@ def monitor_command(reference, current, reference_data, threshold, retrain, fail
     if as_json:
         echo_json({"run_id": outcome.run_id, "report": str(outcome.report), "drifted": result.drifted,
                    "share": result.share, "threshold": result.threshold, "reference_rows": result.n_reference,
-                   "current_rows": result.n_current, "retrain_run_id": outcome.retrain_run_id,
-                   "features": result.features.to_dict("records")})
+                   "current_rows": result.n_current, "retrain_run_id": outcome.retrain_run_id, "verdict": result.verdict,
+                   "notes": result.notes, "label": result.label, "features": result.features.to_dict("records"),
+                   "quality": None if result.quality is None else result.quality.to_dict("records")})
     else:
         table = result.features.sort_values(["drifted", "psi"], ascending=[False, False])
         click.echo(format_table(["FEATURE", "KIND", "PSI", "TEST", "STATISTIC", "P-VALUE", "DRIFTED"],
                                 [[r["feature"], r["kind"], fmt_value(r["psi"]), r["test"], fmt_value(r["statistic"]),
                                   fmt_value(r["p_value"]), "yes" if r["drifted"] else ""]
                                  for r in table.to_dict("records")]))
-        verdict = "DRIFTED" if result.drifted else "no drift"
+        if result.label is not None:
+            click.echo(f"\nlabel {result.label['feature']}: {'drifted' if result.label['drifted'] else 'stable'} "
+                       f"(PSI {fmt_value(result.label['psi'])})")
+        if result.quality is not None:
+            click.echo("\nthe model's quality where the labels are known:\n" + format_table(
+                ["METRIC", "REFERENCE", "CURRENT"], [[q["metric"], fmt_value(q["reference"]), fmt_value(q["current"])]
+                                                     for q in result.quality.to_dict("records")]))
+        for note in result.notes:
+            click.echo(f"\nwarning: {note}")
+        verdict = "DRIFTED" if result.drifted else result.verdict
         click.echo(f"\n{verdict}: {result.n_drifted} of {len(result.features)} features drifted "
-                   f"({result.share:.0%}; threshold {result.threshold:.0%}); monitoring run {outcome.run_id[:8]}; "
-                   f"report: {outcome.report}")
+                   f"({result.share:.0%}; threshold {result.threshold:.0%}); {result.n_reference} reference rows, "
+                   f"{result.n_current} current; monitoring run {outcome.run_id[:8]}; report: {outcome.report}")
         if outcome.retrain_run_id:
             click.echo(f"retraining: pipeline run {outcome.retrain_run_id[:8]}")
     if fail_on_drift and result.drifted:

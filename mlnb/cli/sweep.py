@@ -76,6 +76,9 @@ class _Progress:
             return
         if kind == "upstream":
             click.echo(f"preparing the steps before the sweep: {', '.join(info['steps'])}", err=True)
+        elif kind == "objectives":  # objectives: auto, named by a step before the swept one
+            self.objectives = info["objectives"]
+            click.echo(f"objectives (auto): {', '.join(self.objectives)}", err=True)
         elif kind == "study":
             self.done, self.target = done, target = info["done"], info["target"]
             timeout, grid = info.get("timeout"), info.get("grid")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import io
+import pickle
 import time
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -23,6 +24,7 @@ from .registry import resolve
 from ..pipeline.runner import PipelineRunner
 from ..store.artifacts import artifacts_for
 from ..store.facade import open_store, Store
+from .quality import PREDICTION_COLUMNS, label_column, quality_table
 from ..tracking.run import start_run
 
 if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
@@ -30,8 +32,9 @@ if TYPE_CHECKING:  # the types annotations name; the modules themselves are impo
     from pandas import DataFrame
 
 # %% auto #0
-__all__ = ['PSI_DRIFT', 'PSI_HINT', 'ALPHA', 'KS_MIN', 'Histogram', 'numeric_drift', 'categorical_drift', 'DriftResult', 'drift',
-           'drift_html', 'reference_data', 'read_table', 'MonitorOutcome', 'monitor']
+__all__ = ['PSI_DRIFT', 'PSI_HINT', 'ALPHA', 'KS_MIN', 'MIN_ROWS', 'MIN_BIN', 'Histogram', 'numeric_drift', 'label_drift',
+           'categorical_drift', 'DriftResult', 'drift', 'drift_html', 'reference_data', 'read_table', 'MonitorOutcome',
+           'monitor']
 
 # %% ../../nbs/ops/03_monitor.ipynb #e9da51e9
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -41,6 +44,8 @@ _scipy_stats = lazy_import("scipy.stats")
 
 # %% ../../nbs/ops/03_monitor.ipynb #85989d39
 PSI_DRIFT, PSI_HINT, ALPHA, KS_MIN = 0.2, 0.1, 0.01, 0.1  # the thresholds the report names
+MIN_ROWS = 30      # fewer current rows than this: a warning, not a verdict
+MIN_BIN = 5        # rows a bin or a category should hold: fewer quantile bins for small samples, rare categories merged
 
 def _psi(reference_share: ndarray, current_share: ndarray) -> float:
     r = np.clip(reference_share, 1e-4, None)
@@ -66,7 +71,8 @@ def numeric_drift(column: str, ref: Any, cur: Any) -> tuple[dict[str, Any], Hist
     if not len(r) or not len(c):
         return {"feature": column, "kind": "numeric", "psi": np.nan, "test": "ks", "statistic": np.nan,
                 "p_value": np.nan, "drifted": False}, None
-    edges = np.unique(np.quantile(r, np.linspace(0, 1, 11)))
+    bins = int(np.clip(min(len(r), len(c)) // MIN_BIN, 2, 10))  # a small sample gets wider bins
+    edges = np.unique(np.quantile(r, np.linspace(0, 1, bins + 1)))
     inner = edges[1:-1]
     r_share = np.bincount(np.searchsorted(inner, r, side="right"), minlength=len(inner) + 1) / len(r)
     c_share = np.bincount(np.searchsorted(inner, c, side="right"), minlength=len(inner) + 1) / len(c)
@@ -77,9 +83,21 @@ def numeric_drift(column: str, ref: Any, cur: Any) -> tuple[dict[str, Any], Hist
              "drifted": bool(psi >= PSI_DRIFT or (p < ALPHA and statistic >= KS_MIN))},
             (labels, r_share.tolist(), c_share.tolist()))
 
+def label_drift(label: str | None, reference: Any, current: Any) -> tuple[dict[str, Any] | None, Histogram | None]:
+    "Returns the label column's own drift row and histogram when both sides have labels, else (None, None)."
+    if label is None or label not in reference.columns or label not in current.columns or not current[label].notna().any():
+        return None, None
+    labels = reference[label]
+    numeric = pd.api.types.is_numeric_dtype(labels) and not pd.api.types.is_bool_dtype(labels)
+    return (numeric_drift if numeric else categorical_drift)(label, labels, current[label])
+
 def categorical_drift(column: str, ref: Any, cur: Any) -> tuple[dict[str, Any], Histogram]:
     "Returns a categorical column's row (PSI over its levels, chi-squared test) and histogram."
     r_counts, c_counts = ref.astype(str).value_counts(), cur.astype(str).value_counts()
+    rare = [v for v in set(r_counts.index) | set(c_counts.index) if r_counts.get(v, 0) < MIN_BIN and c_counts.get(v, 0) < MIN_BIN]
+    if len(rare) > 1:  # categories too rare on both sides to test one by one: one "(rare)" level
+        r_counts = r_counts.rename(lambda v: "(rare)" if v in rare else v).groupby(level=0).sum()
+        c_counts = c_counts.rename(lambda v: "(rare)" if v in rare else v).groupby(level=0).sum()
     levels = sorted(set(r_counts.index) | set(c_counts.index))
     table = np.array([[r_counts.get(v, 0) for v in levels], [c_counts.get(v, 0) for v in levels]], dtype=float)
     r_share, c_share = table[0] / table[0].sum(), table[1] / table[1].sum()
@@ -99,10 +117,23 @@ class DriftResult:
     n_reference: int
     n_current: int
     histograms: dict[str, tuple[list[str], list[float], list[float]]] = field(default_factory=dict)
+    label: dict[str, Any] | None = None   # the label column's own drift, when both sides have it
+    quality: DataFrame | None = None      # metric, reference, current: the model's quality where labels are known
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def too_few(self) -> bool:
+        "Whether the current sample is below `MIN_ROWS`: no verdict is given."
+        return self.n_current < MIN_ROWS
 
     @property
     def drifted(self) -> bool:
-        return self.share >= self.threshold
+        return self.share >= self.threshold and not self.too_few
+
+    @property
+    def verdict(self) -> str:
+        "drifted, no drift, or too few rows to say."
+        return f"too few rows to say (under {MIN_ROWS})" if self.too_few else "drifted" if self.drifted else "no drift"
 
     @property
     def n_drifted(self) -> int:
@@ -110,15 +141,16 @@ class DriftResult:
         return int(np.count_nonzero(self.features["drifted"].to_numpy())) if len(self.features) else 0
 
 def drift(reference: DataFrame, current: DataFrame, *, threshold: float = 0.5,
-          columns: list[str] | None = None) -> DriftResult:
-    "Returns the drift of `current` against `reference`, per column and overall."
+          columns: list[str] | None = None, label: str | None = None) -> DriftResult:
+    """Returns the drift of `current` against `reference`, per feature column and overall; the `label` column and
+    the score step's `PREDICTION_COLUMNS` are not features (the label's own drift: `label_drift`)."""
     if len(current) == 0:
         raise MonitorError("The current data has no rows: there is nothing to compare.")
     if len(reference) == 0:
         raise MonitorError("The reference data has no rows.")
-    columns = list(columns or reference.columns)
+    columns = [c for c in (columns or reference.columns) if c != label]
     missing = [c for c in columns if c not in current.columns]
-    extra = [c for c in current.columns if c not in reference.columns]
+    extra = [c for c in current.columns if c not in reference.columns and c != label and c not in PREDICTION_COLUMNS]
     if missing or extra:
         parts = [f"missing {one_of(missing)}"] if missing else []
         parts += [f"extra {one_of(extra)}"] if extra else []
@@ -134,14 +166,23 @@ def drift(reference: DataFrame, current: DataFrame, *, threshold: float = 0.5,
             histograms[column] = histogram
     features = pd.DataFrame(rows)
     share = float(features["drifted"].mean()) if len(features) else 0.0
-    return DriftResult(features, share, threshold, len(reference), len(current), histograms)
+    result = DriftResult(features, share, threshold, len(reference), len(current), histograms)
+    result.label, histogram = label_drift(label, reference, current)
+    if label is not None and histogram is not None:
+        result.histograms[label] = histogram
+    if result.too_few:
+        result.notes.append(f"only {len(current)} current rows (under {MIN_ROWS}): the tests below are shown, no verdict")
+    return result
 
 # %% ../../nbs/ops/03_monitor.ipynb #b2f52f9b
 def _svg(labels: list[str], reference: list[float], current: list[float], width: int = 300, height: int = 90) -> str:
+    "Returns the two histograms side by side, each bin labelled with its value range (or category) under it."
     top = max(max(reference, default=0), max(current, default=0)) or 1
     n = max(len(labels), 1)
     slot = width / n
-    bars = []
+    bars = [f'<text x="{(i + 0.5) * slot:.1f}" y="{height + 4}" font-size="8" text-anchor="end" '
+            f'transform="rotate(-35 {(i + 0.5) * slot:.1f} {height + 4})">{html.escape(label[:18])}</text>'
+            for i, label in enumerate(labels)]
     for i, (r, c) in enumerate(zip(reference, current, strict=True)):
         x = i * slot
         for value, colour, shift in ((r, "#1f77b4", 0.08), (c, "#ff7f0e", 0.5)):
@@ -149,7 +190,7 @@ def _svg(labels: list[str], reference: list[float], current: list[float], width:
             bars.append(f'<rect x="{x + slot * shift:.1f}" y="{height - h:.1f}" width="{slot * 0.42:.1f}" '
                         f'height="{h:.1f}" fill="{colour}" fill-opacity="0.75"><title>{html.escape(labels[i])}: '
                         f'{value:.1%}</title></rect>')
-    return f'<svg width="{width}" height="{height}" role="img">{"".join(bars)}</svg>'
+    return f'<svg width="{width}" height="{height + 46}" role="img">{"".join(bars)}</svg>'
 
 def drift_html(result: DriftResult, title: str) -> str:
     "Returns the self-contained HTML report of a drift result."
@@ -160,16 +201,29 @@ def drift_html(result: DriftResult, title: str) -> str:
         rows.append(f"<tr><td><b>{html.escape(str(r['feature']))}</b><br><small>{r['kind']}</small></td><td>{flag}</td>"
                     f"<td>{r['psi']:.3f}</td><td>{r['test']} {r['statistic']:.3g} (p={r['p_value']:.2g})</td>"
                     f"<td>{_svg(labels, ref, cur)}</td></tr>")
-    verdict = "Data drift detected" if result.drifted else "No data drift"
+    verdict = {"drifted": "Data drift detected", "no drift": "No data drift"}.get(result.verdict, "No verdict: too few rows")
+    extra = "".join(f'<p class="note">{html.escape(note)}</p>' for note in result.notes)
+    if result.label is not None:
+        r = result.label
+        labels, ref, cur = result.histograms.get(r["feature"], ([], [], []))
+        extra += (f"<h2>The label: {html.escape(str(r['feature']))}</h2><p>{'drifted' if r['drifted'] else 'stable'}: "
+                  f"PSI {r['psi']:.3f}, {r['test']} {r['statistic']:.3g} (p={r['p_value']:.2g})</p>{_svg(labels, ref, cur)}")
+    if result.quality is not None:
+        cells = "".join(f"<tr><td>{html.escape(str(q['metric']))}</td><td>{q['reference']:.4g}</td>"
+                        f"<td>{q['current']:.4g}</td></tr>" for q in result.quality.to_dict("records"))
+        extra += ("<h2>The model's quality where the labels are known</h2><table><tr><th>metric</th><th>reference rows"
+                  f"</th><th>current rows</th></tr>{cells}</table>")
     return f"""<!doctype html><html><head><meta charset="utf-8">{CSP_META}<title>{html.escape(title)}</title><style>
 body{{font:14px system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328}}
 table{{border-collapse:collapse;width:100%}}
 td,th{{border-bottom:1px solid #eaeef2;padding:6px;text-align:left;vertical-align:middle}}
-th{{background:#f6f8fa}}.legend span{{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}}</style></head><body>
+th{{background:#f6f8fa}}.note{{background:#fff8c5;padding:6px}}
+.legend span{{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p><b>{verdict}</b>: {result.n_drifted} of {len(result.features)} columns drifted
 ({result.share:.0%}; threshold {result.threshold:.0%}). Reference {result.n_reference:,} rows, current {result.n_current:,} rows.
 <span class="legend"><span style="background:#1f77b4"></span>reference<span style="background:#ff7f0e"></span>current</span></p>
+{extra}<h2>The features</h2>
 <table><tr><th>column</th><th>verdict</th><th>PSI</th><th>test</th><th>distributions</th></tr>{''.join(rows)}</table>
 <p><small>PSI over reference quantile bins (numeric) or categories; drift when PSI ≥ {PSI_DRIFT}, or the KS / chi-squared
 test rejects (p &lt; {ALPHA}) with KS ≥ {KS_MIN} / PSI ≥ {PSI_HINT}.
@@ -188,6 +242,12 @@ def reference_data(reference: str, store) -> tuple[DataFrame, Any]:
         raise MonitorError(f"Run {record.id[:8]} ({record.name}) has no reference data. Log the data the model trained "
                            "on with mlnb.log_model(model, reference_data=X_train), or pass --reference-data FILE.")
     return pd.read_parquet(io.BytesIO(artifacts_for(store).read_bytes(chosen["sha256"]))), record
+
+def _model_of(record: Any, store: Any) -> Any:
+    "Returns the (first) model a run logged, read back with its integrity checked."
+    name = run_models(record)[0]
+    artifact = next(a for a in record.artifacts if a["name"] == f"{name}.pkl")
+    return pickle.loads(artifacts_for(store).read_bytes(artifact["sha256"], what=f"model {name!r} of run {record.id[:8]}"))
 
 def read_table(path: str | Path) -> DataFrame:
     "Returns a parquet or CSV file as a DataFrame, with errors that name the file."
@@ -220,7 +280,10 @@ def monitor(reference: str, current: str | Path | DataFrame, *, store=None, thre
         ref, record = reference_data(reference, store)
     else:
         ref, record = reference_frame, None
-    result = drift(ref, frame, threshold=threshold)
+    label = label_column(record)
+    result = drift(ref, frame, threshold=threshold, label=label)
+    if label is not None and result.label is not None and record is not None:  # labels on both sides: the model's quality
+        result.quality = quality_table(_model_of(record, store), ref, frame, label)
     source = current_label or ("DataFrame" if isinstance(current, pd.DataFrame) else str(current))
     project = project or find_project()
     root = project.root if project else Path.cwd()

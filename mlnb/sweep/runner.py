@@ -25,7 +25,7 @@ from ..store.facade import Store, open_store
 from ..store.optuna import optuna_storage
 from .importance import importance_inputs, known_importances, param_importances, remember_importances
 from .space import objective_values
-from .spec import SweepSpec, _targets, check_sweep
+from .spec import SweepSpec, _targets, check_sweep, named_objectives
 from .study import StudyResult, existing_study, failed_study_error, open_study, trial_rows
 from .trials import ask_trial, check_pruner, fail_interrupted, finished_trials, grid_of, tell_trial, trial_target
 from .watch import RunningTrial, TrialWatcher
@@ -213,7 +213,6 @@ class _SweepSession(_SweepBase):
         "Opens what the sweep needs; returns the study run's id (a study at its target: the last one's)."
         spec = self.spec
         self.trial_steps = check_sweep(pipeline, spec)
-        self.pruner = check_pruner(spec.pruner, len(spec.objectives))  # its name, the default filled in
         self.targets = _targets(pipeline, spec)
         self.grid = grid_of(spec.space, spec.sampler, spec.seed)
         self.target = trial_target(spec.trials, spec.timeout, self.grid)  # None: no limit but the time budget
@@ -222,6 +221,12 @@ class _SweepSession(_SweepBase):
         notebooks = [pipeline.steps[step].notebook for step in self.trial_steps]
         self._executor = get_executor(spec.executor, **options).prepare(notebooks, self.project.root, repeat=True).warm()
         self.store.mark_crashed()  # opens it
+        if not spec.objectives:  # auto: what the steps before the swept one name
+            self.executor.start()
+            self._run_steps_before(pipeline, self.trial_steps)
+            spec.objectives = named_objectives(self.store, pipeline, spec.step)
+            self.on_event("objectives", {"objectives": [o.spec for o in spec.objectives]})
+        self.pruner = check_pruner(spec.pruner, len(spec.objectives))  # its name, the default filled in
         storage = optuna_storage(self.store)
         existing = existing_study(spec.study, spec.space, spec.objectives, self.store, step=spec.step, storage=storage)
         done = (existing is not None and self.target is not None and spec.timeout is None

@@ -13,11 +13,12 @@ from ..core.config import Project
 from ..core.errors import SweepError, did_you_mean, one_of
 from ..core.lazy import lazy_import
 from ..pipeline.dag import Pipeline, check_params
+from ..pipeline.plan import latest_good_run
 from .space import Objective, Param, param_from_config, parse_objective
 from .trials import check_pruner, trial_target
 
 # %% auto #0
-__all__ = ['SweepSpec', 'sweep_from_config', 'check_sweep', 'trial_updates']
+__all__ = ['SweepSpec', 'sweep_from_config', 'check_sweep', 'trial_updates', 'named_objectives']
 
 # %% ../../nbs/sweep/07_spec.ipynb #2fd4856f
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
@@ -69,7 +70,8 @@ def sweep_from_config(project: Project, name: str) -> SweepSpec:
     objectives = raw.get("objectives") or []
     objectives = [objectives] if isinstance(objectives, str) else list(objectives)
     if not objectives:
-        raise SweepError(f"{where}: give 'objectives:', e.g. [val_auc:maximize]")
+        raise SweepError(f"{where}: give 'objectives:', e.g. [val_auc:maximize] (or auto: see `named_objectives`)")
+    objectives = [] if objectives == ["auto"] else objectives  # auto: named by a step before the swept one
     for key, types, what in (("trials", int, "a whole number"), ("jobs", int, "a whole number"),
                              ("seed", int, "a whole number"), ("timeout", (int, float), "a number of seconds")):
         value = raw.get(key)
@@ -117,7 +119,8 @@ def check_sweep(pipeline: Pipeline, spec: SweepSpec) -> list[str]:
                          "--timeout: as many trials as fit in that time).")
     if spec.jobs is not None and spec.jobs < 1:
         raise SweepError(f"--jobs {spec.jobs}: give how many trials run at once (1 or more).")
-    check_pruner(spec.pruner, len(spec.objectives))  # a pruner that cannot watch these objectives: refused now
+    if spec.objectives:  # (auto: checked once the steps before have named them)
+        check_pruner(spec.pruner, len(spec.objectives))  # a pruner that cannot watch these objectives: refused now
     targets = _targets(pipeline, spec)
     first = {targets[p.name] for p in spec.space}
     steps = {spec.step}
@@ -153,3 +156,14 @@ def trial_updates(study, number: int | None) -> tuple[int, dict[str, dict[str, A
         target, _, param = name.rpartition(".")
         updates.setdefault(target or step, {})[param] = value
     return chosen.number, updates
+
+# %% ../../nbs/sweep/07_spec.ipynb #e407d1c1
+def named_objectives(store: Any, pipeline: Pipeline, step: str) -> list[Objective]:
+    "Returns the objectives the newest run of a step before `step` named in its output `objective`."
+    for name in [s for s in reversed(pipeline.order) if s in pipeline.upstream_of(step)]:
+        record = latest_good_run(store, name)
+        named = record.outputs.get("objective", {}).get("value") if record is not None else None
+        if named:
+            return [parse_objective(o) for o in ([named] if isinstance(named, str) else named)]
+    raise SweepError(f"objectives: auto, but no step before {step!r} names an objective (an output 'objective', "
+                     "such as the template's ingest gives); write them, e.g. objectives: [val_auc:maximize].")

@@ -46,9 +46,10 @@ def log_artifact(path_or_bytes: str | Path | bytes, name: str | None = None) -> 
     "Stores an artifact on the active run."
     return _current_run().log_artifact(path_or_bytes, name=name)
 
-def log_model(model: Any, name: str = "model", eval_data: Any = None, reference_data: Any = None) -> dict[str, Any]:
-    "Stores a model (and optionally the data it was evaluated and trained on) on the active run."
-    return _current_run().log_model(model, name=name, eval_data=eval_data, reference_data=reference_data)
+def log_model(model: Any, name: str = "model", eval_data: Any = None, reference_data: Any = None,
+              target: str | None = None) -> dict[str, Any]:
+    "Stores a model (and optionally the data it was evaluated and trained on, and its label column) on the active run."
+    return _current_run().log_model(model, name=name, eval_data=eval_data, reference_data=reference_data, target=target)
 
 def output(name: str, value: Any) -> None:
     "Records a named output on the active run (a pipeline step's results for downstream steps)."

@@ -141,19 +141,22 @@ class _RunFiles(_RunRecorder):
         return {"name": name, "sha256": blob.sha256, "size": blob.size, "uri": blob.uri, "media_type": media_type}
 
     def log_model(self, model: Any, name: str = "model", eval_data: Any = None,
-                  reference_data: Any = None) -> dict[str, Any]:
+                  reference_data: Any = None, target: str | None = None) -> dict[str, Any]:
         """Stores a model as the pickled artifact `<name>.pkl` and tags the run with the model's type.
 
         `eval_data` (the inputs the model was evaluated on) is stored beside it as `<name>.eval.parquet`,
         so `mlnb explain RUN` can explain the model on it; `reference_data` (the inputs it was trained on,
-        or a sample) as `<name>.reference.parquet`, the baseline `mlnb monitor` compares new data with."""
+        or a sample) as `<name>.reference.parquet`, the baseline `mlnb monitor` compares new data with. With
+        `target` (the label column's name), the reference data may hold the labels too: `mlnb monitor` then
+        leaves that column out of feature drift, and on new data that has it, adds target drift and quality."""
         data = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
         info = self.log_artifact(data, name=f"{validate_artifact_name(name)}.pkl",
                                  media_type="application/x-python-pickle")
         for table, suffix in ((eval_data, "eval"), (reference_data, "reference")):
             if table is not None:
                 self.log_artifact(table_bytes(table), name=f"{name}.{suffix}.parquet")
-        self.set_tags({f"mlnb.model.{name}": f"{type(model).__module__}.{type(model).__qualname__}"})
+        self.set_tags({f"mlnb.model.{name}": f"{type(model).__module__}.{type(model).__qualname__}",
+                       **({f"mlnb.target.{name}": str(target)} if target is not None else {})})
         return info
 
     def output(self, name: str, value: Any) -> None:
