@@ -13,7 +13,11 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
-from conftest import run_cli
+import subprocess
+import threading
+
+from conftest import MLNB, run_cli
+from mlnb.testing.projects import Step, write_project
 from test_pipeline import store_of
 
 
@@ -119,3 +123,31 @@ def test_a_table_with_unlabelled_rows_kept_fails_validation_with_the_problems_ta
     lines = error.splitlines()
     assert re.match(r"column\s+problem\s+count\s+examples", lines[1]), error  # the table itself, not a pointer to it
     assert "churn" in lines[2] and "rows without a label" in lines[2] and "'row " in lines[2], error
+
+
+def test_a_running_step_shows_its_latest_metrics_and_step_while_it_runs(tmp_path):
+    "Not a terminal: a line every few seconds with the step's epoch and metrics (a terminal: the same line in place)."
+    stop = tmp_path / "stop"
+    root = write_project(tmp_path / "live", {"fit": Step(f"stop = {str(stop)!r}", [
+        "import mlnb, os, time\nepoch = 0\nwhile not os.path.exists(stop) and epoch < 600:\n"
+        "    mlnb.log_metrics({'val_loss': 1 / (epoch + 1), 'train_loss': 2 / (epoch + 1)}, step=epoch)\n"
+        "    epoch += 1\n    time.sleep(0.2)"])})
+    run = subprocess.Popen([MLNB, "run"], cwd=root, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen: list[str] = []
+
+    def read() -> None:
+        assert run.stderr is not None
+        for line in run.stderr:
+            seen.append(line)
+            if "running" in line and "val_loss" in line:
+                stop.touch()  # seen: the step may end
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        run.wait(timeout=300)
+    finally:
+        stop.touch()
+        reader.join(timeout=60)
+    assert run.returncode == 0, "".join(seen)
+    live = [line for line in seen if "val_loss" in line]
+    assert live and re.search(r"\[0/1\] fit +running [\d.]+s · step \d+ · val_loss [\d.]+, train_loss", live[0]), seen

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import math
 import shutil
 import sys
 import time
@@ -100,25 +101,49 @@ class _Progress:
 
     def __init__(self, quiet: bool):
         self.quiet, self.total, self.done, self.start = quiet, 0, 0, time.perf_counter()
+        self.tty, self.dirty, self.said_at = sys.stderr.isatty(), False, {}
+
+    def _say(self, text: str, transient: bool = False) -> None:
+        "Prints a line; a transient one (progress) is rewritten in place on a terminal."
+        if self.tty and (self.dirty or transient):
+            raw = getattr(sys.stderr, "stream", sys.stderr)  # past PrintableStream: the one escape mlnb writes
+            raw.write("\r\x1b[2K")
+        click.echo(text, err=True, nl=not (self.tty and transient))
+        self.dirty = self.tty and transient
+
+    def _progress(self, step: str, info: dict) -> None:
+        "A running step's latest metrics and epoch: in place on a terminal, else a line at most every 5 s."
+        if not self.tty and time.monotonic() - self.said_at.get(step, -math.inf) < 5:
+            return
+        self.said_at[step] = time.monotonic()
+        metrics = info["metrics"]
+        shown = sorted(metrics, key=lambda k: (not k.startswith("val_"), k))[:4]
+        values = ", ".join(f"{k} {fmt_value(metrics[k], 10)}" for k in shown)
+        self._say(f"  [{self.done}/{self.total}] {step:<14} running {fmt_duration(info['seconds'])} · step {info['step']}"
+                  + (f" · {values}" if values else ""), transient=True)
 
     def __call__(self, kind: str, step: str, info: dict) -> None:
         if self.quiet:
             return
+        if kind == "progress":
+            self._progress(step, info)
+            return
         if kind == "plan":
             self.total = len(info["steps"])
             reused = f", reusing {', '.join(info['reused'])} from earlier runs" if info["reused"] else ""
-            click.echo(f"pipeline run {info['run_id'][:8]}: {self.total} step(s){reused}", err=True)
+            self._say(f"pipeline run {info['run_id'][:8]}: {self.total} step(s){reused}")
         elif kind == "start":
-            click.echo(f"  [{self.done}/{self.total}] {step:<14} running", err=True)
+            self._say(f"  [{self.done}/{self.total}] {step:<14} running")
         elif kind in ("cached", "finish"):
             self.done += 1
             status = "cached" if kind == "cached" else info["status"]
             extra = f" {fmt_duration(info.get('seconds'))}" if kind == "finish" and info.get("seconds") else ""
             origin = f" (restored from run {info['source_run_id'][:8]})" if kind == "cached" else ""
-            click.echo(f"  [{self.done}/{self.total}] {step:<14} {_MARKS.get(status, status)}{extra}{origin}", err=True)
+            self._say(f"  [{self.done}/{self.total}] {step:<14} {_MARKS.get(status, status)}{extra}{origin}")
         elif kind == "interrupt":
-            click.echo(f"interrupted: stopping {', '.join(info['running']) or 'nothing'} (kernels shut down)...", err=True)
+            self._say(f"interrupted: stopping {', '.join(info['running']) or 'nothing'} (kernels shut down)...")
 
+# %% ../../nbs/cli/03_pipeline.ipynb #9b080911
 def step_notes(store, outcome) -> list[str]:
     """Returns what the steps of `outcome` asked to be told (a step's output `notes`: a list of lines) and their
     headline metrics (output `headline`: {metric: value}), as lines for the terminal."""

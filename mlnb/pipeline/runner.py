@@ -235,8 +235,33 @@ class _StepStarter(_RunnerSettings):
                         cwd=str(self.root), params=plan.params, env=env, timeout=plan.step.timeout,
                         kernel=plan.kernel.name, language=plan.kernel.language)
 
+# %% ../../nbs/pipeline/08_runner.ipynb #5fa788da
+class _StepProgress(_StepStarter):
+    "Running steps' latest metrics, told as 'progress' events (see above)."
+    PROGRESS_EVERY = 2.0
+    _told_at = 0.0
+
+    def _dispatch_ready(self) -> None:  # the loop's every turn (at least once a second): told after it
+        super()._dispatch_ready()
+        self._tell_progress()
+
+    def _tell_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._told_at < self.PROGRESS_EVERY or not self.running:
+            return
+        self._told_at = now
+        for name, run, began in list(self.running.values()):
+            try:
+                metrics = self.store.get_run(run.id).metrics
+            except MlnbError:  # a store busy or away for a moment: the next tick tells
+                continue
+            if metrics:
+                self.on_event("progress", name, {"run_id": run.id, "seconds": time.perf_counter() - began,
+                                                 "step": max(int(m["step"] or 0) for m in metrics.values()),
+                                                 "metrics": {k: m["last"] for k, m in metrics.items()}})
+
 # %% ../../nbs/pipeline/08_runner.ipynb #b0dc0949
-class _StepLoop(_StepStarter):
+class _StepLoop(_StepProgress):
     "The dispatch loop: steps started as they can, waited for, recorded; stopped cleanly on Ctrl-C."
 
     def _execute(self, plan: RunPlan) -> PipelineOutcome:
