@@ -14,7 +14,7 @@ from ..core.config import resolve_store_url
 from .artifacts import ArtifactIndex
 from .connection import Connection
 from .lineage import LineageRepository
-from .metrics import MetricsRepository
+from .metrics import MetricsRepository, sampled_history
 from .models import ModelsRepository
 from .records import RunRecord
 from .run_queries import RunQueries
@@ -127,6 +127,10 @@ class Store(RunStore):
     def metric_keys(self, run_id: str) -> list[str]:
         "Returns the metric keys a run logged."
         return self.metrics.keys(run_id)
+
+    def metric_curve(self, run_id: str, key: str, points: int = 1000) -> list[tuple[int, float, float]]:
+        "Returns a run's metric as at most `points` (step, value, timestamp) points, each window's min and max kept."
+        return sampled_history(self, run_id, key, windows=max(1, points // 2))
 
     def add_artifact(self, run_id: str, name: str, sha256: str, size: int, uri: str,
                      media_type: str | None = None) -> None:

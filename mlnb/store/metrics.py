@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from mlnb.store.facade import RunStore
 
 # %% auto #0
-__all__ = ['MetricsRepository']
+__all__ = ['MetricsRepository', 'sampled_history']
 
 # %% ../../nbs/store/08_metrics.ipynb #fd781345
 # One statement for SQLite and PostgreSQL: keep the newest step's value, widen min/max, add counts.
@@ -75,3 +75,26 @@ class MetricsRepository:
         return [r[0] for r in self.store.read(lambda tx: tx.query(
             "SELECT key FROM mlnb_latest_metrics WHERE run_id = :run_id ORDER BY key", (run_id,)),
             "reading metric keys")]
+
+# %% ../../nbs/store/08_metrics.ipynb #0211f51e
+def sampled_history(store: RunStore, run_id: str, key: str, windows: int = 500) -> list[tuple[int, float, float]]:
+    "Returns metric `key` of a run as (step, value, timestamp) points: all of them, or each window's min and max."
+    def read(tx: Tx) -> tuple[bool, list[tuple]]:
+        count, low, high = tx.query("SELECT COUNT(*), MIN(step), MAX(step) FROM mlnb_metrics "
+                                    "WHERE run_id = :run_id AND key = :key", (run_id, key))[0]
+        if count <= 2 * windows:
+            return False, tx.query("SELECT step, value, timestamp FROM mlnb_metrics WHERE run_id = :run_id "
+                                   "AND key = :key ORDER BY step, timestamp", (run_id, key))
+        width = (high - low) // windows + 1
+        return True, tx.query("SELECT MIN(step), MIN(value), MAX(value), MAX(step), MAX(timestamp) FROM mlnb_metrics "
+                              "WHERE run_id = :run_id AND key = :key GROUP BY (step - :low) / :width ORDER BY MIN(step)",
+                              (run_id, key, low, width))
+    sampled, rows = store.read(read, "reading a metric's curve")
+    if not sampled:
+        return [(s, nan_of(v), t) for s, v, t in rows]
+    points = []
+    for first, lowest, highest, last, stamp in rows:
+        points.append((first, nan_of(lowest), stamp))
+        if last != first:
+            points.append((last, nan_of(highest), stamp))
+    return points

@@ -58,7 +58,7 @@ class ExplainerConformance:
         e = explain(model, X, rows=list(range(self.rows)), explainer=explainer.name, background=X.head(100), class_index=k)
         self._adds_up(e.values, e.base_values, explainer.outputs(view, inputs, background, k))
         own = explain(model, X, rows=list(range(self.rows)), explainer=explainer.name, background=X.head(100))
-        ks = class_indices(view, X.head(self.rows))  # each row's predicted class (None: regression)
+        ks = class_indices(view, inputs)  # each row's predicted class (None: regression)
         self._adds_up(own.values, own.base_values, [explainer.outputs(view, inputs[i:i + 1], background, ks[i] if ks else k)[0]
                                                     for i in range(self.rows)])
 

@@ -198,6 +198,9 @@ class _Metrics:
         assert [s for s, _, _ in history] == [0, 1, 2, 3]
         assert history[1][1] == 0.5 and math.isnan(history[3][1])
         assert store.metric_keys(run_id) == ["loss"]
+        store.log_metrics([(run_id, "long", s, -9.0 if s == 3_001 else s % 7, 1.0) for s in range(5_000)])
+        curve = store.metric_curve(run_id, "long", points=200)  # sampled in the database: each window's extremes
+        assert len(curve) <= 200 and min(v for _, v, _ in curve) == -9.0 and max(v for _, v, _ in curve) == 6.0
 
     def test_a_run_ends_with_its_last_points_in_one_transaction(self, store):
         run_id = store.create_run(name="last")

@@ -111,7 +111,7 @@ class CompareView:
             self.stats.value, self.diff.value = note_html("Select runs above to compare their curves, metrics and params."), ""
             return
         if self.metric.value:
-            histories = {r.id: (r.name, self.shared.store.metric_history(r.id, self.metric.value)) for r in records}
+            histories = {r.id: (r.name, self.shared.store.metric_curve(r.id, self.metric.value)) for r in records}
             self.shared.show(self.curves, "curves", curves_figure(histories, self.metric.value))
         else:
             self.curves.clear_output()

@@ -82,9 +82,9 @@ def explain(model: Any, X: DataFrame, rows: Sequence[int] | None = None, *, back
     rows = check_rows(rows, len(X), "X")
     view = adapt(model, X)
     chosen = choose(view) if explainer == "auto" else _explainer_named(explainer, view)
-    ks = class_indices(view, X.iloc[rows], target, class_index)
     background = (background if background is not None else X).head(max_background)
     inputs, base_inputs = view.transform(X.iloc[rows]), view.transform(background)
+    ks = class_indices(view, inputs, target, class_index)
     values, base, output = (chosen.attributions(view, inputs, base_inputs, None) if ks is None
                             else _by_class(chosen, view, inputs, base_inputs, ks))
     originals = [str(c) for c in X.columns]

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -173,21 +174,24 @@ def check_rows(rows: Sequence[int] | None, n: int, where: str = "the data") -> l
     return [int(r) for r in rows]
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #82918e1a
-def class_indices(view: ModelView, X_rows: DataFrame, target: Any = None, class_index: int | None = None) -> list[int] | None:
-    """Returns, for each row of `X_rows`, the index in `view.classes` of the class to explain: `target` (a class
-    label, matched by its text), or `class_index`, for every row; else each row's predicted class. None: regression."""
+def class_indices(view: ModelView, inputs: Any, target: Any = None, class_index: int | None = None) -> list[int] | None:
+    """Returns, for each row of `inputs` (the estimator's inputs: `view.transform` of the rows), the index in
+    `view.classes` of the class to explain: `target` (a class label, matched by its text), or `class_index`, for
+    every row; else each row's predicted class (the estimator's most probable one). None: regression."""
     if view.task != "classification":
         return None
-    labels = [str(c) for c in view.classes or []]
+    labels, rows = [str(c) for c in view.classes or []], len(inputs)
     if target is not None:
         if str(target) not in labels:
             raise ExplainError(f"class {target!r} is not one of the model's classes: {', '.join(map(repr, labels))}.")
-        return [labels.index(str(target))] * len(X_rows)
+        return [labels.index(str(target))] * rows
     default = view.class_index(class_index) or 0  # (a classifier's: never None)
-    if class_index is not None or not labels or not hasattr(view.model, "predict"):
-        return [default] * len(X_rows)
-    predicted = [str(p) for p in view.model.predict(X_rows)]
-    return [labels.index(p) if p in labels else default for p in predicted]
+    est = view.estimator
+    if class_index is not None or not labels or not hasattr(est, "predict_proba"):
+        return [default] * rows
+    with warnings.catch_warnings():  # the inputs are the estimator's, unnamed: not worth a warning
+        warnings.simplefilter("ignore", UserWarning)
+        return [int(k) for k in np.asarray(est.predict_proba(inputs)).argmax(axis=1)]
 
 # %% ../../../nbs/integrations/explain/01_base.ipynb #20b46bf6
 class Explainer:

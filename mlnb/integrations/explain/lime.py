@@ -33,7 +33,7 @@ def lime_explain(model: Any, X: DataFrame, row: int, *, background: DataFrame | 
     the row's predicted class, or of class `target` (a label), as SHAP's `explain` chooses."""
     check_rows([row], len(X), "X")
     view = adapt(model, X)
-    ks = class_indices(view, X.iloc[[row]], target, class_index)
+    ks = class_indices(view, view.transform(X.iloc[[row]]), target, class_index)
     k = None if ks is None else ks[0]
     background = (background if background is not None else X).head(500)
     columns = list(X.columns)
