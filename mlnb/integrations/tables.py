@@ -12,8 +12,8 @@ from typing import Any
 from ..core.lazy import lazy_import
 
 # %% auto #0
-__all__ = ['np', 'pd', 'TASKS', 'MAX_CLASSES_OF_NUMBERS', 'KEEP', 'MAX_CATEGORIES', 'DATE_PARTS', 'TaskChoice', 'positive_class',
-           'choose_task', 'column_kind', 'TableColumns']
+__all__ = ['np', 'pd', 'TASKS', 'MAX_CLASSES_OF_NUMBERS', 'KEEP', 'MAX_CATEGORIES', 'DATE_PARTS', 'plain_value', 'TaskChoice',
+           'positive_class', 'choose_task', 'column_kind', 'TableColumns']
 
 # %% ../../nbs/integrations/03_tables.ipynb #1fd3611e
 np = lazy_import("numpy")
@@ -23,7 +23,7 @@ pd = lazy_import("pandas")
 TASKS = ("binary", "multiclass", "regression")
 MAX_CLASSES_OF_NUMBERS = 20  # whole numbers with more distinct values than this are a quantity, not classes
 
-def _python(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     "Returns a label as a plain Python value (numpy scalars are not JSON)."
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
@@ -84,17 +84,17 @@ def positive_class(values, positive: Any = None) -> tuple[Any, str]:
         match = [c for c in classes if str(c) == str(positive)]
         if not match:
             raise ValueError(f"positive: {positive!r} is not one of the target's classes {classes}")
-        return _python(match[0]), "as given"
+        return plain_value(match[0]), "as given"
     if pd.api.types.is_bool_dtype(values):
         return True, "True"
     if pd.api.types.is_numeric_dtype(values) and set(map(float, classes)) in ({0.0, 1.0}, {-1.0, 1.0}):
-        return _python(max(classes)), "1 against 0 or -1"
+        return plain_value(max(classes)), "1 against 0 or -1"
     words = [c for c in classes if str(c).strip().lower() in _POSITIVE_WORDS]
     if len(words) == 1:
-        return _python(words[0]), f"{str(words[0])!r} reads as the positive answer"
+        return plain_value(words[0]), f"{str(words[0])!r} reads as the positive answer"
     counts = values.value_counts()
     rarer = min(classes, key=lambda c: (counts[c], -classes.index(c)))
-    return _python(rarer), "the rarer class; set positive: to choose the other"
+    return plain_value(rarer), "the rarer class; set positive: to choose the other"
 
 # %% ../../nbs/integrations/03_tables.ipynb #82e163dd
 def choose_task(target, task: str = "auto", positive: Any = None) -> TaskChoice:
@@ -107,7 +107,7 @@ def choose_task(target, task: str = "auto", positive: Any = None) -> TaskChoice:
     found, rule = _auto_task(values) if task == "auto" else (task, _check_task(task, values))
     if found == "regression":
         return TaskChoice(found, rule)
-    classes = [_python(c) for c in sorted(values.unique().tolist(), key=str)]
+    classes = [plain_value(c) for c in sorted(values.unique().tolist(), key=str)]
     choice = TaskChoice(found, rule, classes)
     if found == "binary":
         choice.positive, choice.positive_rule = positive_class(values, positive)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import io
-import pickle
 import time
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -25,6 +24,7 @@ from ..pipeline.runner import PipelineRunner
 from ..store.artifacts import artifacts_for
 from ..store.facade import open_store, Store
 from .quality import PREDICTION_COLUMNS, label_column, quality_table
+from ..tracking.api import load_model
 from ..tracking.run import start_run
 
 if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
@@ -243,12 +243,6 @@ def reference_data(reference: str, store) -> tuple[DataFrame, Any]:
                            "on with mlnb.log_model(model, reference_data=X_train), or pass --reference-data FILE.")
     return pd.read_parquet(io.BytesIO(artifacts_for(store).read_bytes(chosen["sha256"]))), record
 
-def _model_of(record: Any, store: Any) -> Any:
-    "Returns the (first) model a run logged, read back with its integrity checked."
-    name = run_models(record)[0]
-    artifact = next(a for a in record.artifacts if a["name"] == f"{name}.pkl")
-    return pickle.loads(artifacts_for(store).read_bytes(artifact["sha256"], what=f"model {name!r} of run {record.id[:8]}"))
-
 def read_table(path: str | Path) -> DataFrame:
     "Returns a parquet or CSV file as a DataFrame, with errors that name the file."
     path = Path(path)
@@ -283,7 +277,7 @@ def monitor(reference: str, current: str | Path | DataFrame, *, store=None, thre
     label = label_column(record)
     result = drift(ref, frame, threshold=threshold, label=label)
     if label is not None and result.label is not None and record is not None:  # labels on both sides: the model's quality
-        result.quality = quality_table(_model_of(record, store), ref, frame, label)
+        result.quality = quality_table(load_model(record.id, run_models(record)[0], store), ref, frame, label)
     source = current_label or ("DataFrame" if isinstance(current, pd.DataFrame) else str(current))
     project = project or find_project()
     root = project.root if project else Path.cwd()

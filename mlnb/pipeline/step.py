@@ -68,20 +68,19 @@ class StepResult:
         return asdict(self)
 
 # %% ../../nbs/pipeline/04_step.ipynb #c44b3c44
+def _printed(cell: dict | None, *streams: str) -> list[str]:
+    "Returns the non-empty lines a cell printed, stripped, on `streams` (default: stdout and stderr), in order."
+    return [line.strip() for out in (cell or {}).get("outputs", []) if out.get("output_type") == "stream"
+            and (not streams or out.get("name") in streams)
+            for line in "".join(out.get("text", "")).splitlines() if line.strip()]
+
 def _printed_line(cell: dict | None) -> str | None:
     "Returns the last line a cell printed (its standard error first), or None."
-    outputs = [out for out in (cell or {}).get("outputs", []) if out.get("output_type") == "stream"]
-    for stream in ("stderr", "stdout"):
-        lines = [ln.strip() for out in outputs if out.get("name") == stream for ln in "".join(out.get("text", "")).splitlines()]
-        if any(lines):
-            return [ln for ln in lines if ln][-1]
-    return None
+    return next((lines[-1] for lines in (_printed(cell, "stderr"), _printed(cell, "stdout")) if lines), None)
 
 def _printed_error(cell: dict | None) -> str | None:
     "Returns the last 'SomethingError: ...' line a failed cell printed (IPython prints a magic's UsageError)."
-    lines = [line for out in (cell or {}).get("outputs", []) if out.get("output_type") == "stream"
-             for line in "".join(out.get("text", "")).splitlines()]
-    return next((line.strip() for line in reversed(lines) if re.match(r"^\w*(Error|Exception)\b", line.strip())), None)
+    return next((line for line in reversed(_printed(cell)) if re.match(r"^\w*(Error|Exception)\b", line)), None)
 
 # %% ../../nbs/pipeline/04_step.ipynb #2c0b031e
 def _cell_error_text(e: Any, failed: dict | None) -> str:

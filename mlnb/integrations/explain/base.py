@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ...core.errors import ExplainError
 from ...core.lazy import lazy_import
 from ...core.plugins import Registry
+from ..tables import plain_value
 
 if TYPE_CHECKING:  # the types annotations name; the modules themselves are imported on first use
     from numpy import ndarray
@@ -84,7 +85,7 @@ def _numeric(X: DataFrame, what: str) -> None:
 # %% ../../../nbs/integrations/explain/01_base.ipynb #209d0895
 def _labels(classes: Any) -> list | None:
     "Returns a model's classes as plain Python values (numpy scalars print as np.int64(1)), or None."
-    return [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None and len(classes) else None
+    return [plain_value(c) for c in classes] if classes is not None and len(classes) else None
 
 def adapt(model: Any, X: DataFrame) -> ModelView:
     "Returns how to explain `model` on data shaped like `X`, or raises ExplainError naming the model type."
