@@ -117,7 +117,62 @@ def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/.mlnb/mlnb.db"
     cluster = request.getfixturevalue("pg_cluster")
+    # A shared store needs a shared artifact root (a project-local one is refused): a folder outside any project.
+    request.getfixturevalue("monkeypatch").setenv("MLNB_ARTIFACTS", tempfile.mkdtemp(prefix="mlnb-team-artifacts-"))
     return cluster.create_database()
+
+
+# -- S3 -----------------------------------------------------------------------------------------
+class S3Server:
+    "moto's standalone S3-compatible server on 127.0.0.1, reached as any S3 is: through the AWS environment."
+
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(tempfile.mkstemp(prefix="mlnb-s3-", suffix=".log")[1], "w")  # noqa: SIM115 - the server's, closed in stop()
+        self.proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        if not wait_for(lambda: _accepts(self.port), timeout=60):
+            self.stop()
+            raise RuntimeError(f"moto_server did not listen on {self.endpoint}; see {self.log.name}")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "mlnb-test", "AWS_SECRET_ACCESS_KEY": "mlnb-test",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def create_bucket(self) -> str:
+        import boto3
+        name = "mlnb-" + uuid.uuid4().hex[:12]
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="mlnb-test", aws_secret_access_key="mlnb-test",
+                     region_name="us-east-1").create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    "A fresh bucket; the AWS environment variables point this process and its children at the test server."
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server.create_bucket()
 
 
 def wait_for(predicate, timeout: float = 30, interval: float = 0.05):

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_SOURCE = {".git", ".venv", ".venv-bench", "build", "dist", "_docs", "_proc", ".mlnb", ".pytest_cache", "wandb"}
 # Older releases inside the supported ranges, each below the locked version
 OLDER = {"pandas": "2.2.3", "numpy": "2.1.3"}
-NOT_IN_THE_CORE = ("torch", "pytorch_lightning", "jupyterlab", "voila", "wandb", "distributed", "psycopg")
+NOT_IN_THE_CORE = ("torch", "pytorch_lightning", "jupyterlab", "voila", "wandb", "distributed", "psycopg", "s3fs")
 
 
 def _run(*cmd, cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -95,7 +95,7 @@ def test_the_wheel_installs_with_the_core_alone_and_runs_the_templates_core_step
     where, present = probe.stdout.split("\n")[:2]
     assert where.startswith(str(core_venv)) and present == "[]", probe.stdout + probe.stderr
     helped = _run(mlnb, "--help", cwd=tmp_path, env=env)
-    assert all(f"mlnb[{extra}]" in helped.stdout for extra in ("torch", "postgres", "dask", "wandb", "ui", "all"))
+    assert all(f"mlnb[{extra}]" in helped.stdout for extra in ("torch", "postgres", "s3", "dask", "wandb", "ui", "all"))
 
     project = tmp_path / "churn"
     _template_core_steps_run(core_venv, project)
@@ -104,7 +104,8 @@ def test_the_wheel_installs_with_the_core_alone_and_runs_the_templates_core_step
         "torch": _run(mlnb, "run", cwd=project, env=env),
         "dask": _run(mlnb, "run", "--executor", "dask", "--only", "train", "--force", cwd=project, env=env),
         "ui": _run(mlnb, "ui", cwd=project, env=env),
-        "postgres": _run(mlnb, "runs", "list", "--store", "postgresql+psycopg://me@127.0.0.1:9/x", cwd=project, env=env)}
+        "postgres": _run(mlnb, "runs", "list", "--store", "postgresql+psycopg://me@127.0.0.1:9/x", cwd=project, env=env),
+        "s3": _run(mlnb, "run", "--only", "ingest", "--force", cwd=project, env={**env, "MLNB_ARTIFACTS": "s3://bucket/x"})}
     for extra, result in missing.items():
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 1 and len(errors) == 1 and f"pip install 'mlnb[{extra}]'" in errors[0], (extra, result.stderr)

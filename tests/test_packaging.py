@@ -63,8 +63,8 @@ def test_the_lock_holds_every_package_of_the_set_up_environment_at_its_installed
 
 def test_the_core_needs_no_torch_and_no_jupyter_server():
     core = {_name(s) for s in _settings()["requirements"].split()}
-    assert not core & {"torch", "pytorch-lightning", "jupyterlab", "voila", "notebook", "wandb", "dask", "psycopg"}
-    assert set(_extras()) == {"torch", "postgres", "dask", "wandb", "ui"}
+    assert not core & {"torch", "pytorch-lightning", "jupyterlab", "voila", "notebook", "wandb", "dask", "psycopg", "s3fs"}
+    assert set(_extras()) == {"torch", "postgres", "dask", "s3", "wandb", "ui"}
     assert _locked()["torch"].startswith("2.13.0")
 
 

@@ -86,6 +86,8 @@ COMMANDS = Registry("command", "mlnb.commands", {
     "registry": "mlnb.cli.registry:registry",
     "monitor": "mlnb.cli.registry:monitor_command",
     "store": "mlnb.cli.store:store",
+    "push": "mlnb.cli.store:push_command",
+    "pull": "mlnb.cli.store:pull_command",
 })
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,8 +105,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     pip install mlnb gives the core: tracking, notebook pipelines, sweeps, explanations, reports, schedules.
-    Extras: mlnb[torch] (Lightning training), mlnb[postgres] (a PostgreSQL store), mlnb[dask] (--executor
-    dask), mlnb[wandb] (mirroring runs to W&B), mlnb[ui] (JupyterLab, and Voila for mlnb ui); mlnb[all].
+    Extras: mlnb[torch] (Lightning training), mlnb[postgres] (a PostgreSQL store), mlnb[s3] (artifacts on
+    S3), mlnb[dask] (--executor dask), mlnb[wandb] (mirroring runs to W&B), mlnb[ui] (JupyterLab, and Voila for
+    mlnb ui); mlnb[all].
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug or ctx.obj.get("debug", False)

@@ -184,7 +184,8 @@ def one_of(choices: Iterable[str], limit: int = 12) -> str:
 # %% ../../nbs/core/00_errors.ipynb #c8dbcaea
 # The extras of mlnb (settings.ini's extras_NAME), by the top-level modules they install.
 EXTRAS = {"torch": "torch", "pytorch_lightning": "torch", "lightning": "torch", "lightning_fabric": "torch",
-          "psycopg": "postgres", "dask": "dask", "distributed": "dask", "wandb": "wandb", "jupyterlab": "ui", "voila": "ui"}
+          "psycopg": "postgres",
+          "dask": "dask", "distributed": "dask", "s3fs": "s3", "wandb": "wandb", "jupyterlab": "ui", "voila": "ui"}
 
 def extra_for(module: str) -> str | None:
     "Returns the extra of mlnb that installs `module` (a module or package name: `torch.nn`, `psycopg[binary]`), or None."

@@ -11,22 +11,23 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from ..core.config import find_project, resolve_artifact_root, STATE_DIR
-from ..core.errors import ArtifactError
+from ..core.errors import ArtifactError, MlnbError, missing_dependency
 from ..core.hashing import CHUNK, hash_bytes, hash_file
 from ..core.lazy import optional_import
-from .database import parse_store_url
+from .database import masked, parse_store_url
 
 if TYPE_CHECKING:
     from mlnb.store.facade import Store
 
 # %% auto #0
-__all__ = ['validate_artifact_name', 'guess_media_type', 'Blob', 'check_digest', 'ArtifactStore', 'artifact_root_for',
-           'artifacts_for', 'ArtifactIndex']
+__all__ = ['validate_artifact_name', 'guess_media_type', 'remote_fs', 'reaching', 'Blob', 'check_digest', 'ArtifactStore',
+           'artifact_root_for', 'artifacts_for', 'ArtifactIndex']
 
 # %% ../../nbs/store/10_artifacts.ipynb #42711d44
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -51,6 +52,33 @@ def guess_media_type(name: str) -> str | None:
     "Returns the media type a name suggests (image/png, text/html, ...), or None."
     return mimetypes.guess_type(name)[0]
 
+# %% ../../nbs/store/10_artifacts.ipynb #27a0d065
+def remote_fs(root: str):
+    "Returns (fsspec filesystem, path) for a remote artifact root; a missing implementation is named."
+    fsspec = optional_import("fsspec", f"The artifact store {root}")
+    try:
+        return fsspec.core.url_to_fs(root)
+    except ImportError:
+        from fsspec.registry import known_implementations
+        package = known_implementations.get(root.split("://")[0], {}).get("class", "").split(".")[0]
+        raise missing_dependency(package or "an fsspec implementation", f"The artifact store {root}") from None
+    except ValueError as e:
+        raise ArtifactError(f"The artifact store URL {root!r} is not one fsspec knows: {e}. Use a folder, "
+                            "s3://bucket/prefix, gs://..., az://... or file:///shared/folder.") from None
+
+@contextmanager
+def reaching(root: str, doing: str, *passing: type[BaseException]):
+    "Turns a remote storage failure into one line saying what to check (`passing`: exceptions left as they are)."
+    try:
+        yield
+    except (MlnbError, *passing):
+        raise
+    except Exception as e:  # noqa: BLE001 - each backend has its own error types (botocore, google, azure)
+        raise ArtifactError(f"Cannot {doing} the artifact store {root}: {str(e) or type(e).__name__}. Check that it "
+                            "exists and that its own configuration gives access (for S3: AWS_ACCESS_KEY_ID/"
+                            "AWS_SECRET_ACCESS_KEY or ~/.aws, AWS_ENDPOINT_URL for an S3-compatible server); "
+                            "mlnb.yaml holds no credentials.") from None
+
 # %% ../../nbs/store/10_artifacts.ipynb #50ebf5df
 @dataclass(frozen=True)
 class Blob:
@@ -73,8 +101,17 @@ class _BlobPlaces:
         return Path(self.root[len("file://"):] if self.root.startswith("file://") else self.root)
 
     def _fs(self):
-        fsspec = optional_import("fsspec", f"The artifact store {self.root}")
-        return fsspec.core.url_to_fs(self.root)
+        return remote_fs(self.root)
+
+    def check(self) -> None:
+        "Raises now, before any work, when the root's fsspec implementation is missing or its URL unknown."
+        if not self.is_local:
+            self._fs()
+
+    def _read_remote(self, sha256: str) -> bytes:
+        fs, _ = self._fs()
+        with reaching(self.root, "read", FileNotFoundError):
+            return fs.cat_file(self.uri(sha256))
 
     def uri(self, sha256: str) -> str:
         "Returns where the blob with this digest lives."
@@ -88,7 +125,8 @@ class _BlobPlaces:
         if self.is_local:
             return os.path.exists(self.uri(sha256))
         fs, _ = self._fs()
-        return fs.exists(self.uri(sha256))
+        with reaching(self.root, "read"):
+            return fs.exists(self.uri(sha256))
 
     def _write_local(self, target: str, write) -> None:
         "Writes a blob through a temporary file and an atomic rename, so readers never see half a blob."
@@ -137,7 +175,8 @@ class ArtifactStore(_BlobPlaces):
                 self._write_local(target, lambda f: f.write(data))
             else:
                 fs, _ = self._fs()
-                fs.pipe_file(target, data)
+                with reaching(self.root, "write to"):
+                    fs.pipe_file(target, data)
         return Blob(sha, len(data), target)
 
     def put_file(self, path: str | Path) -> Blob:
@@ -155,17 +194,14 @@ class ArtifactStore(_BlobPlaces):
                 self._write_local(target, copy)
             else:
                 fs, _ = self._fs()
-                fs.put_file(str(path), target)
+                with reaching(self.root, "write to"):
+                    fs.put_file(str(path), target)
         return Blob(sha, size, target)
 
     def read_bytes(self, sha256: str, what: str = "") -> bytes:
         "Returns the bytes of a stored blob, checked against its digest (`what` names it in errors: 'model of run ...')."
         try:
-            if self.is_local:
-                data = Path(self.uri(sha256)).read_bytes()
-            else:
-                fs, _ = self._fs()
-                data = fs.cat_file(self.uri(sha256))
+            data = Path(self.uri(sha256)).read_bytes() if self.is_local else self._read_remote(sha256)
         except FileNotFoundError:
             raise ArtifactError(f"The artifact blob {sha256[:12]}{_of(what)} is missing from {self.root}. "
                                 "It may have been deleted or the artifact root moved (set MLNB_ARTIFACTS).") from None
@@ -190,24 +226,41 @@ class ArtifactStore(_BlobPlaces):
         return dest
 
 # %% ../../nbs/store/10_artifacts.ipynb #42e9f110
-def artifact_root_for(store, explicit: str | None = None) -> str:
-    """Returns the artifact root for `store` and records it in the store the first time: for an SQLite store,
-    relative to the store file's folder when it lies in the same project, so a moved or copied project works."""
+def artifact_root_for(store, explicit: str | None = None, project_settings: bool = True) -> str:
+    """Returns the artifact root for `store` (argument, MLNB_ARTIFACTS, mlnb.yaml, else what the store recorded)
+    and records it in the store the first time: for an SQLite store, relative to the store file's folder when it
+    lies in the same project, so a moved or copied project works. A shared store needs a shared root: none, or one
+    inside this project, is refused. `project_settings=False` (another store than the project's: `mlnb push --to`)
+    reads neither MLNB_ARTIFACTS nor mlnb.yaml."""
     backend, target = parse_store_url(store.url)
     base = Path(target).resolve().parent if backend == "sqlite" and target not in ("", ":memory:") else None
-    chosen = resolve_artifact_root(explicit or store.artifact_root)
+    chosen = resolve_artifact_root(explicit or store.artifact_root) if project_settings else explicit or store.artifact_root
     recorded = store.get_meta("artifact_root")
     if chosen is None and recorded is not None:
         chosen = recorded if base is None or "://" in recorded else str((base / recorded).resolve())
-    if chosen is None:
-        if base is not None:
-            chosen = str(base / "artifacts")
-        else:
-            project = find_project()
-            chosen = str((project.root if project else Path.cwd()) / STATE_DIR / "artifacts")
+    if backend != "sqlite":
+        _refuse_unshared(chosen, store.url)
+    elif chosen is None:
+        project = find_project()
+        chosen = str(base / "artifacts") if base else str((project.root if project else Path.cwd()) / STATE_DIR / "artifacts")
+    assert chosen is not None
     if recorded is None:
         store.set_meta("artifact_root", _portable_root(chosen, base))
     return chosen
+
+_SET_SHARED = ("Set where the team's artifacts live, in mlnb.yaml ('artifacts: s3://bucket/prefix', any fsspec URL, "
+               "or a shared folder outside the project) or in MLNB_ARTIFACTS")
+
+def _refuse_unshared(root: str | None, url: str) -> None:
+    "Refuses a shared (server) store with no artifact root, or with one inside this project where no one else sees it."
+    if root is None:
+        raise ArtifactError(f"The store {masked(url)} is shared, but no artifact store is set for it: runs would "
+                            f"point the team at one project's folder. {_SET_SHARED}.")
+    project = find_project()
+    local = root[len("file://"):] if root.startswith("file://") else root
+    if project is not None and "://" not in local and Path(local).resolve().is_relative_to(project.root.resolve()):
+        raise ArtifactError(f"The store {masked(url)} is shared, but its artifacts would go to {root}, inside this "
+                            f"project, where other clones and machines cannot read them. {_SET_SHARED}.")
 
 def _portable_root(root: str, base: Path | None) -> str:
     "Returns `root` relative to the store file's folder `base` when both lie in one project folder, else as is."
@@ -215,9 +268,11 @@ def _portable_root(root: str, base: Path | None) -> str:
         return root
     return os.path.relpath(Path(root).resolve(), base)
 
-def artifacts_for(store, explicit: str | None = None) -> ArtifactStore:
-    "Returns the artifact store that goes with `store`."
-    return ArtifactStore(artifact_root_for(store, explicit))
+def artifacts_for(store, explicit: str | None = None, project_settings: bool = True) -> ArtifactStore:
+    "Returns the artifact store that goes with `store`, checked (a missing s3fs is said before any work starts)."
+    blobs = ArtifactStore(artifact_root_for(store, explicit, project_settings))
+    blobs.check()
+    return blobs
 
 # %% ../../nbs/store/10_artifacts.ipynb #0264d481
 class ArtifactIndex:
