@@ -80,7 +80,7 @@ def test_a_shared_store_with_artifacts_only_one_clone_sees_is_refused_before_any
 
 
 def test_runs_pushed_from_a_laptop_to_the_team_keep_their_ids_data_blobs_and_studies_and_seed_the_team_cache(
-        tunable, tmp_path, pg_cluster, s3_server, s3_bucket):
+        tunable, tmp_path, pg_cluster, s3_server, s3_bucket):  # noqa: F811 - the fixture imported above
     laptop = store_of(tunable)
     assert run_cli("run", "-q", cwd=tunable).returncode == 0
     swept = run_cli("sweep", "train", "--study", "s1", "--param", "x=float:-5:5", "--objective", "score:maximize",

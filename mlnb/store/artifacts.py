@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 from ..core.config import find_project, resolve_artifact_root, STATE_DIR
 from ..core.errors import ArtifactError, MlnbError, missing_dependency
 from ..core.hashing import CHUNK, hash_bytes, hash_file
-from ..core.lazy import optional_import
+from ..core.lazy import lazy_import, optional_import
 from .database import masked, parse_store_url
+
+_fsspec_registry = lazy_import("fsspec.registry")   # (fsspec is optional: checked before it is used)
 
 if TYPE_CHECKING:
     from mlnb.store.facade import Store
@@ -59,8 +61,7 @@ def remote_fs(root: str):
     try:
         return fsspec.core.url_to_fs(root)
     except ImportError:
-        from fsspec.registry import known_implementations
-        package = known_implementations.get(root.split("://")[0], {}).get("class", "").split(".")[0]
+        package = _fsspec_registry.known_implementations.get(root.split("://")[0], {}).get("class", "").split(".")[0]
         raise missing_dependency(package or "an fsspec implementation", f"The artifact store {root}") from None
     except ValueError as e:
         raise ArtifactError(f"The artifact store URL {root!r} is not one fsspec knows: {e}. Use a folder, "
