@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from .app import echo_json, fmt_duration, fmt_time, fmt_value, format_table, json_option, store_option
-from ..store.query import available_fields, compile_where, parse_sort, sort_records
+from ..store.search import search_runs
 from ..store.facade import open_store
 
 # %% auto #0
@@ -97,14 +97,7 @@ def list_runs(status, kind, where, sort, limit, as_json, store_url) -> None:
     store = open_store(store_url)
     filtering = bool(where or sort or status or kind)
     if filtering:
-        records = store.list_runs(status=status, kind=kind)
-        if where:
-            predicate = compile_where(where, available_fields(records))
-            records = [r for r in records if predicate(r)]
-        if sort:
-            field, descending = parse_sort(sort, available_fields(records))
-            records = sort_records(records, field, descending)
-        records = records[:limit] if limit else records
+        records = search_runs(store, where, sort, limit or None, kind=kind, status=status)  # in SQL
     else:  # the newest top-level runs, each with its steps or trials (and theirs)
         records = store.list_runs(top_level=True, limit=limit or None)
         frontier = [r.id for r in records]

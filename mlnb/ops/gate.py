@@ -10,6 +10,7 @@ import operator
 from dataclasses import dataclass
 
 from ..core.errors import RegistryError, did_you_mean, one_of
+from ..core.expressions import parse_expression
 from .registry import ModelVersion, resolve, set_alias
 from ..store.facade import Store, open_store
 
@@ -95,11 +96,7 @@ class _Gate:
 def check_gate(gate: str, candidate: dict[str, float], baselines: dict[str, dict[str, float] | None]
                ) -> tuple[bool, list[str]]:
     "Returns (passed, one line per comparison) for a gate expression; raises RegistryError for unknown metrics."
-    try:
-        tree = ast.parse(gate, mode="eval").body
-    except SyntaxError as e:
-        raise RegistryError(f"Cannot read the gate {gate!r} at column {e.offset}: {e.msg}. "
-                            "Write e.g. \"val_auc >= champion.val_auc + 0.005\".") from None
+    _, tree = parse_expression(gate, RegistryError, "gate", 'Write e.g. "val_auc >= champion.val_auc + 0.005"')
     evaluation = _Gate(candidate, baselines)
     return evaluation.holds(tree), evaluation.lines
 

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import ast
-import io
-import tokenize
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..core.errors import QueryError, did_you_mean, one_of
+from ..core.expressions import field_of, parse_expression, pointer
 
 # %% auto #0
 __all__ = ['TOP_FIELDS', 'GROUPS', 'field_value', 'available_fields', 'compile_where', 'parse_sort', 'sort_records']
@@ -20,39 +19,6 @@ __all__ = ['TOP_FIELDS', 'GROUPS', 'field_value', 'available_fields', 'compile_w
 TOP_FIELDS = ("id", "name", "kind", "status", "experiment", "parent_id", "start_time", "end_time",
               "duration", "cache_key", "git_commit", "seed", "notebook_path", "error")
 GROUPS = ("params", "metrics", "tags")
-
-def _normalize(expr: str) -> str:
-    "Returns `expr` with lone '=' turned into '==' and true/false/none capitalised, strings untouched."
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(expr).readline))
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return expr
-    out = []
-    for tok in tokens:
-        if tok.type == tokenize.OP and tok.string == "=":
-            tok = tok._replace(string="==")
-        elif tok.type == tokenize.NAME and tok.string in ("true", "false", "none", "null"):
-            tok = tok._replace(string={"true": "True", "false": "False", "none": "None", "null": "None"}[tok.string])
-        out.append(tok)
-    try:
-        return tokenize.untokenize(out).strip()
-    except ValueError:
-        return expr
-
-def _pointer(expr: str, col: int) -> str:
-    "Returns the expression with a caret under column `col` (0-based), as two indented lines."
-    return f"\n  {expr}\n  {' ' * max(0, col)}^"
-
-def _field_of(node: ast.AST) -> str | None:
-    "Returns 'status' / 'params.lr' for a field node, or None when the node is not a field."
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-        return f"{node.value.id}.{node.attr}"
-    if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
-            and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
-        return f"{node.value.id}.{node.slice.value}"
-    return None
 
 # %% ../../nbs/store/11_query.ipynb #0c6e7872
 def field_value(record: Any, field: str) -> Any:
@@ -118,7 +84,7 @@ class _Where:
 
     def fail(self, node: ast.AST, what: str) -> QueryError:
         col = getattr(node, "col_offset", 0)
-        return QueryError(f"{what} in --where at column {col + 1}." + _pointer(self.text, col))
+        return QueryError(f"{what} in --where at column {col + 1}." + pointer(self.text, col))
 
     def build(self, node: ast.AST) -> Callable[[Any], Any]:
         if isinstance(node, ast.BoolOp):
@@ -141,7 +107,7 @@ class _Where:
         if isinstance(node, (ast.List, ast.Tuple)):
             items = [self.build(e) for e in node.elts]
             return lambda r: [i(r) for i in items]
-        field = _field_of(node)
+        field = field_of(node)
         if field is not None:
             return self.field(node, field)
         raise self.fail(node, f"Unsupported expression {ast.unparse(node)!r} ({_HINT})")
@@ -172,15 +138,8 @@ class _Where:
 # %% ../../nbs/store/11_query.ipynb #1b6542fc
 def compile_where(expr: str, fields: Iterable[str]) -> Callable[[Any], bool]:
     "Returns a predicate over run records for `expr`, or raises QueryError pointing at the bad token."
-    text = _normalize(expr)
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as e:
-        col = (e.offset or 1) - 1
-        near = text[col:col + 12] or "end of expression"
-        raise QueryError(f"Invalid --where expression at column {col + 1} (near {near!r}): {e.msg}. {_HINT}."
-                         + _pointer(text, col)) from None
-    predicate = _Where(text, set(fields)).build(tree.body)
+    text, tree = parse_expression(expr, QueryError, "--where expression", _HINT)
+    predicate = _Where(text, set(fields)).build(tree)
     return lambda record: bool(predicate(record))
 
 # %% ../../nbs/store/11_query.ipynb #2313844e
@@ -195,7 +154,7 @@ def parse_sort(spec: str, fields: Iterable[str]) -> tuple[str, bool]:
         if lowered.endswith(suffix):
             text, descending = text[: -len(suffix)].strip(), desc
     try:
-        field = _field_of(ast.parse(text, mode="eval").body) if text else None
+        field = field_of(ast.parse(text, mode="eval").body) if text else None
     except SyntaxError:
         field = None
     known = set(fields)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..core.errors import StoreError, one_of
@@ -34,13 +34,13 @@ def placeholders(prefix: str, count: int) -> str:
     return ", ".join(f":{prefix}{i}" for i in range(count))
 
 # %% ../../nbs/store/05_run_rows.ipynb #6d660a5c
-def select_runs(tx: Tx, where: str = "", args: Sequence[Any] = (), order: str = "r.start_time DESC",
+def select_runs(tx: Tx, where: str = "", args: Sequence[Any] | Mapping[str, Any] = (), order: str = "r.start_time DESC",
            limit: int | None = None) -> list[RunRecord]:
     "Returns the runs matching `where` (SQL over `r.`, the runs table), without their details."
     cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS)
     rows = tx.query(f"SELECT {cols}, e.name FROM mlnb_runs r JOIN mlnb_experiments e ON e.id = r.experiment_id "
                     f"{('WHERE ' + where) if where else ''} ORDER BY {order}"
-                    f"{f' LIMIT {int(limit)}' if limit else ''}", tuple(args))
+                    f"{f' LIMIT {int(limit)}' if limit else ''}", args if isinstance(args, Mapping) else tuple(args))
     now = time.time()
     records = []
     for (run_id, name, kind, stored, parent_id, start, end, beat, interval, cache_key, source, notebook,

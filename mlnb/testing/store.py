@@ -19,9 +19,10 @@ from ..core.lazy import lazy_import
 from ..store import database, schema
 from ..store.facade import Store
 from ..store.optuna import optuna_storage
+from ..store.search import search_in_python, search_runs
 
 # %% auto #0
-__all__ = ['StoreConformance']
+__all__ = ['SEARCHES', 'seed_search_runs', 'StoreConformance']
 
 # %% ../../nbs/testing/01_store.ipynb #06bc4089
 optuna = lazy_import("optuna")
@@ -373,8 +374,55 @@ class _Optuna:
         assert len(again.trials) == 3 and again.best_value == min(t.value for t in again.trials)
         assert store.count_runs() == 0  # Optuna's tables are its own, beside the runs
 
+# %% ../../nbs/testing/01_store.ipynb #88279f76
+SEARCHES = [  # (where, sort): each must give the same runs, in the same order, from SQL and from Python
+    ("metrics.val_auc > 0.9 and params.lr < 0.01", "-metrics.val_auc"), ("params.lr < 0.01", None),
+    ("params.lr == '0.005'", None), ("params.lr == 'fast' or params.lr == none", "params.lr"),
+    ("params.lr > 'a'", None), ("params.opt in ['adam', 'sgd']", "-params.opt"),
+    ("params.opt not in ['adam']", "params.opt desc"), ("not params.opt == 'adam'", None),
+    ("params.opt != 'adam'", "start_time"), ("params.opt == none", None), ("params.flag == true", "-params.flag"),
+    ("params.layers >= 2 and params.layers <= 3", "-params.layers"), ("1 < params.layers < 4", None),
+    ("0.5 < metrics.val_auc", "metrics.val_auc"), ("metrics.val_auc == none", None), ("metrics.val_auc != 0.5", None),
+    ("tags.team == 'a'", "-tags.team"), ("tags.team != 'a'", None), ("status == 'crashed'", None),
+    ("status in ['finished', 'crashed'] and kind == 'trial'", "-duration"), ("name = 'run1'", "name"),
+    ("experiment == 'default' and seed == none", "-seed"), ("duration > 5", "-duration"),
+    ("params.dims == [1, 3]", None), ("metrics.val_auc < metrics.loss", None), (None, "-params.lr"),
+    (None, "params.lr"), ("params.note > 'ab'", "-params.note"), ("metrics.loss <= '0.5'", None),
+]
+
+def seed_search_runs(store: Store, count: int = 36) -> list[str]:
+    "Creates runs with every kind of value a search meets: numbers, numbers as text, text, bools, lists, nulls, gaps."
+    rng, ids = np.random.default_rng(7), []
+    for i in range(count):
+        params = {"lr": [0.001, 0.01, "0.005", 0.1, "fast", None][i % 6], "opt": ["adam", "sgd", None, "adamw"][i % 4],
+                  "layers": i % 5, "flag": i % 3 == 0, "dims": [i % 2, 3], "note": ["ab", "ab c", "b", "Ab"][i % 4]}
+        if i % 7 == 3:
+            del params["opt"]
+        status = "running" if i % 9 == 4 else ("finished", "failed", "cached")[i % 3]
+        run_id = store.create_run(name=f"run{i % 4}", kind=("trial", "step", "run")[i % 3], params=params,
+                                  tags={"team": "a" if i % 2 else "b"} if i % 5 else {}, status=status,
+                                  start_time=1000.0 + i, end_time=None if status == "running" else 1000.0 + i + i % 11)
+        if status == "running":
+            store.update_run(run_id, heartbeat=time.time() - (1000 if i % 2 else 0))   # stale: reads crashed
+        if i % 8 != 5:
+            store.log_metrics([(run_id, "val_auc", 0, round(float(rng.uniform(0.4, 1.0)), 3), 1.0),
+                               (run_id, "loss", 0, round(float(rng.uniform(0, 1)), 3), 1.0)])
+        ids.append(run_id)
+    return ids
+
+class _Searches:
+    "`--where` and `--sort` pushed down to SQL mean what the Python reader means."
+
+    def test_sql_and_python_readers_agree(self, store):
+        seed_search_runs(store)
+        for where, sort in SEARCHES:
+            found = [r.id for r in search_runs(store, where, sort)]
+            assert found == [r.id for r in search_in_python(store, where, sort)], (where, sort)
+        assert [r.id for r in search_runs(store, "metrics.val_auc > 0.5", "-metrics.val_auc", limit=5)] == \
+            [r.id for r in search_in_python(store, "metrics.val_auc > 0.5", "-metrics.val_auc", limit=5)]
+
 # %% ../../nbs/testing/01_store.ipynb #5a678ce2
-class StoreConformance(_Schema, _Runs, _RunReads, _Metrics, _Lineage, _Registry, _Schedules, _Optuna):
+class StoreConformance(_Schema, _Runs, _RunReads, _Metrics, _Lineage, _Registry, _Schedules, _Optuna, _Searches):
     "The store's conformance suite: subclass it and give the `store_url` fixture a fresh, empty store."
 
     @pytest.fixture
