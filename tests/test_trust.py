@@ -622,7 +622,8 @@ def test_the_store_password_and_the_ui_token_stay_out_of_files_and_command_lines
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     assert "S3cretPassw0rd" not in log.read_text(), "the terminal shows the URL masked, if at all"
-    ran = run_cli("run", "--json", cwd=root, timeout=300, env={"MLNB_STORE": url})   # a pipeline run on that store
+    team_blobs = str(tmp_path / "team-artifacts")    # a shared store needs artifacts outside the project
+    ran = run_cli("run", "--json", cwd=root, timeout=300, env={"MLNB_STORE": url, "MLNB_ARTIFACTS": team_blobs})
     assert ran.returncode == 0 and "S3cretPassw0rd" not in ran.stdout + ran.stderr, ran.stderr
     written = [p for p in root.rglob("*") if p.is_file() and b"S3cretPassw0rd" in p.read_bytes()]  # reports too
     assert not written, written

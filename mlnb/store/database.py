@@ -136,6 +136,17 @@ class Tx:
         "Returns the column names of a table."
         return [d[0] for d in self.execute(f"SELECT * FROM {table} WHERE 1 = 0").description]
 
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        "Appends rows (tuples in `columns` order): PostgreSQL's COPY where the driver has it, else one INSERT each."
+        if not rows:
+            return
+        if self.backend == "postgresql" and hasattr(self.cursor, "copy"):
+            with self.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return
+        self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})", rows)
+
 # %% ../../nbs/store/01_database.ipynb #e0b6fd01
 class Database:
     """Runs functions inside transactions on one store database (the store-backend extension point).

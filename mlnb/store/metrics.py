@@ -59,8 +59,7 @@ class MetricsRepository:
                 agg[3] = value if agg[3] is None else min(agg[3], value)
                 agg[4] = value if agg[4] is None else max(agg[4], value)
             agg[5] += 1
-        tx.executemany("INSERT INTO mlnb_metrics (run_id, key, step, value, timestamp) "
-                       "VALUES (:run_id, :key, :step, :value, :timestamp)", rows)
+        tx.insert_rows("mlnb_metrics", ("run_id", "key", "step", "value", "timestamp"), rows)
         tx.executemany(_LATEST_UPSERT, [(r, k, *a) for (r, k), a in summary.items()])
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
