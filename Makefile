@@ -117,6 +117,7 @@ bench: setup bytecode $(BENCH_VENV)/.installed
 	$(BIN)/python bench/train_tune.py
 	$(BIN)/python bench/explain_panel.py
 	$(BIN)/python bench/operations.py
+	$(BIN)/python bench/scale.py --mlflow-python $(BENCH_VENV)/bin/python
 
 lock: setup
 	@{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --all --exclude-editable | grep -v -e '^mlnb==' -e '^pip=='; } > constraints.txt.new

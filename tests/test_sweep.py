@@ -431,8 +431,9 @@ def test_trials_run_on_a_dask_scheduler_given_by_its_address(tunable, dask_sched
     result = sweep(tunable, *args, "--study", "remote", "--scheduler", dask_scheduler, "--json", timeout=400)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["counts"] == {"complete": 3}
-    with Client(dask_scheduler, timeout=30) as client:  # the steps ran on that cluster's workers
-        done = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.task_prefixes["execute_step"].state_counts["memory"])
+    with Client(dask_scheduler, timeout=30) as client:  # the steps ran on that cluster's workers, kernels forked there
+        done = client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.task_prefixes["execute_step_forked"].state_counts["memory"])
     assert done >= 3, done
     # an address nothing listens on: one line, once, before any step or trial (each trial waited 30 s for it)
     unreachable = sweep(tunable, *args, "--study", "nowhere", "--scheduler", f"tcp://127.0.0.1:{free_port()}")

@@ -3,6 +3,7 @@ machines), against a real PostgreSQL and moto's S3-compatible server on 127.0.0.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import boto3
 import optuna
 
 from conftest import run_cli
+from mlnb.pipeline.kernels.warm import has_zygote
 from mlnb.store.facade import Store
 from mlnb.store.optuna import optuna_storage
-from test_pipeline import store_of
-from test_sweep import tunable  # noqa: F401 - the fixture
+from test_pipeline import notebook, project, store_of
+from test_sweep import dask_scheduler, tunable  # noqa: F401 - fixtures
 
 
 def _template_clone(tmp_path: Path, name: str, store: str, artifacts: str) -> Path:
@@ -116,3 +118,31 @@ def test_runs_pushed_from_a_laptop_to_the_team_keep_their_ids_data_blobs_and_stu
     pulled = run_cli("pull", study.id[:8], "--from", team, "--store", home, cwd=tmp_path)
     assert pulled.returncode == 0 and "pulled 7 run(s)" in pulled.stdout, pulled.stdout + pulled.stderr
     assert Store(home).open().get_tags(study.id)["mlnb.copied_from"] == laptop.url
+
+
+def test_a_pipeline_on_a_dask_scheduler_forks_each_steps_kernel_from_a_zygote_on_its_worker(tmp_path, dask_scheduler):  # noqa: F811
+    "A real `dask scheduler` and two `dask worker` processes: every step's kernel is a child of its worker's zygote."
+    from distributed import Client
+    root = project(tmp_path, {"a": {"notebook": "a.ipynb", "products": {"out": "a.json"}},
+                              "b": {"notebook": "b.ipynb", "needs": ["a"], "products": {"out": "b.json"}},
+                              "c": {"notebook": "c.ipynb", "needs": ["a"], "products": {"out": "c.json"}}})
+    record = """
+             def cmdline(pid):
+                 return open(f"/proc/{pid}/cmdline", "rb").read().decode().replace("\\0", " ")
+             zygote = os.getppid()
+             worker = int(next(line.split()[1] for line in open(f"/proc/{zygote}/status") if line.startswith("PPid:")))
+             open(product["out"], "w").write(json.dumps({"zygote": cmdline(zygote), "worker": worker}))
+             """
+    for name in "abc":
+        notebook(root / f"{name}.ipynb", "product: dict = {}\nupstream: dict = {}", "import json, os", record)
+    with Client(dask_scheduler, timeout=30) as client:
+        workers = set(client.run(os.getpid).values())
+    ran = run_cli("run", "--executor", "dask", "--scheduler", dask_scheduler, "--jobs", "2", "--json", "-q", cwd=root,
+                  timeout=300)
+    assert set(_statuses(ran).values()) == {"finished"}
+    for name in "abc":
+        seen = json.loads((root / f"{name}.json").read_text())
+        assert "mlnb.pipeline.kernels.zygote" in seen["zygote"] and seen["worker"] in workers, (name, seen, workers)
+    with Client(dask_scheduler, timeout=30) as client:   # the run's zygotes ended with it; the workers stay
+        left = client.run(has_zygote)
+    assert len(left) == 2 and not any(left.values()), left

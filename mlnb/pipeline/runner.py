@@ -23,7 +23,7 @@ from .executors.base import Executor, StopRequests, get_executor
 from .plan import RunPlan, plan_run
 from .record import PipelineOutcome, StepOutcome, StepRecorder
 from .step import StepResult, StepTask
-from ..store.artifacts import artifacts_for
+from ..store.artifacts import ArtifactStore, artifacts_for
 from ..store.facade import Store, open_store
 from ..store.records import RunRecord
 from ..tracking.run import Run, start_run
@@ -130,6 +130,7 @@ class _RunnerSettings:
         self._store = store
         # An Executor instance is shared (a sweep's trials use one pool) and not shut down here.
         self.shared_executor = None if isinstance(executor, str) else executor
+        self.prepared = False  # whether this run's own executor was told the notebooks of its steps
         self.executor_name = executor if isinstance(executor, str) else executor.name
         self.executor: Executor | None = None
         self.executor_options = {"jobs": jobs, **(executor_options or {})}
@@ -169,8 +170,25 @@ def report_folder(reports: Path, run: Run, root: Path) -> Path:
     run.set_tag("mlnb.report_dir", os.path.relpath(folder.resolve(), root.resolve()) if inside else str(folder))
     return folder
 
+# %% ../../nbs/pipeline/08_runner.ipynb #9cba2e4d
+class _StepTasks(_RunnerSettings):
+    "What the executor is given for a step."
+    artifacts: ArtifactStore  # (set as a run begins)
+    steps: StepStates
+    report_dir: Path
+
+    def _task(self, name: str, plan: StepPlan, run: Run) -> StepTask:
+        "Returns what the executor needs to run a step: its notebook, params, report paths, its kernel's environment."
+        env = {"MLNB_RUN_ID": run.id, "MLNB_STORE": self.store.url, "MLNB_STEP": name,
+               "MLNB_NOTEBOOK": plan.step.rel(self.root), "MLNB_PROJECT": str(self.root), "MLNB_ARTIFACTS": self.artifacts.root,
+               "MLNB_UPSTREAM": json.dumps({n: self.steps.results[n].id for n in plan.step.needs}), **self.step_env}
+        return StepTask(step=name, run_id=run.id, notebook=str(plan.step.notebook),
+                        executed=str(self.report_dir / f"{name}.ipynb"), html=str(self.report_dir / f"{name}.html"),
+                        cwd=str(self.root), params=plan.params, env=env, timeout=plan.step.timeout,
+                        kernel=plan.kernel.name, language=plan.kernel.language)
+
 # %% ../../nbs/pipeline/08_runner.ipynb #9232e6f6
-class _StepStarter(_RunnerSettings):
+class _StepStarter(_StepTasks):
     "Starting a pipeline run's steps: restored from the cache, or handed to the executor."
 
     def _begin(self, plan: RunPlan) -> None:
@@ -217,23 +235,15 @@ class _StepStarter(_RunnerSettings):
                         cache_key=plan.cache_key, code_hash=plan.code_hash)
         for path in step.products.values():  # the step only has to write its files, not make their folders
             (self.root / path).parent.mkdir(parents=True, exist_ok=True)
-        if self.executor is None:  # this run's own executor: told once which notebooks the steps to run have
-            pending = [self.steps.plans[n].step.notebook for n in self.steps.pending()]
-            self.executor = get_executor(self.executor_name, **self.executor_options).prepare(pending, self.root)
+        if self.shared_executor is None and not self.prepared:  # this run's own executor: told once which notebooks
+            pending = [self.steps.plans[n].step.notebook for n in self.steps.pending()]  # the steps to run have
+            executor = self.executor or get_executor(self.executor_name, **self.executor_options)
+            self.executor, self.prepared = executor.prepare(pending, self.root), True
+        assert self.executor is not None  # this run's own, or the sweep's
         follows = self.steps_follow or bool(self.steps.pending(besides=name))
         self.running[self.executor.run_step(self._task(name, plan, run), follows)] = (name, run, time.perf_counter())
         self.steps.state[name] = "running"
         self.on_event("start", name, {"run_id": run.id})
-
-    def _task(self, name: str, plan: StepPlan, run: Run) -> StepTask:
-        "Returns what the executor needs to run a step: its notebook, params, report paths, its kernel's environment."
-        env = {"MLNB_RUN_ID": run.id, "MLNB_STORE": self.store.url, "MLNB_STEP": name,
-               "MLNB_NOTEBOOK": plan.step.rel(self.root), "MLNB_PROJECT": str(self.root), "MLNB_ARTIFACTS": self.artifacts.root,
-               "MLNB_UPSTREAM": json.dumps({n: self.steps.results[n].id for n in plan.step.needs}), **self.step_env}
-        return StepTask(step=name, run_id=run.id, notebook=str(plan.step.notebook),
-                        executed=str(self.report_dir / f"{name}.ipynb"), html=str(self.report_dir / f"{name}.html"),
-                        cwd=str(self.root), params=plan.params, env=env, timeout=plan.step.timeout,
-                        kernel=plan.kernel.name, language=plan.kernel.language)
 
 # %% ../../nbs/pipeline/08_runner.ipynb #5fa788da
 class _StepProgress(_StepStarter):

@@ -35,10 +35,10 @@ def placeholders(prefix: str, count: int) -> str:
 
 # %% ../../nbs/store/05_run_rows.ipynb #6d660a5c
 def select_runs(tx: Tx, where: str = "", args: Sequence[Any] | Mapping[str, Any] = (), order: str = "r.start_time DESC",
-           limit: int | None = None) -> list[RunRecord]:
-    "Returns the runs matching `where` (SQL over `r.`, the runs table), without their details."
+           limit: int | None = None, joins: str = "") -> list[RunRecord]:
+    "Returns the runs matching `where` (SQL over `r.`, the runs table, and what `joins` adds), without their details."
     cols = ", ".join(f"r.{c}" for c in RUN_COLUMNS)
-    rows = tx.query(f"SELECT {cols}, e.name FROM mlnb_runs r JOIN mlnb_experiments e ON e.id = r.experiment_id "
+    rows = tx.query(f"SELECT {cols}, e.name FROM mlnb_runs r JOIN mlnb_experiments e ON e.id = r.experiment_id {joins} "
                     f"{('WHERE ' + where) if where else ''} ORDER BY {order}"
                     f"{f' LIMIT {int(limit)}' if limit else ''}", args if isinstance(args, Mapping) else tuple(args))
     now = time.time()

@@ -49,6 +49,8 @@ class _Operands:
     def __init__(self, tx: Tx, text: str, now: float):
         self.tx, self.text, self.now, self.args = tx, text, now, []
         self.checked: set[str] = set()
+        self.joined: dict[str, str] = {}   # field -> alias of its table in `joins`
+        self.joins: list[str] = []
 
     def bind(self, value: Any) -> str:
         self.args.append(value)
@@ -76,8 +78,11 @@ class _Operands:
         group, _, key = field.partition(".")
         if key and group in GROUPS:
             self.check(node, group, key)
-            sql = f"(SELECT f.value FROM {_TABLES[group]} f WHERE f.run_id = r.id AND f.key = {self.bind(key)})"
-            return sql, "num" if group == "metrics" else "json"
+            if field not in self.joined:  # each field joined once (its key's row of the run), however often used
+                alias = self.joined[field] = f"f{len(self.joined)}"
+                on = f"{alias}.run_id = r.id AND {alias}.key = {self.bind(key)}"
+                self.joins.append(f"LEFT JOIN {_TABLES[group]} {alias} ON {on}")
+            return f"{self.joined[field]}.value", "num" if group == "metrics" else "json"
         if field not in TOP_FIELDS:
             raise self.unknown(node, field, list(TOP_FIELDS))
         if field == "status":
@@ -240,7 +245,7 @@ def search_runs(store, where: str | None = None, sort: str | None = None, limit:
             search.text, tree = parse_expression(where, QueryError, "--where expression", _HINT)
             conditions.append(search.build(tree))
         order = search.order(sort, lambda: _field_names(tx)) if sort else "r.start_time DESC"
-        records = select_runs(tx, " AND ".join(conditions), search.binds(), order, limit)
+        records = select_runs(tx, " AND ".join(conditions), search.binds(), order, limit, " ".join(search.joins))
         attach_details(tx, records, full=False)
         return records
     try:

@@ -12,12 +12,19 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self
 
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
 from ...core.errors import Interrupted, MlnbError
 from ...core.lazy import lazy_import, optional_import
 from .base import Executor
+from ..kernels.preload import notebook_forks_warm, notebook_preload
+from ..kernels.warm import close_worker_zygote, worker_zygote
+from ..step import StepResult, StepTask, execute_step
 
 # %% auto #0
-__all__ = ['DaskExecutor']
+__all__ = ['execute_step_forked', 'DaskExecutor']
 
 # %% ../../../nbs/pipeline/executors/03_dask.ipynb #c7537206
 _distributed = lazy_import("distributed")
@@ -79,8 +86,55 @@ class _DaskConnection(Executor):
             self._cluster.close()
             self._cluster = None
 
+# %% ../../../nbs/pipeline/executors/03_dask.ipynb #027afa85
+def execute_step_forked(task: StepTask, modules: list[str]) -> StepResult:
+    "Runs a step on a Dask worker, its kernel forked from the worker's own zygote (launched now if it has none)."
+    worker_zygote(modules)
+    return execute_step(task)
+
+class _WarmWorkers(_DaskConnection):
+    "Warm kernels on every worker: a kernel zygote each, launched as the executor readies itself for the steps."
+
+    def __init__(self, jobs: int | None = None, scheduler: str | None = None):
+        super().__init__(jobs, scheduler)
+        self._modules: list[str] = []                      # what the workers' zygotes preload ([]: kernels boot)
+        self._preloads: dict[str, list[str] | None] = {}   # notebook -> its imports (None: it gets a booted kernel)
+
+    def prepare(self, notebooks: Sequence[str | Path], root: str | Path, repeat: bool = False) -> Executor:
+        "Launches a kernel zygote on every worker, preloading what the notebooks start by importing."
+        if self._modules or os.environ.get("MLNB_FORK_KERNELS", "1") == "0":
+            return self
+        ordered = list(dict.fromkeys(str(n) for n in notebooks))
+        self._preloads = {n: notebook_preload(n, root) if notebook_forks_warm(n) else None for n in ordered}
+        modules = list(dict.fromkeys(m for n in ordered for m in self._preloads[n] or []))
+        if modules:
+            client = self.start()._client
+            assert client is not None
+            try:
+                client.run(worker_zygote, modules)
+                self._modules = modules
+            except Exception as e:  # noqa: BLE001 - said, and the steps boot their kernels
+                print(f"mlnb: the Dask workers boot a kernel for each step (no zygote: {e})", file=sys.stderr)
+        return self
+
+    def run_step(self, task: StepTask, follows: bool = False) -> Any:
+        "Runs step `task` on a worker, on a kernel forked from that worker's zygote when its notebook allows."
+        task.preload = self._preloads.get(task.notebook) if self._modules else None
+        if task.preload is None:
+            return self.submit(execute_step, task)
+        return self.submit(execute_step_forked, task, self._modules)
+
+    def shutdown(self) -> None:
+        if self._modules and self._client is not None:
+            try:  # a scheduler's workers outlive this run; the zygotes it launched do not
+                self._client.run(close_worker_zygote)
+            except Exception:  # noqa: BLE001 - a worker already gone took its zygote with it
+                pass
+        self._modules = []
+        super().shutdown()
+
 # %% ../../../nbs/pipeline/executors/03_dask.ipynb #bd5cea20
-class DaskExecutor(_DaskConnection):
+class DaskExecutor(_WarmWorkers):
     "Runs callables on a Dask cluster: a LocalCluster of `jobs` workers, or the scheduler at `scheduler`."
     name = "dask"
 

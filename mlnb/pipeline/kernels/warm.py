@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 # %% auto #0
 __all__ = ['WORKER_PRELOAD', 'has_zygote', 'start_kernel_ahead', 'forked_kernel', 'take_kernel_ahead', 'shutdown', 'retire',
-           'run_silently', 'enter_step', 'leave_step', 'launch_zygote', 'prepare_worker']
+           'run_silently', 'enter_step', 'leave_step', 'launch_zygote', 'prepare_worker', 'worker_zygote',
+           'close_worker_zygote']
 
 # %% ../../../nbs/pipeline/kernels/06_warm.ipynb #5b43f379
 jupyter_utils = lazy_import("jupyter_core.utils")
@@ -144,3 +145,24 @@ def prepare_worker(zygote: dict | None = None, ahead: bool = True) -> None:
     warm_reports_in_background()  # (a worker forked from the warm fork server has the exporter already)
     if zygote and ahead:
         start_kernel_ahead()
+
+# %% ../../../nbs/pipeline/kernels/06_warm.ipynb #64f982db
+def worker_zygote(modules: list[str]) -> bool:
+    """Gives this process (a Dask worker) a kernel zygote of its own that preloads `modules`, unless it has a live
+    one with them already; returns whether it launched one. The steps it runs fork their kernels from it."""
+    current = _AHEAD.get("zygote")
+    if current is not None and _AHEAD.get("zygote_modules") == modules and current.alive:
+        return False
+    close_worker_zygote()
+    quiet_slow_imports()
+    _AHEAD["zygote"], _AHEAD["zygote_modules"] = launch_zygote(modules), modules
+    preload("papermill")
+    warm_reports_in_background()
+    return _AHEAD["zygote"] is not None
+
+def close_worker_zygote() -> None:
+    "Ends the zygote this process launched for itself (`worker_zygote`), if any."
+    zygote = _AHEAD.pop("zygote", None)
+    _AHEAD.pop("zygote_modules", None)
+    if zygote is not None:
+        zygote.close()
