@@ -163,10 +163,13 @@ def template_runs(repeats: int = 2) -> dict[str, list[float]]:
     subprocess.run([str(VENV / "mlnb"), "init", str(folder)], check=True, capture_output=True)
     cmd = [str(VENV / "mlnb"), "run", "-q", "--force"]
     timed(cmd, folder)
-    times: dict[str, list[float]] = {"forked": [], "booted": []}
+    dask = ["--executor", "dask", "--jobs", "2"]   # a local cluster of two single-threaded workers
+    modes = {"forked": ([], None), "booted": ([], {"MLNB_FORK_KERNELS": "0"}), "dask": (dask, None),
+             "dask booted": (dask, {"MLNB_FORK_KERNELS": "0"})}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     for i in range(repeats):
-        for mode in (("forked", "booted") if i % 2 == 0 else ("booted", "forked")):
-            times[mode].append(timed(cmd, folder, {"MLNB_FORK_KERNELS": "0"} if mode == "booted" else None))
+        for mode in (list(modes) if i % 2 == 0 else list(reversed(modes))):
+            times[mode].append(timed(cmd + modes[mode][0], folder, modes[mode][1]))
     shutil.rmtree(folder.parent, ignore_errors=True)
     return times
 
@@ -209,12 +212,18 @@ def main() -> None:
         lines.append(f"| {case} | " + " | ".join(cells) + f" | {targets[case]} |")
     lines += ["", f"mlnb executed exactly: {ran[0]} / {ran[1]} / {ran[2]} / {ran[3]}."]
     kernels = template_runs()
-    forked, booted = (sum(kernels[m]) / len(kernels[m]) for m in ("forked", "booted"))
+    forked, booted, dask, dask_booted = (sum(kernels[m]) / len(kernels[m]) for m in ("forked", "booted", "dask", "dask booted"))
     lines += ["", "The template project's pipeline (`mlnb init`: 8 steps with pandas, scikit-learn, Lightning and SHAP), "
               "`mlnb run --force`, mean of 2 each, alternated:", "",
               "| step kernels | seconds | ratio |", "|---|---|---|",
               f"| forked from the run's zygote (default) | {forked:.2f} s | {forked / booted:.2f}x |",
-              f"| booted one by one (`MLNB_FORK_KERNELS=0`) | {booted:.2f} s | 1.00x |"]
+              f"| booted one by one (`MLNB_FORK_KERNELS=0`) | {booted:.2f} s | 1.00x |",
+              "", "The same on a Dask local cluster of two single-threaded workers (`--executor dask --jobs 2`; the "
+              "cluster starts with the command), against the local executor (target: at most 1.2x):", "",
+              "| executor | seconds | ratio to local |", "|---|---|---|",
+              f"| Dask, each worker's kernels forked from its own zygote | {dask:.2f} s | {dask / forked:.2f}x |",
+              f"| Dask, kernels booted (`MLNB_FORK_KERNELS=0`; as before) | {dask_booted:.2f} s | {dask_booted / forked:.2f}x |",
+              f"| local, forked | {forked:.2f} s | 1.00x |"]
     table = "\n".join(lines)
     print(table)
     if args.write_readme:

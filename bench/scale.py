@@ -287,7 +287,7 @@ def main() -> None:
     report(results)
     if args.write_readme:
         from readme import write_section
-        write_section("Scale (vs MLflow)", table(results))
+        write_section("scale", table(results))
 
 
 def table(r: dict) -> str:

@@ -240,7 +240,7 @@ def artifact_root_for(store, explicit: str | None = None, project_settings: bool
     if chosen is None and recorded is not None:
         chosen = recorded if base is None or "://" in recorded else str((base / recorded).resolve())
     if backend != "sqlite":
-        _refuse_unshared(chosen, store.url)
+        _refuse_unshared(chosen, store.url, _SET_SHARED if project_settings else _PASS_SHARED)
     elif chosen is None:
         project = find_project()
         chosen = str(base / "artifacts") if base else str((project.root if project else Path.cwd()) / STATE_DIR / "artifacts")
@@ -252,16 +252,18 @@ def artifact_root_for(store, explicit: str | None = None, project_settings: bool
 _SET_SHARED = ("Set where the team's artifacts live, in mlnb.yaml ('artifacts: s3://bucket/prefix', any fsspec URL, "
                "or a shared folder outside the project) or in MLNB_ARTIFACTS")
 
-def _refuse_unshared(root: str | None, url: str) -> None:
+_PASS_SHARED = "Pass --artifacts URL (s3://bucket/prefix, any fsspec URL, or a shared folder): that store records it"
+
+def _refuse_unshared(root: str | None, url: str, how: str = _SET_SHARED) -> None:
     "Refuses a shared (server) store with no artifact root, or with one inside this project where no one else sees it."
     if root is None:
         raise ArtifactError(f"The store {masked(url)} is shared, but no artifact store is set for it: runs would "
-                            f"point the team at one project's folder. {_SET_SHARED}.")
+                            f"point the team at one project's folder. {how}.")
     project = find_project()
     local = root[len("file://"):] if root.startswith("file://") else root
     if project is not None and "://" not in local and Path(local).resolve().is_relative_to(project.root.resolve()):
         raise ArtifactError(f"The store {masked(url)} is shared, but its artifacts would go to {root}, inside this "
-                            f"project, where other clones and machines cannot read them. {_SET_SHARED}.")
+                            f"project, where other clones and machines cannot read them. {how}.")
 
 def _portable_root(root: str, base: Path | None) -> str:
     "Returns `root` relative to the store file's folder `base` when both lie in one project folder, else as is."

@@ -26,12 +26,11 @@ from ..core.plugins import Registry
 # %% auto #0
 __all__ = ['SUPPORTED', 'SCHEMA_VERSION', 'SQLITE_HEADER', 'Params', 'BACKENDS', 'masked', 'parse_store_url', 'compile_binds',
            'bind_values', 'Tx', 'Database', 'check_sqlite_file', 'SqliteDatabase', 'checkpoint_sqlite',
-           'checkpoint_opened', 'backup_sqlite', 'SqlAlchemyDatabase', 'connect']
+           'checkpoint_opened', 'backup_sqlite', 'PostgresDatabase', 'connect']
 
 # %% ../../nbs/store/01_database.ipynb #50bf3d62
 # Heavy libraries, imported the first time they are used (see mlnb.core.lazy)
 psycopg = lazy_import("psycopg")
-sa = lazy_import("sqlalchemy")
 
 # %% ../../nbs/store/01_database.ipynb #12a9b717
 SUPPORTED = "Use sqlite:///path/to/mlnb.db or postgresql+psycopg://user@host:port/dbname."
@@ -381,24 +380,70 @@ def backup_sqlite(db: _SqliteConnections, dest: str | Path) -> Path:
     return dest
 
 # %% ../../nbs/store/01_database.ipynb #274ef5c1
-class SqlAlchemyDatabase(Database):
-    "Any SQLAlchemy URL (PostgreSQL with psycopg 3), the same SQL on the driver's cursor."
+class _Connections:
+    "A few idle psycopg connections kept for reuse (per process: a forked child never uses its parent's)."
+    KEEP, PING_AFTER = 4, 10.0   # idle connections kept; seconds idle after which one is checked before use
+
+    def __init__(self, conninfo: str):
+        self.conninfo, self._idle, self._lock, self._pid = conninfo, [], threading.Lock(), os.getpid()
+
+    def take(self) -> Any:
+        "Returns a live connection (autocommit: each transaction is explicit), reused when one is idle."
+        while True:
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._idle, self._pid = [], os.getpid()
+                if not self._idle:
+                    break
+                conn, since = self._idle.pop()
+            if conn.closed or conn.broken:
+                continue
+            if time.monotonic() - since < self.PING_AFTER or self._answers(conn):
+                return conn
+        return psycopg.connect(self.conninfo, autocommit=True)
+
+    @staticmethod
+    def _answers(conn: Any) -> bool:
+        try:
+            conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            conn.close()
+            return False
+
+    def give_back(self, conn: Any) -> None:
+        with self._lock:
+            if not (conn.closed or conn.broken) and len(self._idle) < self.KEEP and self._pid == os.getpid():
+                self._idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
+# %% ../../nbs/store/01_database.ipynb #ea24a39f
+class PostgresDatabase(Database):
+    "PostgreSQL through psycopg 3: the same SQL on the driver's cursor, a few connections kept for reuse."
     backend = "postgresql"
 
     @classmethod
     def from_url(cls, url: str) -> Self:
-        "Returns the database of a `postgresql://` URL."
+        "Returns the database of a `postgresql://` (or `postgresql+psycopg://`) URL."
         return cls(parse_store_url(url)[1])
 
     def __init__(self, url: str):
         super().__init__(url)
         optional_import("psycopg", "A PostgreSQL store", "psycopg[binary]")
-        self._sa = sa
-        self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
+        scheme, rest = url.split("://", 1)
+        self.conninfo = f"postgresql://{rest}" if scheme.lower().startswith("postgres") else url
+        self._connections = _Connections(self.conninfo)
         self._local = threading.local()
 
     def errors(self) -> tuple[type[BaseException], ...]:
-        return (psycopg.Error, self._sa.exc.DBAPIError)
+        return (psycopg.Error,)
 
     def table_exists(self, tx: Tx, table: str) -> bool:
         return bool(tx.scalar("SELECT to_regclass(:table) IS NOT NULL", {"table": table}))
@@ -410,15 +455,19 @@ class SqlAlchemyDatabase(Database):
         joined = getattr(self._local, "tx", None)
         if joined is not None:  # a read or write already open on this thread: join it (as on SQLite)
             return fn(joined)
-        with self.engine.connect() as conn, conn.begin():
-            tx = Tx(conn.connection.driver_connection.cursor(), "postgresql", "format")
-            if snapshot:  # every statement of the read sees one snapshot (under READ COMMITTED, each its own)
-                tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            self._local.tx = tx
-            try:
-                return fn(tx)
-            finally:
-                self._local.tx = None
+        conn = self._connections.take()
+        try:
+            with conn.transaction():
+                tx = Tx(conn.cursor(), "postgresql", "format")
+                if snapshot:  # every statement of the read sees one snapshot (under READ COMMITTED, each its own)
+                    tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                self._local.tx = tx
+                try:
+                    return fn(tx)
+                finally:
+                    self._local.tx = None
+        finally:
+            self._connections.give_back(conn)
 
     def read(self, fn: Callable[[Tx], Any]) -> Any:
         return _retry(self, lambda: self._run(fn, snapshot=True))
@@ -427,11 +476,11 @@ class SqlAlchemyDatabase(Database):
         return _retry(self, lambda: self._run(fn, snapshot=False))
 
     def close(self) -> None:
-        self.engine.dispose()
+        self._connections.close()
 
 # %% ../../nbs/store/01_database.ipynb #fa4e7e30
 BACKENDS = Registry("store backend", "mlnb.stores", {"sqlite": "mlnb.store.database:SqliteDatabase",
-                                                      "postgresql": "mlnb.store.database:SqlAlchemyDatabase"})
+                                                      "postgresql": "mlnb.store.database:PostgresDatabase"})
 
 def connect(url: str) -> Database:
     """Returns the Database for a store URL, from the backend its scheme names: `sqlite`, `postgresql`, or one a

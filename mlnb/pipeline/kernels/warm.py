@@ -156,7 +156,8 @@ def worker_zygote(modules: list[str]) -> bool:
     close_worker_zygote()
     quiet_slow_imports()
     _AHEAD["zygote"], _AHEAD["zygote_modules"] = launch_zygote(modules), modules
-    preload("papermill")
+    # the worker imports what steps need while the zygote imports theirs (the caller does not wait for it)
+    threading.Thread(target=preload, args=("papermill",), name="mlnb-worker-preload", daemon=True).start()
     warm_reports_in_background()
     return _AHEAD["zygote"] is not None
 
