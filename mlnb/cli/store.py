@@ -13,7 +13,7 @@ from .app import echo_json, json_option, store_option
 from ..core.config import resolve_store_url
 from ..core.errors import StoreError
 from ..store.artifacts import artifacts_for
-from ..store.database import SqliteDatabase, backup_sqlite, masked
+from ..store.database import SqliteDatabase, backup_sqlite, masked, parse_store_url
 from ..store.facade import Store, open_store
 from ..store.transfer import Transfer, copy_runs, top_runs
 
@@ -64,7 +64,12 @@ def _say(report: Transfer, verb: str, where: str, blobs_to: str) -> None:
 
 def _transfer(runs: tuple[str, ...], other_url: str, artifacts: str | None, store_url: str | None, push: bool,
               as_json: bool) -> None:
-    here, other = open_store(store_url), Store(resolve_store_url(other_url)).open()
+    other_url = resolve_store_url(other_url)
+    backend, path = parse_store_url(other_url)
+    if not push and backend == "sqlite" and path not in ("", ":memory:") and not Path(path).is_file():
+        raise StoreError(f"There is no store at {path} to pull from. An SQLite URL is sqlite:///relative/path or "
+                         "sqlite:////absolute/path (four slashes).")
+    here, other = open_store(store_url), Store(other_url).open()
     try:
         source, target = (here, other) if push else (other, here)
         blobs = {id(here): artifacts_for(here), id(other): artifacts_for(other, artifacts, project_settings=False)}
