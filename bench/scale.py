@@ -9,6 +9,8 @@
   2. The panel's first paint (the runs table built) over those 100,000 runs. Target: under 2 s.
   3. Sixteen processes logging into one PostgreSQL store at once. Target: 100,000 points/s in total, every point
      stored once.
+  4. A sweep's trials on a Dask local cluster of one worker, then two (`mlnb sweep --executor dask --jobs N`):
+     trials that each compute for about a second, so two workers on this 2-core host should take about half.
 
     make bench          (or: .venv/bin/python bench/scale.py --mlflow-python .venv-bench/bin/python [--write-readme])
 
@@ -213,6 +215,30 @@ def concurrent_writers(url: str, processes: int = 16, points: int = 50_000) -> d
             "rate": processes * points / elapsed}
 
 
+# -- a sweep on one and two Dask workers -------------------------------------------------------------
+TRIAL = """
+import time, mlnb, numpy as np
+start, total = time.perf_counter(), 0.0
+while time.perf_counter() - start < 1.0:          # a second of work on one core
+    total += float(np.linalg.norm(np.random.default_rng(0).normal(size=(200, 200)) @ np.ones(200)))
+mlnb.log_metric("score", -(x - 2) ** 2)
+"""
+
+
+def sweep_scaling(trials: int = 8) -> dict:
+    from mlnb.testing.projects import Step, write_project
+    root = write_project(Path(tempfile.mkdtemp(prefix="bench-sweep-")) / "p", {"train": Step("x: float = 0.0", TRIAL)})
+    times = {}
+    for jobs in (1, 2):
+        cmd = [str(ROOT / ".venv" / "bin" / "mlnb"), "sweep", "train", "--study", f"s{jobs}", "--param", "x=float:-5:5",
+               "--objective", "score:maximize", "--trials", str(trials), "--jobs", str(jobs), "--executor", "dask",
+               "--pruner", "none", "-q"]
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+        times[jobs] = time.perf_counter() - start
+    return {"trials": trials, "one": times[1], "two": times[2], "speedup": times[1] / times[2]}
+
+
 # -- PostgreSQL -----------------------------------------------------------------------------------
 class Postgres:
     "A throwaway cluster from Debian's postgresql package on 127.0.0.1 (as in tests/conftest.py)."
@@ -252,9 +278,13 @@ def main() -> None:
     parser.add_argument("--mlflow-python", default=str(ROOT / ".venv-bench" / "bin" / "python"))
     parser.add_argument("--mlflow-part", help=argparse.SUPPRESS)
     parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="measure only the sweep on one and two workers")
     args = parser.parse_args()
     if args.mlflow_part:
         mlflow_part(args.mlflow_part, args.runs, args.points_per_run)
+        return
+    if args.sweep_only:
+        print(sweep_scaling())
         return
     runs, points = args.runs, args.points_per_run
     results: dict = {"runs": runs, "points": runs * points}
@@ -284,6 +314,8 @@ def main() -> None:
             "CREATE DATABASE writers"], check=True, capture_output=True)
         results["writers"] = concurrent_writers(writers)
         print("writers", results["writers"], flush=True)
+    results["sweep"] = sweep_scaling()
+    print("sweep", results["sweep"], flush=True)
     report(results)
     if args.write_readme:
         from readme import write_section
@@ -305,6 +337,9 @@ def table(r: dict) -> str:
     w = r["writers"]
     lines += ["", f"{w['processes']} processes logging into one PostgreSQL store at once: {w['points']:,} points in "
                   f"{w['seconds']:.1f} s, {w['rate']:,.0f} points/s in total, every point stored once."]
+    sw = r["sweep"]
+    lines += ["", f"A sweep of {sw['trials']} trials (a second of work each) on a Dask local cluster: one worker "
+                  f"{sw['one']:.1f} s, two workers {sw['two']:.1f} s ({sw['speedup']:.2f}x faster; 2 cores)."]
     return "\n".join(lines)
 
 
