@@ -87,13 +87,19 @@ def _transfer(runs: tuple[str, ...], other_url: str, artifacts: str | None, stor
 _ARTIFACTS_HELP = ("The other store's artifact root (default: where that store recorded it); recorded there if it "
                    "had none. S3 needs mlnb[s3].")
 
+def _transfer_options(other: str, other_help: str):
+    "The arguments `push` and `pull` share: RUNS, the other store (`--to`/`--from`), its artifacts, --json, --store."
+    def decorate(fn):
+        for option in (store_option, json_option, click.option("--artifacts", metavar="URL", default=None, help=_ARTIFACTS_HELP),
+                       click.option(other, "other_url", required=True, metavar="URL", help=other_help),
+                       click.argument("runs", nargs=-1)):
+            fn = option(fn)
+        return fn
+    return decorate
+
 @click.command("push")
-@click.argument("runs", nargs=-1)
-@click.option("--to", "to_url", required=True, metavar="URL", help="The store to copy the runs to.")
-@click.option("--artifacts", metavar="URL", default=None, help=_ARTIFACTS_HELP)
-@json_option
-@store_option
-def push_command(runs: tuple[str, ...], to_url: str, artifacts: str | None, as_json: bool, store_url: str | None) -> None:
+@_transfer_options("--to", "The store to copy the runs to.")
+def push_command(runs: tuple[str, ...], other_url: str, artifacts: str | None, as_json: bool, store_url: str | None) -> None:
     """Copy RUNS (ids, id prefixes or names; default: every run) with their pipelines or studies, children, data
     and blobs to another store. Runs keep their ids; a run the target has is skipped.
 
@@ -101,19 +107,15 @@ def push_command(runs: tuple[str, ...], to_url: str, artifacts: str | None, as_j
     Examples:
       mlnb push 3f2a --to postgresql+psycopg://me@db.team/mlnb
       mlnb push --to sqlite:///backup/mlnb.db --artifacts /backup/artifacts"""
-    _transfer(runs, to_url, artifacts, store_url, True, as_json)
+    _transfer(runs, other_url, artifacts, store_url, True, as_json)
 
 @click.command("pull")
-@click.argument("runs", nargs=-1)
-@click.option("--from", "from_url", required=True, metavar="URL", help="The store to copy the runs from.")
-@click.option("--artifacts", metavar="URL", default=None, help=_ARTIFACTS_HELP)
-@json_option
-@store_option
-def pull_command(runs: tuple[str, ...], from_url: str, artifacts: str | None, as_json: bool, store_url: str | None) -> None:
+@_transfer_options("--from", "The store to copy the runs from.")
+def pull_command(runs: tuple[str, ...], other_url: str, artifacts: str | None, as_json: bool, store_url: str | None) -> None:
     """Copy RUNS (ids, id prefixes or names; default: every run) with their pipelines or studies, children, data
     and blobs from another store into this project's. Runs keep their ids; a run already here is skipped.
 
     \b
     Examples:
       mlnb pull 3f2a --from postgresql+psycopg://me@db.team/mlnb"""
-    _transfer(runs, from_url, artifacts, store_url, False, as_json)
+    _transfer(runs, other_url, artifacts, store_url, False, as_json)

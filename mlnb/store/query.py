@@ -13,7 +13,7 @@ from ..core.errors import QueryError, did_you_mean, one_of
 from ..core.expressions import field_of, parse_expression, pointer
 
 # %% auto #0
-__all__ = ['TOP_FIELDS', 'GROUPS', 'field_value', 'available_fields', 'compile_where', 'parse_sort', 'sort_records']
+__all__ = ['TOP_FIELDS', 'GROUPS', 'field_value', 'available_fields', 'compile_where', 'split_sort', 'parse_sort', 'sort_records']
 
 # %% ../../nbs/store/11_query.ipynb #e830a0f3
 TOP_FIELDS = ("id", "name", "kind", "status", "experiment", "parent_id", "start_time", "end_time",
@@ -143,8 +143,8 @@ def compile_where(expr: str, fields: Iterable[str]) -> Callable[[Any], bool]:
     return lambda record: bool(predicate(record))
 
 # %% ../../nbs/store/11_query.ipynb #2313844e
-def parse_sort(spec: str, fields: Iterable[str]) -> tuple[str, bool]:
-    "Returns (field, descending) for '-metrics.acc', 'metrics.acc desc' or 'metrics.acc'."
+def split_sort(spec: str) -> tuple[str, bool]:
+    "Returns (field text, descending) of '-metrics.acc', 'metrics.acc desc', 'metrics.acc asc' or 'metrics.acc'."
     text = spec.strip()
     descending = False
     if text.startswith("-"):
@@ -153,6 +153,11 @@ def parse_sort(spec: str, fields: Iterable[str]) -> tuple[str, bool]:
     for suffix, desc in ((" desc", True), (" asc", False)):
         if lowered.endswith(suffix):
             text, descending = text[: -len(suffix)].strip(), desc
+    return text, descending
+
+def parse_sort(spec: str, fields: Iterable[str]) -> tuple[str, bool]:
+    "Returns (field, descending) for '-metrics.acc', 'metrics.acc desc' or 'metrics.acc'."
+    text, descending = split_sort(spec)
     try:
         field = field_of(ast.parse(text, mode="eval").body) if text else None
     except SyntaxError:

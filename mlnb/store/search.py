@@ -13,7 +13,7 @@ from typing import Any
 from ..core.errors import QueryError, did_you_mean, one_of
 from ..core.expressions import field_of, parse_expression, pointer
 from .database import Tx
-from .query import GROUPS, TOP_FIELDS, available_fields, compile_where, parse_sort, sort_records
+from .query import GROUPS, TOP_FIELDS, available_fields, compile_where, parse_sort, sort_records, split_sort
 from .records import STALE_FACTOR, STALE_GRACE, RunRecord, to_json
 from .run_rows import attach_details, select_runs
 
@@ -198,12 +198,7 @@ class _Search(_Where):
 
     def order(self, spec: str, fields: Callable[[], list[str]]) -> str:
         "Returns the ORDER BY of a sort spec (`-metrics.val_auc`, `params.lr desc`): missing last, numbers first."
-        text, descending = spec.strip(), False
-        if text.startswith("-"):
-            text, descending = text[1:].strip(), True
-        for suffix, desc in ((" desc", True), (" asc", False)):
-            if text.lower().endswith(suffix):
-                text, descending = text[: -len(suffix)].strip(), desc
+        text, descending = split_sort(spec)
         try:
             node = ast.parse(text, mode="eval").body
         except SyntaxError:

@@ -16,6 +16,7 @@ from ..core.lazy import lazy_import
 from .artifacts import ArtifactStore
 from .database import Tx, masked
 from .facade import Store
+from .run_rows import placeholders
 from .optuna import optuna_storage
 
 optuna = lazy_import("optuna")
@@ -28,17 +29,12 @@ __all__ = ['optuna', 'ORIGIN_TAG', 'family', 'read_runs', 'blobs_of', 'copy_blob
 ORIGIN_TAG = "mlnb.copied_from"
 _CHUNK = 500   # ids bound in one IN (...)
 
-def _in(column: str, ids: Sequence[Any], prefix: str = "i") -> tuple[str, dict[str, Any]]:
-    "Returns `column IN (:i0, :i1, ...)` and its values."
-    binds = {f"{prefix}{n}": value for n, value in enumerate(ids)}
-    return f"{column} IN ({', '.join(':' + name for name in binds)})", binds
-
 def _rows(tx: Tx, sql: str, column: str, ids: Sequence[Any]) -> list[tuple]:
-    "Returns the rows of `sql` (with `{where}`) for every id, in chunks."
+    "Returns the rows of `sql` (with `{where}`) whose `column` is one of `ids`, asked in chunks."
     found: list[tuple] = []
     for start in range(0, len(ids), _CHUNK):
-        where, binds = _in(column, ids[start:start + _CHUNK])
-        found += tx.query(sql.format(where=where), binds)
+        chunk = tuple(ids[start:start + _CHUNK])
+        found += tx.query(sql.format(where=f"{column} IN ({placeholders('i', len(chunk))})"), chunk)
     return found
 
 def _tops(tx: Tx, run_ids: Sequence[str]) -> set[str]:
@@ -186,19 +182,21 @@ def copy_runs(source: Store, target: Store, run_ids: Sequence[str], source_blobs
     columns, rows = data["mlnb_runs"]
     at = {c: n for n, c in enumerate(columns)}
     running = {row[at["id"]] for row in rows if row[at["status"]] == "running"}
+    parent_of = {row[at["id"]]: row[at["parent_id"]] for row in rows}
     for run_id in order:  # a running run stays, with its children (they are its, and may still change)
-        parent = next(row[at["parent_id"]] for row in rows if row[at["id"]] == run_id)
-        if parent in running:
+        if parent_of[run_id] in running:
             running.add(run_id)
     order = [r for r in order if r not in running]
+    kept = set(order)
     present = set(target.read(lambda tx: [r for (r,) in _rows(tx, "SELECT id FROM mlnb_runs WHERE {where}", "id", order)]
                               if order else []))
     report = Transfer(running=[r for r in order + sorted(running) if r in running])
     report.blobs, report.blob_bytes, report.missing_blobs = copy_blobs(
-        blobs_of(data, set(order) - present), source_blobs, target_blobs)
+        blobs_of(data, kept - present), source_blobs, target_blobs)
     report.studies = copy_studies(source, target, {row[at["name"]] for row in rows
-                                                   if row[at["kind"]] == "study" and row[at["id"]] in set(order)})
+                                                   if row[at["kind"]] == "study" and row[at["id"]] in kept})
     report.copied = target.write(lambda tx: _new_runs(tx, data, order, masked(source.url)), "copying runs")
-    report.present = [r for r in order if r not in set(report.copied)]
+    copied = set(report.copied)
+    report.present = [r for r in order if r not in copied]
     report.seconds = time.perf_counter() - started
     return report

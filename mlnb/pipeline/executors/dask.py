@@ -19,7 +19,7 @@ from pathlib import Path
 from ...core.errors import Interrupted, MlnbError
 from ...core.lazy import lazy_import, optional_import
 from .base import Executor
-from ..kernels.preload import notebook_forks_warm, notebook_preload
+from ..kernels.preload import pipeline_preloads
 from ..kernels.warm import close_worker_zygote, worker_zygote
 from ..step import StepResult, StepTask, execute_step
 
@@ -105,8 +105,7 @@ class _WarmWorkers(_DaskConnection):
         if self._modules or os.environ.get("MLNB_FORK_KERNELS", "1") == "0":
             return self
         ordered = list(dict.fromkeys(str(n) for n in notebooks))
-        self._preloads = {n: notebook_preload(n, root) if notebook_forks_warm(n) else None for n in ordered}
-        modules = list(dict.fromkeys(m for n in ordered for m in self._preloads[n] or []))
+        self._preloads, modules = pipeline_preloads(ordered, root)
         if modules:
             client = self.start()._client
             assert client is not None

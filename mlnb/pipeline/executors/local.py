@@ -21,7 +21,7 @@ from ...core.errors import ZygoteError
 from ...core.lazy import load
 from .base import Executor
 from ..kernels.warm import WORKER_PRELOAD, launch_zygote
-from ..kernels.preload import notebook_forks_warm, notebook_preload
+from ..kernels.preload import notebook_forks_warm, notebook_preload, pipeline_preloads
 from ..kernels.zygote import Zygote
 from ..render import quiet_slow_imports
 from ..step import StepTask, execute_step
@@ -177,8 +177,8 @@ class LocalExecutor(_ProcessPool):
                 if warm else None
             self.worker_init = (_PREPARE_WORKER, {"zygote": self._zygote and self._zygote.address})
         else:  # a pipeline's steps: each step's kernel forked when it starts, once the zygote has its imports
-            self._preloads = {n: notebook_preload(n, root) if notebook_forks_warm(n) else None for n in ordered}
-            self._zygote = launch_zygote(list(dict.fromkeys(m for n in ordered for m in self._preloads[n] or [])))
+            self._preloads, modules = pipeline_preloads(ordered, root)
+            self._zygote = launch_zygote(modules)
             self._fork_each_step = self._zygote is not None
             self.worker_init = (_PREPARE_WORKER, {"zygote": self._zygote.address, "ahead": False}) \
                 if self._zygote is not None else _PREPARE_WORKER

@@ -14,7 +14,7 @@ from ..languages import notebook_kernel
 from ..params import cell_source, cell_tags, read_notebook
 
 # %% auto #0
-__all__ = ['leading_imports', 'edits_before_import', 'notebook_preload', 'notebook_forks_warm']
+__all__ = ['leading_imports', 'edits_before_import', 'notebook_preload', 'notebook_forks_warm', 'pipeline_preloads']
 
 # %% ../../../nbs/pipeline/kernels/01_preload.ipynb #58e55d1a
 def _code_lines(source: str) -> str:
@@ -114,3 +114,9 @@ def notebook_preload(notebook: str | Path, project: str | Path) -> list[str]:
 def notebook_forks_warm(notebook: str | Path) -> bool:
     "False when `notebook` must get a booted kernel in a pipeline (see `edits_before_import`), or is not Python."
     return notebook_kernel(read_notebook(notebook)).python and not edits_before_import(_code_cells(notebook))
+
+def pipeline_preloads(notebooks: list[str], project: str | Path) -> tuple[dict[str, list[str] | None], list[str]]:
+    """Returns what a pipeline's zygote needs: each notebook's imports (None for one that gets a booted kernel),
+    and every module among them, in order, once."""
+    preloads = {n: notebook_preload(n, project) if notebook_forks_warm(n) else None for n in notebooks}
+    return preloads, list(dict.fromkeys(m for n in notebooks for m in preloads[n] or []))
